@@ -1,0 +1,271 @@
+"""ForceConstantModel: θ (trainable, eV/Å²) → force constants Φ → dynamical matrix D(q).
+
+One object owns a crystal's harmonic state, like phonopy's `Phonopy`: the structure it was built from
+(`unitcell`, e.g. a conventional cell), its primitive cell in the same Cartesian frame, and a
+symmetry-adapted basis. Everything from θ on is a differentiable torch graph on any device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+from scipy.spatial import cKDTree
+from tqdm.auto import tqdm
+
+from .basis import build_basis
+from .structure import (
+    StructureError,
+    check_periodic,
+    cutoff_for_shells,
+    diagonal_supercell_for,
+    find_primitive,
+    holds_cutoff,
+    to_phonopy_atoms,
+)
+
+# √(eV/Å²/amu) in THz (ν = √λ · THZ_PER_SQRT_EV_A2_AMU / 2π folded in); phonopy's VaspToTHz
+THZ_PER_SQRT_EV_A2_AMU = 15.633302
+
+
+def reciprocal_q(hkl, cell) -> np.ndarray:
+    """Cartesian Q (N, 3) in Å⁻¹ from hkl (N, 3) in reciprocal-lattice units of `cell` (3, 3): 2π·hkl·inv(cell)ᵀ."""
+    return 2.0 * np.pi * np.asarray(hkl, dtype=float) @ np.linalg.inv(np.asarray(cell, dtype=float)).T
+
+
+class ForceConstantModel(torch.nn.Module):
+    """Symmetry-reduced harmonic force constants of a crystal, with θ the only trainable parameter.
+
+    ForceConstantModel(atoms, shells=5) or ForceConstantModel(atoms, cutoff=5.8): `atoms` is any
+    periodic ase.Atoms (a conventional cell is fine); the primitive cell is found with spglib.
+    θ (n_params,) in eV/Å², labelled in `labels` (Born–von Kármán style: θ = −Φ of one element).
+    """
+
+    def __init__(self, atoms: Atoms, shells: int | None = None, cutoff: float | None = None,
+                 symprec: float = 1e-5, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        check_periodic(atoms)
+        if (shells is None) == (cutoff is None):
+            raise StructureError("give exactly one of shells=N or cutoff=Å (e.g. ForceConstantModel(atoms, shells=5))")
+        self.unitcell = atoms.copy()
+        self.unitcell.calc = None
+        self.primitive, self.primitive_matrix = find_primitive(atoms, symprec=symprec)
+        if shells is not None:
+            cutoff = cutoff_for_shells(self.primitive, shells)
+        self.cutoff = float(cutoff)
+        self.symprec = symprec
+        self.basis = build_basis(self.primitive, self.cutoff, symprec=symprec)
+        self.labels = list(self.basis.labels)
+
+        self.theta = torch.nn.Parameter(torch.zeros(self.basis.n_params, dtype=dtype))
+        masses = self.primitive.get_masses()
+        self.register_buffer("masses", torch.tensor(masses, dtype=dtype))
+        self.register_buffer("tensors", torch.tensor(self.basis.tensors, dtype=dtype))
+        self.register_buffer("pair_vectors", torch.tensor(self.basis.vectors, dtype=dtype))
+        inv_sqrt_m = 1.0 / np.sqrt(masses[self.basis.atom0] * masses[self.basis.atom1])
+        self.register_buffer("pair_inv_sqrt_mass", torch.tensor(inv_sqrt_m, dtype=dtype))
+        n = len(self.primitive)
+        self.register_buffer("pair_block", torch.tensor(self.basis.atom0 * n + self.basis.atom1))
+
+    # ------------------------------------------------------------------ basic views
+    @property
+    def n_atoms(self) -> int:
+        """Atoms in the primitive cell."""
+        return len(self.primitive)
+
+    @property
+    def n_params(self) -> int:
+        return self.theta.numel()
+
+    def __repr__(self) -> str:
+        return (f"ForceConstantModel({self.primitive.get_chemical_formula()}, cutoff={self.cutoff:.3f} Å, "
+                f"{self.n_params} parameters)")
+
+    def parameter_dict(self) -> dict[str, float]:
+        """{label: value in eV/Å²}."""
+        return dict(zip(self.labels, self.theta.detach().cpu().tolist()))
+
+    def table(self, uncertainties=None) -> str:
+        """Plain-text table of label, value and unit (and 1σ when given)."""
+        lines = [f"{'label':<14}{'value':>12}  unit" + ("         1σ" if uncertainties is not None else "")]
+        for i, (label, value) in enumerate(self.parameter_dict().items()):
+            line = f"{label:<14}{value:>12.5f}  eV/Å²"
+            if uncertainties is not None:
+                line += f"  {float(uncertainties[i]):>9.5f}"
+            lines.append(line)
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ θ → Φ → D(q)
+    def pair_force_constants(self) -> torch.Tensor:
+        """Φ(κ0; κ'l') per pair of the basis, (P, 3, 3) eV/Å²."""
+        return torch.einsum("k,kpab->pab", self.theta, self.tensors)
+
+    def dynamical_matrix(self, q) -> torch.Tensor:
+        """D(q) (B, 3n, 3n) complex, eV/Å²/amu, for Cartesian q (B, 3) in Å⁻¹ (phases from atomic positions)."""
+        q = torch.as_tensor(q, dtype=self.theta.dtype, device=self.theta.device).reshape(-1, 3)
+        phase = torch.exp(1j * (q @ self.pair_vectors.T))  # (B, P)
+        weighted = (self.pair_force_constants() * self.pair_inv_sqrt_mass[:, None, None]).reshape(-1, 9)
+        n = self.n_atoms
+        blocks = torch.zeros(q.shape[0], n * n, 9, dtype=phase.dtype, device=phase.device)
+        blocks.index_add_(1, self.pair_block, phase[:, :, None] * weighted.to(phase.dtype)[None])
+        return blocks.reshape(-1, n, n, 3, 3).permute(0, 1, 3, 2, 4).reshape(-1, 3 * n, 3 * n)
+
+    def frequencies(self, q) -> np.ndarray:
+        """Phonon frequencies (B, 3n) in THz at Cartesian q (B, 3) Å⁻¹; imaginary modes as negative numbers."""
+        with torch.no_grad():
+            eig = torch.linalg.eigvalsh(self.dynamical_matrix(q)).cpu().numpy()
+        return np.sign(eig) * np.sqrt(np.abs(eig)) * THZ_PER_SQRT_EV_A2_AMU
+
+    def q_from_hkl(self, hkl, cell=None) -> np.ndarray:
+        """Cartesian q (N, 3) in Å⁻¹ from hkl in r.l.u. of `cell` (default: the cell the model was built from)."""
+        return reciprocal_q(hkl, self.unitcell.cell[:] if cell is None else cell)
+
+    # ------------------------------------------------------------------ phonopy layouts
+    def supercell_columns(self, positions, cell, rows) -> tuple[np.ndarray, np.ndarray]:
+        """Where each pair lands in a supercell: for row r and pair p, the column atom index.
+
+        positions (N, 3) Å and cell (3, 3) of a supercell of this crystal (any atom order); rows: the
+        supercell atoms whose force-constant rows are wanted. Returns (entries (M, 3): row position,
+        pair, column atom).
+        """
+        positions = np.asarray(positions, dtype=float)
+        cell = np.asarray(cell, dtype=float)
+        kappa = self.site_of(positions)
+        frac = (positions @ np.linalg.inv(cell)) % 1.0
+        tree = cKDTree(frac % 1.0, boxsize=1.0)
+        entries = []
+        for r, atom in enumerate(rows):
+            pairs = np.nonzero(self.basis.atom0 == kappa[atom])[0]
+            target = ((positions[atom] + self.basis.vectors[pairs]) @ np.linalg.inv(cell)) % 1.0
+            dist, col = tree.query(target % 1.0)
+            if np.any(dist > 1e-4):
+                raise StructureError("the supercell is not a supercell of the model's crystal "
+                                     "(a neighbour falls on no atom); check its cell and orientation")
+            entries.append(np.stack([np.full(len(pairs), r), pairs, col], axis=1))
+        return np.concatenate(entries)
+
+    def site_of(self, positions, tol: float = 1e-3) -> np.ndarray:
+        """Primitive-cell atom κ (N,) of each Cartesian position (N, 3), by lattice translation."""
+        prim_cell = np.array(self.primitive.cell[:])
+        frac = np.asarray(positions) @ np.linalg.inv(prim_cell)
+        ref = self.primitive.get_scaled_positions()
+        diff = frac[:, None, :] - ref[None, :, :]
+        diff -= np.round(diff)
+        dist = np.linalg.norm(diff @ prim_cell, axis=-1)
+        kappa = np.argmin(dist, axis=1)
+        if np.any(dist[np.arange(len(kappa)), kappa] > tol):
+            bad = int(np.argmax(dist.min(axis=1)))
+            raise StructureError(f"atom {bad} at {np.round(positions[bad], 4).tolist()} Å sits on no lattice site "
+                                 f"of the model's crystal (tolerance {tol} Å)")
+        return kappa
+
+    def force_constants(self, supercell, layout: str = "compact") -> torch.Tensor:
+        """Φ on a phonopy supercell: compact (n_p, N, 3, 3) or full (N, N, 3, 3) eV/Å², differentiable.
+
+        `supercell`: a phonopy.Phonopy object (its supercell and primitive are used). The supercell must
+        hold the cutoff (every pair a unique minimum image).
+        """
+        sc = supercell.supercell
+        if not holds_cutoff(sc.cell, self.cutoff):
+            raise StructureError(f"the supercell is too small for the cutoff {self.cutoff:.3f} Å: its shortest "
+                                 f"translation must exceed {2 * self.cutoff:.3f} Å; use a larger supercell_matrix")
+        rows = supercell.primitive.p2s_map if layout == "compact" else np.arange(len(sc))
+        if layout not in ("compact", "full"):
+            raise ValueError(f"layout must be 'compact' or 'full', got {layout!r}")
+        return self._fold(self.pair_force_constants(), sc.positions, sc.cell, rows)
+
+    def _fold(self, pair_fc: torch.Tensor, positions, cell, rows) -> torch.Tensor:
+        """Sum per-pair blocks (P, 3, 3) into an array (len(rows), N, 3, 3) on a supercell."""
+        entries = torch.as_tensor(self.supercell_columns(positions, cell, rows), device=pair_fc.device)
+        n_super = len(positions)
+        flat = torch.zeros(len(rows) * n_super, *pair_fc.shape[1:], dtype=pair_fc.dtype, device=pair_fc.device)
+        flat.index_add_(0, entries[:, 0] * n_super + entries[:, 2], pair_fc[entries[:, 1]])
+        return flat.reshape(len(rows), n_super, *pair_fc.shape[1:])
+
+    def to_phonopy(self, supercell_matrix):
+        """A phonopy.Phonopy with this model's force constants (compact) on `supercell_matrix` × unitcell."""
+        from phonopy import Phonopy
+
+        ph = Phonopy(to_phonopy_atoms(self.unitcell), supercell_matrix=np.asarray(supercell_matrix),
+                     primitive_matrix=self.primitive_matrix, symprec=self.symprec)
+        with torch.no_grad():
+            ph.force_constants = self.force_constants(ph, "compact").cpu().numpy()
+        return ph
+
+    # ------------------------------------------------------------------ initial values
+    @torch.no_grad()
+    def set_parameters(self, theta) -> "ForceConstantModel":
+        """Set θ (n_params,) eV/Å² in place; returns the model."""
+        theta = torch.as_tensor(np.asarray(theta, dtype=float))
+        if theta.shape != self.theta.shape:
+            raise ValueError(f"expected {self.n_params} parameters ({', '.join(self.labels)}), got shape {tuple(theta.shape)}")
+        self.theta.copy_(theta)
+        return self
+
+    def set_from_bvk(self, constants: dict) -> "ForceConstantModel":
+        """Set θ from a {label: value eV/Å²} dict (labels as in `self.labels`; missing ones become 0)."""
+        unknown = sorted(set(constants) - set(self.labels))
+        if unknown:
+            raise KeyError(f"unknown force-constant label(s) {unknown}; this model's labels are {self.labels}")
+        return self.set_parameters([float(constants.get(label, 0.0)) for label in self.labels])
+
+    def set_from_phonopy(self, phonopy_or_path) -> "ForceConstantModel":
+        """Least-squares projection of phonopy force constants (a Phonopy object or a phonopy.load-able file)."""
+        ph = _load_phonopy(phonopy_or_path)
+        fc = np.asarray(ph.force_constants)
+        sc = ph.supercell
+        rows = ph.primitive.p2s_map if fc.shape[0] != fc.shape[1] else np.arange(len(sc))
+        self._check_species(sc)
+        design = self._fold(torch.as_tensor(self.basis.tensors).permute(1, 2, 3, 0), sc.positions, sc.cell, rows)
+        design = design.reshape(-1, self.n_params).numpy()
+        if np.linalg.matrix_rank(design) < self.n_params:
+            raise StructureError("the phonopy supercell is too small to determine all force constants of "
+                                 f"this model (cutoff {self.cutoff:.3f} Å); use force constants from a larger supercell")
+        return self.set_parameters(np.linalg.lstsq(design, fc.reshape(-1), rcond=None)[0])
+
+    def set_from_calculator(self, calc, supercell_matrix=None, displacement: float = 0.01,
+                            progress: bool = True) -> "ForceConstantModel":
+        """Finite displacements (phonopy) with any ASE calculator, then projection onto the basis.
+
+        supercell_matrix: relative to `unitcell`; default the smallest diagonal one holding the cutoff.
+        displacement: Å.
+        """
+        from phonopy import Phonopy
+
+        if supercell_matrix is None:
+            supercell_matrix = diagonal_supercell_for(np.array(self.unitcell.cell[:]), self.cutoff)
+        ph = Phonopy(to_phonopy_atoms(self.unitcell), supercell_matrix=np.asarray(supercell_matrix),
+                     primitive_matrix=self.primitive_matrix, symprec=self.symprec)
+        ph.generate_displacements(distance=displacement)
+        forces = []
+        for cell in tqdm(ph.supercells_with_displacements, desc="finite displacements", disable=not progress):
+            atoms = Atoms(cell.symbols, cell=cell.cell, positions=cell.positions, pbc=True)
+            atoms.calc = calc
+            forces.append(atoms.get_forces())
+        ph.forces = np.array(forces)
+        ph.produce_force_constants()
+        return self.set_from_phonopy(ph)
+
+    def _check_species(self, phonopy_supercell) -> None:
+        kappa = self.site_of(phonopy_supercell.positions)
+        expected = np.array(self.primitive.get_chemical_symbols())[kappa]
+        if not np.array_equal(expected, np.array(phonopy_supercell.symbols)):
+            raise StructureError("the phonopy structure's species do not match the model's crystal")
+
+
+def _load_phonopy(phonopy_or_path):
+    if isinstance(phonopy_or_path, (str, Path)):
+        import phonopy
+
+        path = Path(phonopy_or_path)
+        if not path.exists():
+            raise FileNotFoundError(f"no phonopy file at {path}")
+        ph = phonopy.load(str(path), produce_fc=True, log_level=0)
+    else:
+        ph = phonopy_or_path
+    if getattr(ph, "force_constants", None) is None:
+        raise ValueError("the phonopy object has no force constants; produce them first "
+                         "(ph.produce_force_constants()) or load a file that holds them")
+    return ph

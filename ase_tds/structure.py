@@ -1,0 +1,121 @@
+"""Crystals: the primitive cell of a given structure, neighbour shells and supercells that hold a cutoff.
+
+Lengths are in Å. The primitive cell is kept in the Cartesian frame of the structure it came from, so
+that Q vectors computed from hkl of the given (e.g. conventional) cell apply to it unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from ase import Atoms
+from ase.geometry import minkowski_reduce
+from phonopy.structure.atoms import PhonopyAtoms
+from phonopy.structure.cells import get_primitive, guess_primitive_matrix
+
+
+class StructureError(ValueError):
+    """A crystal structure that cannot be used, with the reason and the fix in the message."""
+
+
+def check_periodic(atoms: Atoms) -> None:
+    """Refuse structures that are not fully periodic 3D crystals."""
+    if not isinstance(atoms, Atoms):
+        raise StructureError(f"expected an ase.Atoms crystal, got {type(atoms).__name__}")
+    if len(atoms) == 0:
+        raise StructureError("the structure has no atoms")
+    if not np.all(atoms.pbc):
+        raise StructureError(
+            f"the structure must be periodic in all three directions (pbc={atoms.pbc.tolist()}); "
+            "set atoms.pbc = True and give it a unit cell"
+        )
+    if abs(atoms.cell.volume) < 1e-6:
+        raise StructureError("the structure's cell has zero volume; give it a full 3D unit cell")
+
+
+def to_phonopy_atoms(atoms: Atoms) -> PhonopyAtoms:
+    return PhonopyAtoms(
+        symbols=atoms.get_chemical_symbols(),
+        cell=np.array(atoms.cell[:]),
+        scaled_positions=atoms.get_scaled_positions(),
+        masses=atoms.get_masses(),
+    )
+
+
+def to_ase_atoms(atoms: PhonopyAtoms) -> Atoms:
+    return Atoms(
+        symbols=atoms.symbols,
+        cell=atoms.cell,
+        scaled_positions=atoms.scaled_positions,
+        masses=atoms.masses,
+        pbc=True,
+    )
+
+
+def find_primitive(atoms: Atoms, symprec: float = 1e-5) -> tuple[Atoms, np.ndarray]:
+    """The primitive cell of `atoms` (spglib through phonopy), in the same Cartesian frame.
+
+    Returns (primitive, primitive_matrix) with primitive.cell = primitive_matrixᵀ · atoms.cell
+    (phonopy's convention for `primitive_matrix`, shape (3, 3)).
+    """
+    check_periodic(atoms)
+    unitcell = to_phonopy_atoms(atoms)
+    try:
+        matrix = np.asarray(guess_primitive_matrix(unitcell, symprec=symprec), dtype=float)
+        primitive = get_primitive(unitcell, matrix, symprec=symprec)
+    except Exception as err:  # spglib/phonopy report failures in several ways
+        raise StructureError(
+            f"spglib could not resolve the symmetry of {atoms.get_chemical_formula()} "
+            f"at symprec={symprec} ({err}); check the positions or pass a larger symprec"
+        ) from err
+    return to_ase_atoms(primitive), matrix
+
+
+def shortest_lattice_vector(cell: np.ndarray) -> float:
+    """Length (Å) of the shortest non-zero translation of the lattice spanned by the rows of `cell`."""
+    reduced, _ = minkowski_reduce(np.asarray(cell, dtype=float))
+    steps = np.array([n for n in itertools.product((-1, 0, 1), repeat=3) if any(n)])
+    return float(np.min(np.linalg.norm(steps @ reduced, axis=1)))
+
+
+def holds_cutoff(cell: np.ndarray, cutoff: float) -> bool:
+    """True when every pair closer than `cutoff` is a unique minimum image in this periodic cell."""
+    return shortest_lattice_vector(cell) > 2.0 * cutoff
+
+
+def diagonal_supercell_for(cell: np.ndarray, cutoff: float) -> np.ndarray:
+    """The smallest diagonal repetition (3, 3) int of `cell` whose supercell holds `cutoff`."""
+    reps = np.ones(3, dtype=int)
+    while not holds_cutoff(np.diag(reps) @ cell, cutoff):
+        # grow the direction whose repeated vector is shortest
+        reps[np.argmin(np.linalg.norm(np.diag(reps) @ cell, axis=1))] += 1
+    return np.diag(reps)
+
+
+def pair_distances(primitive: Atoms, rmax: float) -> np.ndarray:
+    """Sorted distinct interatomic distances (Å) up to `rmax`, over all atom pairs and images."""
+    cell = np.array(primitive.cell[:])
+    nmax = np.ceil(rmax * np.linalg.norm(np.linalg.inv(cell), axis=0)).astype(int) + 1
+    grid = np.array(list(itertools.product(*[range(-n, n + 1) for n in nmax])))
+    pos = primitive.positions
+    d = pos[None, :, None, :] + (grid @ cell)[:, None, None, :] - pos[None, None, :, :]
+    r = np.linalg.norm(d, axis=-1).ravel()
+    r = np.sort(r[(r > 1e-6) & (r <= rmax)])
+    distinct = [r[0]] if r.size else []
+    for x in r[1:]:
+        if x - distinct[-1] > 1e-4:
+            distinct.append(x)
+    return np.array(distinct)
+
+
+def cutoff_for_shells(primitive: Atoms, shells: int) -> float:
+    """A cutoff (Å) mid-way between neighbour shell `shells` and the next one."""
+    if int(shells) != shells or shells < 1:
+        raise StructureError(f"shells must be a positive integer, got {shells!r}")
+    rmax = 2.0 * max(np.linalg.norm(primitive.cell[:], axis=1).max(), 1.0)
+    while True:
+        radii = pair_distances(primitive, rmax)
+        if len(radii) > shells:
+            return float(0.5 * (radii[shells - 1] + radii[shells]))
+        rmax *= 1.5
