@@ -1,0 +1,502 @@
+"""TDSData: measured (or simulated) diffuse intensities on a list of Q points, and their files.
+
+One point list: hkl (N, 3) in reciprocal-lattice units (r.l.u.) of `cell`, Cartesian Q (N, 3) in Å⁻¹
+with Q = 2π·hkl·inv(cell)ᵀ, intensity (N,), σ (N,) and a mask (N,) bool, True = use the point.
+Files (DESIGN §7): an HDF5 point list, a NeXus NXdata volume on H, K, L axes, or an `.npz` with the
+point-list keys. Every problem with user data raises `TDSError` naming the file, the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+from ase.geometry import cell_to_cellpar
+
+from .model import reciprocal_q
+
+ABSOLUTE_UNITS = "e.u./atom"
+CELL_LENGTH_RTOL = 1e-3
+CELL_ANGLE_TOL_DEG = 0.1
+
+
+class TDSError(ValueError):
+    """Data that cannot be used; the message names the file, the field and the fix."""
+
+
+@dataclass(eq=False)
+class TDSData:
+    """Diffuse intensities on N points of reciprocal space.
+
+    q (N, 3) Å⁻¹ Cartesian; intensity (N,) in `units` ("e.u./atom" = absolute, DESIGN §2; anything else
+    or None = arbitrary); hkl (N, 3) r.l.u. of `cell` (3, 3) Å, or None for Q-only data; sigma (N,) > 0
+    or None; mask (N,) bool, True = use (None = all); temperature in K or None; source names the file
+    (or "TDSData") in error messages. Build with `from_hkl`, `from_q` or `read`; methods return new objects.
+    """
+
+    q: np.ndarray
+    intensity: np.ndarray
+    hkl: np.ndarray | None = None
+    sigma: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    temperature: float | None = None
+    units: str | None = None
+    cell: np.ndarray | None = None
+    source: str = "TDSData"
+
+    def __post_init__(self):
+        self.source = str(self.source)
+        self.intensity = self._finite_array("intensity", self.intensity, ndim=1)
+        n = len(self.intensity)
+        if n == 0:
+            raise self._error("intensity", "holds no points", "give at least one measured point")
+        if self.hkl is not None:
+            self.hkl = self._finite_array("hkl", self.hkl, shape=(n, 3))
+        self.q = self._finite_array("q", self.q, shape=(n, 3))
+        if self.cell is not None:
+            self.cell = self._finite_array("cell", self.cell, shape=(3, 3))
+            if abs(np.linalg.det(self.cell)) < 1e-6:
+                raise self._error("cell", "has zero volume", "give the three lattice vectors (rows, Å) of the crystal")
+        if self.hkl is not None:
+            if self.cell is None:
+                raise self._error("cell", "is missing but hkl are given",
+                                  "give the cell the hkl index (the structure file passed with the data)")
+            if not np.allclose(self.q, reciprocal_q(self.hkl, self.cell), rtol=1e-8, atol=1e-10):
+                raise self._error("q", "disagrees with 2π·hkl·inv(cell)ᵀ",
+                                  "build the data with TDSData.from_hkl so that Q is computed from hkl")
+        if self.sigma is not None:
+            self.sigma = self._finite_array("sigma", self.sigma, shape=(n,))
+            bad = np.flatnonzero(self.sigma <= 0)
+            if bad.size:
+                raise self._error("sigma", f"has {bad.size} values ≤ 0 (first at index {bad[0]})",
+                                  "σ must be > 0: correct those errors or drop the points")
+        self.mask = self._boolean_mask(self.mask, n)
+        if self.temperature is not None:
+            self.temperature = self._positive_temperature(self.temperature, "temperature")
+        if self.units is not None and not isinstance(self.units, str):
+            raise self._error("units", f"is {self.units!r}, not text",
+                              f'write units as a string, e.g. "{ABSOLUTE_UNITS}" or "arb."')
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_hkl(cls, hkl, intensity, cell, sigma=None, mask=None, temperature=None, units=None,
+                 source="TDSData") -> TDSData:
+        """Points at hkl (N, 3) r.l.u. of `cell` (3, 3) Å (or ase.Atoms / ase.cell.Cell); Q is computed."""
+        cell = _as_cell(cell)
+        hkl = np.asarray(hkl)
+        numeric = hkl.dtype.kind in "iuf" and hkl.ndim == 2 and hkl.shape[1] == 3 and np.isfinite(hkl).all()
+        q = reciprocal_q(hkl, cell) if numeric else hkl  # a malformed hkl is reported by the validation
+        return cls(q=q, intensity=intensity, hkl=hkl, sigma=sigma, mask=mask, temperature=temperature,
+                   units=units, cell=cell, source=source)
+
+    @classmethod
+    def from_q(cls, q, intensity, sigma=None, mask=None, temperature=None, units=None, cell=None,
+               source="TDSData") -> TDSData:
+        """Points at Cartesian Q (N, 3) Å⁻¹; with a `cell` (3, 3) Å their hkl = Q·cellᵀ/2π are kept too."""
+        q = np.asarray(q, dtype=float)
+        hkl = None
+        if cell is not None:
+            cell = _as_cell(cell)
+            hkl = q @ cell.T / (2.0 * np.pi)
+        return cls(q=q, intensity=intensity, hkl=hkl, sigma=sigma, mask=mask, temperature=temperature,
+                   units=units, cell=cell, source=source)
+
+    # ---- properties ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.intensity)
+
+    @property
+    def absolute(self) -> bool:
+        """True when the intensities are in e.u. per atom (DESIGN §2), so no scale needs fitting."""
+        return self.units == ABSOLUTE_UNITS
+
+    @property
+    def n_used(self) -> int:
+        """Number of points the mask keeps."""
+        return int(self.mask.sum())
+
+    @property
+    def q_norm(self) -> np.ndarray:
+        """|Q| (N,) in Å⁻¹."""
+        return np.linalg.norm(self.q, axis=1)
+
+    # ---- checks -------------------------------------------------------------------------------
+
+    def require_temperature(self, override=None) -> float:
+        """The temperature (K) to model: `override` (e.g. --temperature) wins, else the file's."""
+        if override is not None:
+            return self._positive_temperature(override, "temperature (override)")
+        if self.temperature is None:
+            raise self._error("temperature", "is missing",
+                              "add the attribute temperature (K) to the file or pass --temperature T")
+        return self.temperature
+
+    def check_cell(self, structure_cell, structure_name="the structure") -> None:
+        """Refuse a structure whose cell (3, 3) Å differs from the cell the hkl index.
+
+        Lengths must agree to 1e-3 relative and angles to 0.1°; the orientation may differ.
+        """
+        if self.cell is not None:
+            _compare_cells(self.cell, _as_cell(structure_cell), self.source, structure_name)
+
+    # ---- selections ---------------------------------------------------------------------------
+
+    def with_mask(self, extra_mask) -> TDSData:
+        """A copy whose mask also requires `extra_mask` (N,) bool to be True."""
+        extra = self._boolean_mask(extra_mask, len(self), field="extra_mask")
+        return dataclasses.replace(self, mask=self.mask & extra)
+
+    def select(self, points) -> TDSData:
+        """A copy holding only `points`: a boolean (N,) array or integer indices."""
+        points = np.asarray(points)
+        if points.dtype == bool and points.shape != (len(self),):
+            raise self._error("select", f"got a boolean array of shape {points.shape}", f"give shape ({len(self)},)")
+
+        def take(a):
+            return None if a is None else a[points]
+
+        return dataclasses.replace(self, q=self.q[points], intensity=self.intensity[points], hkl=take(self.hkl),
+                                   sigma=take(self.sigma), mask=self.mask[points])
+
+    def mask_bragg(self, radius: float = 0.1, primitive_cell=None) -> TDSData:
+        """A copy with the points within `radius` r.l.u. (Euclidean in hkl) of a Bragg peak masked out.
+
+        Bragg peaks lie on the reciprocal lattice of `primitive_cell` (3, 3) Å, in the same Cartesian
+        frame as `cell` (ase.Atoms accepted); None = Bragg at every integer hkl of `cell`. For a conventional
+        fcc cell pass the primitive cell, so that only all-even / all-odd hkl count as peaks.
+        """
+        hkl = self._require_hkl("mask_bragg")
+        # a primitive reciprocal-lattice vector with integer coordinates m sits at hkl = m·Mᵀ, M = cell·inv(P)
+        lattice = np.eye(3) if primitive_cell is None else self.cell @ np.linalg.inv(_as_cell(primitive_cell))
+        if not np.allclose(lattice, np.round(lattice), atol=1e-3):
+            raise self._error(
+                "primitive_cell", "does not span the lattice of cell (cell·inv(primitive) is not an integer matrix)",
+                "give the primitive cell of the same crystal in the same Cartesian frame (e.g. from "
+                "ase_tds.structure.find_primitive)")
+        lattice_t = np.round(lattice).T
+        m_nearest = np.round(hkl @ np.linalg.inv(lattice_t))
+        offsets = np.array(np.meshgrid(*3 * [[-1, 0, 1]], indexing="ij")).reshape(3, -1).T
+        candidates = (m_nearest[:, None, :] + offsets[None, :, :]) @ lattice_t  # (N, 27, 3) Bragg hkl
+        distance = np.linalg.norm(candidates - hkl[:, None, :], axis=2).min(axis=1)
+        return self.with_mask(distance > radius)
+
+    def mask_window(self, q_min=None, q_max=None, hkl_min=None, hkl_max=None) -> TDSData:
+        """A copy with the points outside a detector-like window masked out.
+
+        q_min ≤ |Q| ≤ q_max in Å⁻¹ and hkl_min ≤ hkl ≤ hkl_max (each (3,) r.l.u., per component); None = open.
+        """
+        keep = np.ones(len(self), dtype=bool)
+        if q_min is not None:
+            keep &= self.q_norm >= q_min
+        if q_max is not None:
+            keep &= self.q_norm <= q_max
+        if hkl_min is not None or hkl_max is not None:
+            hkl = self._require_hkl("mask_window")
+            if hkl_min is not None:
+                keep &= np.all(hkl >= np.asarray(hkl_min, dtype=float), axis=1)
+            if hkl_max is not None:
+                keep &= np.all(hkl <= np.asarray(hkl_max, dtype=float), axis=1)
+        return self.with_mask(keep)
+
+    def slice(self, normal, offset: float = 0.0, thickness: float = 0.02) -> TDSData:
+        """Only the points of one plane in hkl, e.g. (h k 0): normal=(0, 0, 1), offset=0.
+
+        Keeps the points whose Euclidean distance in hkl from the plane normal·hkl = offset is at most
+        thickness/2 (r.l.u.); e.g. h + k + l = 2 is normal=(1, 1, 1), offset=2.
+        """
+        hkl = self._require_hkl("slice")
+        normal = np.asarray(normal, dtype=float)
+        distance = np.abs(hkl @ normal - offset) / np.linalg.norm(normal)
+        keep = distance <= thickness / 2
+        if not keep.any():
+            raise self._error("hkl", f"has no points within {thickness / 2} r.l.u. of the plane {normal}·hkl = {offset}",
+                              "check the plane, or widen it with a larger thickness")
+        return self.select(keep)
+
+    # ---- files --------------------------------------------------------------------------------
+
+    @classmethod
+    def read(cls, path, structure=None, temperature=None) -> TDSData:
+        """Read a data file: an HDF5 point list (DESIGN §7), a NeXus NXdata volume, or an `.npz` point list.
+
+        structure: the ase.Atoms (or cell (3, 3) Å) whose cell the hkl index. It may be left out only
+        when the file stores that cell in a `cell` dataset; when both are there they must agree.
+        temperature (K): overrides the file's attribute.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such data file")
+        if zipfile.is_zipfile(path):
+            fields = _read_npz(path)
+        elif h5py.is_hdf5(path):
+            with h5py.File(path, "r") as f:
+                if "hkl" in f or "intensity" in f:
+                    fields = _read_point_list(f, path)
+                else:
+                    fields = _read_nxdata(_find_nxdata(f, path), path)
+        else:
+            raise TDSError(f"{path}: neither HDF5 nor .npz; write the data as an HDF5 point list "
+                           "(datasets hkl, intensity, sigma, mask; attribute temperature — DESIGN §7)")
+        stored_cell = fields.pop("cell")
+        if structure is None and stored_cell is None:
+            raise TDSError(f"{path}: field 'hkl' indexes the cell of a structure file, and none was given; "
+                           "pass the structure (e.g. TDSData.read(path, structure=atoms) or the STRUCTURE argument)")
+        cell = _as_cell(structure) if structure is not None else stored_cell
+        if structure is not None and stored_cell is not None:
+            _compare_cells(np.asarray(stored_cell, dtype=float), cell, str(path), _structure_name(structure))
+        data = cls.from_hkl(cell=cell, source=str(path), **fields)
+        if temperature is not None:
+            data = dataclasses.replace(data, temperature=data.require_temperature(temperature))
+        return data
+
+    def write(self, path) -> None:
+        """Write the HDF5 point list (DESIGN §7) plus a `cell` dataset; atomic: all or nothing on disk."""
+        path = Path(path)
+        hkl = self._require_hkl("write")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("hkl", data=hkl)
+                f.create_dataset("intensity", data=self.intensity)
+                if self.sigma is not None:
+                    f.create_dataset("sigma", data=self.sigma)
+                f.create_dataset("mask", data=self.mask)
+                f.create_dataset("cell", data=self.cell)
+                if self.temperature is not None:
+                    f.attrs["temperature"] = self.temperature
+                if self.units is not None:
+                    f.attrs["units"] = self.units
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _error(self, field: str, problem: str, fix: str) -> TDSError:
+        return TDSError(f"{self.source}: field '{field}' {problem}; {fix}")
+
+    def _finite_array(self, field, values, ndim=None, shape=None) -> np.ndarray:
+        try:
+            array = np.asarray(values, dtype=float)
+        except (TypeError, ValueError):
+            raise self._error(field, "is not numeric", "give an array of numbers") from None
+        if ndim is not None and array.ndim != ndim:
+            raise self._error(field, f"has shape {array.shape}", f"give a {ndim}-dimensional array (N,)")
+        if shape is not None and array.shape != shape:
+            raise self._error(field, f"has shape {array.shape}, the other fields need {shape}",
+                              "give every field the same number of points N")
+        bad = np.flatnonzero(~np.isfinite(array).all(axis=tuple(range(1, array.ndim))))
+        if bad.size:
+            raise self._error(field, f"has {len(bad)} NaN/inf entries (first at index {bad[0]})",
+                              "drop those points, or mark them with mask = false and give finite values")
+        return array
+
+    def _boolean_mask(self, values, n, field="mask") -> np.ndarray:
+        if values is None:
+            return np.ones(n, dtype=bool)
+        array = np.asarray(values)
+        if array.shape != (n,):
+            raise self._error(field, f"has shape {array.shape}, the other fields need ({n},)",
+                              "give one true/false per point")
+        if array.dtype == bool:
+            return array.copy()
+        if array.dtype.kind in "iuf" and np.all((array == 0) | (array == 1)):
+            return array.astype(bool)
+        raise self._error(field, f"is not boolean (dtype {array.dtype})", "give true (use) / false (skip), or 1 / 0")
+
+    def _positive_temperature(self, value, field) -> float:
+        try:
+            value = float(np.asarray(value, dtype=float).reshape(()))
+        except (TypeError, ValueError):
+            raise self._error(field, f"is {value!r}, not one number", "give the temperature in K") from None
+        if not np.isfinite(value) or value <= 0:
+            raise self._error(field, f"is {value} K", "give a positive temperature in K")
+        return value
+
+    def _require_hkl(self, operation) -> np.ndarray:
+        if self.hkl is None:
+            raise self._error("hkl", f"is needed by {operation} but the data hold Q only",
+                              "build the data with a cell (TDSData.from_q(..., cell=...)) or from hkl")
+        return self.hkl
+
+
+def add_poisson_noise(data: TDSData, counts: float, rng=None) -> TDSData:
+    """A copy of `data` with Poisson counting noise, the MEAN used intensity counting as `counts` counts.
+
+    scale = counts / mean(intensity[mask]); count ~ Poisson(scale·intensity); intensity = count/scale,
+    sigma = √max(count, 1)/scale, so the relative σ at the mean intensity is ≈ 1/√counts.
+    rng: numpy Generator or seed (deterministic for a given one). Intensities must be ≥ 0.
+    """
+    rng = np.random.default_rng(rng)
+    if counts <= 0:
+        raise data._error("counts", f"is {counts}", "give a positive count level, e.g. 1e4")
+    if np.any(data.intensity < 0):
+        raise data._error("intensity", "has negative values, which Poisson noise cannot model",
+                          "add noise to the noise-free intensities (≥ 0)")
+    mean = data.intensity[data.mask].mean() if data.n_used else 0.0
+    if mean <= 0:
+        raise data._error("intensity", "has no positive used values", "give noise-free intensities > 0")
+    scale = counts / mean
+    count = rng.poisson(data.intensity * scale).astype(float)
+    return dataclasses.replace(data, intensity=count / scale, sigma=np.sqrt(np.maximum(count, 1.0)) / scale)
+
+
+# ---- file readers: each returns the keyword arguments of TDSData.from_hkl plus the stored `cell` --------
+
+
+def _read_point_list(f: h5py.File, path: Path) -> dict:
+    for name in ("hkl", "intensity"):
+        if name not in f:
+            raise TDSError(f"{path}: no dataset '{name}'; a point list needs 'hkl' (N, 3) and 'intensity' (N,) "
+                           "(DESIGN §7)")
+
+    def optional(name):
+        return f[name][()] if name in f else None
+
+    return dict(hkl=f["hkl"][()], intensity=f["intensity"][()], sigma=optional("sigma"), mask=optional("mask"),
+                temperature=f.attrs.get("temperature"), units=_text(f.attrs.get("units")), cell=optional("cell"))
+
+
+def _read_npz(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        for name in ("hkl", "intensity"):
+            if name not in z:
+                raise TDSError(f"{path}: no array '{name}'; an .npz point list needs 'hkl' (N, 3) and "
+                               "'intensity' (N,) (DESIGN §7)")
+
+        def optional(name):
+            return z[name] if name in z else None
+
+        units = optional("units")
+        return dict(hkl=z["hkl"], intensity=z["intensity"], sigma=optional("sigma"), mask=optional("mask"),
+                    temperature=optional("temperature"), units=None if units is None else str(units[()]),
+                    cell=optional("cell"))
+
+
+def _find_nxdata(f: h5py.File, path: Path) -> h5py.Group:
+    groups = []
+    f.visititems(lambda name, item: groups.append(item)
+                 if isinstance(item, h5py.Group) and _text(item.attrs.get("NX_class")) == "NXdata" else None)
+    if len(groups) == 1:
+        return groups[0]
+    if not groups:
+        raise TDSError(f"{path}: no datasets 'hkl' and 'intensity' (point list) and no NXdata group; "
+                       "write the data as in DESIGN §7")
+    node = f  # several volumes: follow the NeXus `default` attributes from the root
+    while isinstance(node, h5py.Group) and _text(node.attrs.get("NX_class")) != "NXdata":
+        default = _text(node.attrs.get("default"))
+        if default is None or default not in node:
+            raise TDSError(f"{path}: several NXdata groups ({', '.join(g.name for g in groups)}); "
+                           "name the one to read with the `default` attributes of the root and entry")
+        node = node[default]
+    return node
+
+
+def _read_nxdata(group: h5py.Group, path: Path) -> dict:
+    where = f"{path}:{group.name}"
+    signal_name = _text(group.attrs.get("signal"))
+    if signal_name is None:  # older style: signal=1 on the dataset itself
+        signal_name = next((name for name, item in group.items()
+                            if isinstance(item, h5py.Dataset) and _text(item.attrs.get("signal")) == "1"), None)
+    if signal_name is None or signal_name not in group:
+        raise TDSError(f"{where}: field 'signal' does not name an intensity dataset; set the group attribute "
+                       "signal='<dataset name>'")
+    signal = group[signal_name]
+    intensity = np.asarray(signal[()], dtype=float)
+    if intensity.ndim != 3:
+        raise TDSError(f"{where}: field '{signal_name}' has shape {intensity.shape}; an NXdata volume needs a 3D "
+                       "intensity on H, K, L axes")
+    axes = group.attrs.get("axes", signal.attrs.get("axes"))
+    axes = [_text(a) for a in np.atleast_1d(axes)] if axes is not None else []
+    if len(axes) == 1:
+        axes = axes[0].replace(",", ":").split(":")
+    if len(axes) != 3 or any(a not in group for a in axes):
+        raise TDSError(f"{where}: field 'axes' is {axes}; set axes=['H', 'K', 'L'] naming three 1D axis datasets "
+                       "of the group")
+    centres = []
+    for dim, name in enumerate(axes):
+        values = np.asarray(group[name][()], dtype=float).ravel()
+        n = intensity.shape[dim]
+        if len(values) == n + 1:  # histogram bin edges
+            values = 0.5 * (values[1:] + values[:-1])
+        if len(values) != n:
+            raise TDSError(f"{where}: field '{name}' has {len(values)} values but the intensity has {n} along "
+                           f"axis {dim}; give one value (or n+1 bin edges) per voxel")
+        centres.append(values)
+    hkl = np.stack(np.meshgrid(*centres, indexing="ij"), axis=-1).reshape(-1, 3)
+    intensity = intensity.ravel()
+    errors_name = next((n for n in ("errors", f"{signal_name}_errors") if n in group), None)
+    sigma = None if errors_name is None else np.asarray(group[errors_name][()], dtype=float).ravel()
+    if sigma is not None and sigma.shape != intensity.shape:
+        raise TDSError(f"{where}: field '{errors_name}' has {sigma.size} values for {intensity.size} voxels; "
+                       "give one σ per voxel")
+    measured = np.isfinite(intensity) & (np.isfinite(sigma) if sigma is not None else True)
+    intensity = np.where(measured, intensity, 0.0)  # gaps: masked out, placeholder values never used
+    if sigma is not None:
+        sigma = np.where(measured, sigma, 1.0)
+    return dict(hkl=hkl, intensity=intensity, sigma=sigma, mask=measured, temperature=_nexus_temperature(group),
+                units=_text(signal.attrs.get("units", group.attrs.get("units"))),
+                cell=group["cell"][()] if "cell" in group else None)
+
+
+def _nexus_temperature(group: h5py.Group):
+    """The `temperature` attribute of the NXdata group or of an ancestor, or of an ancestor's `sample`."""
+    node = group
+    while True:
+        if "temperature" in node.attrs:
+            return node.attrs["temperature"]
+        sample = node.get("sample")
+        if isinstance(sample, h5py.Group):
+            if "temperature" in sample.attrs:
+                return sample.attrs["temperature"]
+            if isinstance(sample.get("temperature"), h5py.Dataset):
+                return float(np.mean(sample["temperature"][()]))
+        if node.name == "/":
+            return None
+        node = node.parent
+
+
+def _text(value) -> str | None:
+    """An HDF5/npz attribute as str (bytes decoded; a 1-element array unwrapped), or None."""
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if isinstance(value, bytes):
+        return value.decode()
+    return str(value)
+
+
+def _as_cell(structure) -> np.ndarray:
+    """Lattice vectors (3, 3) Å (rows) of an ase.Atoms, ase.cell.Cell or array."""
+    return np.array(getattr(structure, "cell", structure), dtype=float)
+
+
+def _structure_name(structure) -> str:
+    formula = getattr(structure, "get_chemical_formula", None)
+    return f"the structure {formula()}" if formula else "the given cell"
+
+
+def _compare_cells(cell, structure_cell, source: str, structure_name: str) -> None:
+    """Refuse cells (3, 3) Å whose lengths differ by > 1e-3 relative or angles by > 0.1°."""
+    ours, theirs = cell_to_cellpar(cell), cell_to_cellpar(structure_cell)
+    if not (np.allclose(ours[:3], theirs[:3], rtol=CELL_LENGTH_RTOL, atol=0.0)
+            and np.allclose(ours[3:], theirs[3:], rtol=0.0, atol=CELL_ANGLE_TOL_DEG)):
+        raise TDSError(
+            f"{source}: field 'cell' (a, b, c, α, β, γ = {_format_cellpar(ours)}), the cell the hkl index, differs "
+            f"from the cell of {structure_name} ({_format_cellpar(theirs)}); pass the structure file the hkl were "
+            "indexed in, or re-index the hkl in this structure's cell")
+
+
+def _format_cellpar(cellpar) -> str:
+    return ", ".join(f"{x:.4f}" for x in cellpar)
