@@ -500,3 +500,23 @@ def _compare_cells(cell, structure_cell, source: str, structure_name: str) -> No
 
 def _format_cellpar(cellpar) -> str:
     return ", ".join(f"{x:.4f}" for x in cellpar)
+
+
+def simulate(model, hkl, temperature: float, method: str = "gaussian", statistics: str = "quantum",
+             cell=None, counts: float | None = None, rng=None, tds_options: dict | None = None) -> TDSData:
+    """Synthetic TDS in absolute units (e.u./atom) from a ForceConstantModel at hkl (N, 3).
+
+    hkl in r.l.u. of `cell` (default the model's unit cell); counts: Poisson noise with the mean
+    intensity at that many counts (σ written alongside), None for noise-free data.
+    """
+    import torch
+
+    from .tds import TDSModel
+
+    cell = np.array(model.unitcell.cell[:] if cell is None else cell, dtype=float)
+    tds = TDSModel(model, temperature, method=method, statistics=statistics, **(tds_options or {}))
+    with torch.no_grad():
+        intensity = tds(reciprocal_q(hkl, cell)).cpu().numpy()
+    data = TDSData.from_hkl(hkl, intensity, cell, temperature=temperature, units=ABSOLUTE_UNITS,
+                            source="simulated")
+    return data if counts is None else add_poisson_noise(data, counts, rng)
