@@ -1,0 +1,341 @@
+"""Thermal displacements of a periodic supercell, and the published sampling estimator of I(Q) (DESIGN §3).
+
+The supercell is L1×L2×L3 copies of the force-constant model's unit cell (`model.unitcell`, e.g. the
+conventional cell whose r.l.u. the data use), atoms ordered cell by cell (C order over l1, l2, l3), the
+unit-cell atom fastest: N = L1·L2·L3·n_unit. Both samplers draw u (S, N, 3) Å from one Gaussian, with
+the centre of mass fixed (the three mass-weighted rigid translations removed), classically of
+covariance k_BT·M^{-1/2} D⁺ M^{-1/2}, D = M^{-1/2} H M^{-1/2} the mass-weighted supercell Hessian:
+
+- DenseSampler:  u = M^{-1/2} (1 − P) √(k_BT) L⁻ᵀ z with D + cP = LLᵀ: the reference, O(N³);
+- QSpaceSampler: per commensurate q a square root of C̃(q) times the Fourier transform of z, then an
+  inverse FFT: the same distribution in O(N log N), classical or quantum.
+
+u is a differentiable function of θ for fixed white noise z ~ N(0, 1) (the reparameterisation trick).
+A pair longer than half the supercell wraps around it (its images are summed), as in any periodic cell.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .covariance import (
+    KB,
+    HermitianFunction,
+    UnstableError,
+    _quantum_h,
+    check_statistics,
+    check_temperature,
+    translation_projector,
+)
+from .scattering import debye_waller_exponent
+
+
+class _Sampler:
+    """What both samplers share: the supercell, drawing noise, and the intensity estimator."""
+
+    def __init__(self, model, supercell, temperature: float, statistics: str = "classical",
+                 n_samples: int = 64, seed: int | None = None, progress: bool = True, chunk: int = 2**21):
+        check_statistics(statistics)
+        check_temperature(temperature, statistics)
+        supercell = tuple(int(x) for x in np.ravel(supercell))
+        if len(supercell) != 3 or min(supercell) < 1:
+            raise ValueError(f"supercell must be three positive repetitions (L1, L2, L3), got {supercell!r}")
+        self.model = model
+        self.supercell = supercell
+        self.temperature = float(temperature)
+        self.statistics = statistics
+        self.n_samples = int(n_samples)
+        self.seed = seed
+        self.progress = progress
+        self.chunk = int(chunk)
+        unit = model.unitcell
+        self.unit_cell = np.array(unit.cell[:])
+        self.unit_sites = model.site_of(unit.positions)  # (n_unit,) primitive atom κ of each unit-cell atom
+        cells = np.stack(np.meshgrid(*map(np.arange, supercell), indexing="ij"), -1).reshape(-1, 3)
+        self.n_cells = len(cells)
+        self.cell = np.diag(supercell) @ self.unit_cell
+        self.positions = ((cells @ self.unit_cell)[:, None, :] + unit.positions[None]).reshape(-1, 3)
+        self.symbols = list(unit.get_chemical_symbols()) * self.n_cells
+
+    @property
+    def n_atoms(self) -> int:
+        return len(self.positions)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.model.primitive.get_chemical_formula()}, supercell="
+                f"{'×'.join(map(str, self.supercell))} unit cells = {self.n_atoms} atoms, "
+                f"{self.temperature:g} K, {self.statistics})")
+
+    def _tensor(self, array) -> torch.Tensor:
+        theta = self.model.theta
+        return torch.as_tensor(np.asarray(array), dtype=theta.dtype, device=theta.device)
+
+    def _unit_masses(self) -> torch.Tensor:
+        """Masses (n_unit,) amu of the unit-cell atoms."""
+        return self.model.masses[torch.as_tensor(self.unit_sites, device=self.model.masses.device)]
+
+    # ------------------------------------------------------------------ drawing
+    def _generator(self, generator):
+        if generator is None and self.seed is not None:
+            return torch.Generator(device=self.model.theta.device).manual_seed(int(self.seed))
+        return generator
+
+    def _noise(self, n_samples: int, generator) -> torch.Tensor:
+        theta = self.model.theta
+        return torch.randn(n_samples, self.n_atoms, 3, generator=generator, dtype=theta.dtype, device=theta.device)
+
+    def sample(self, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """u (S, N, 3) Å, differentiable in θ. With `seed` set and no generator, the same z every call."""
+        return self._transform(self._factor(), self._noise(int(n_samples), self._generator(generator)))
+
+    def displacements(self, z: torch.Tensor) -> torch.Tensor:
+        """u (S, N, 3) Å from given white noise z (S, N, 3): the reparameterised map, linear in z."""
+        return self._transform(self._factor(), torch.as_tensor(z, dtype=self.model.theta.dtype,
+                                                               device=self.model.theta.device))
+
+    def mean_square_displacement(self) -> torch.Tensor:
+        """⟨u uᵀ⟩ (n_unit, 3, 3) Å² of each unit-cell atom in this supercell: the covariance sampled from."""
+        return self._msd(self._factor())
+
+    # ------------------------------------------------------------------ the estimator
+    def check_q(self, q) -> None:
+        """Refuse Q (B, 3) Å⁻¹ off this supercell's reciprocal lattice (hkl·L not integer, to 1e-6)."""
+        hkl = np.asarray(torch.as_tensor(q).detach().cpu(), dtype=float).reshape(-1, 3) @ self.unit_cell.T / (2 * np.pi)
+        scaled = hkl * np.array(self.supercell)
+        bad = np.nonzero(np.abs(scaled - np.round(scaled)).max(axis=1) > 1e-6)[0]
+        if len(bad):
+            i = int(bad[0])
+            size = "×".join(map(str, self.supercell))
+            raise ValueError(
+                f"Q[{i}] (hkl = {np.round(hkl[i], 6).tolist()} in r.l.u. of the unit cell) is not on the reciprocal "
+                f"lattice of the {size} supercell: a periodic supercell only supports Q with hkl·L integer "
+                f"(L = {self.supercell}); {len(bad)} of {len(hkl)} Q are off it. Choose Q on that lattice or a "
+                "supercell whose repetitions are multiples of the hkl denominators.")
+
+    def _check_tds_model(self, tds_model) -> None:
+        if tds_model.force_constants is not self.model:
+            raise ValueError("the TDSModel and the sampler must share one ForceConstantModel")
+        if tds_model.temperature != self.temperature or tds_model.statistics != self.statistics:
+            raise ValueError(f"the TDSModel ({tds_model.temperature:g} K, {tds_model.statistics}) and the sampler "
+                             f"({self.temperature:g} K, {self.statistics}) must use one temperature and statistics")
+
+    def intensity(self, tds_model, q, n_samples: int | None = None,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Diffuse I(Q) in e.u. per atom at Cartesian Q (B, 3) Å⁻¹: (mean (B,), standard error (B,)).
+
+        mean = ⟨|Σ_j f_j e^{iQ·(R_j+u_j)}|²⟩/N over S samples − |Σ_j f_j e^{iQ·R_j} e^{−W_j}|²/N, with W from
+        this supercell's own covariance; stderr = sample std/√S. Form factors from `tds_model`.
+        Differentiable in θ through u (reparameterisation) and through W.
+        """
+        self._check_tds_model(tds_model)
+        q = torch.as_tensor(q, dtype=self.model.theta.dtype, device=self.model.theta.device).reshape(-1, 3)
+        self.check_q(q)
+        n_samples = self.n_samples if n_samples is None else int(n_samples)
+        if n_samples < 2:
+            raise ValueError(f"n_samples must be ≥ 2 for a standard error, got {n_samples}")
+        generator = self._generator(generator)
+        factor = self._factor()
+        form = tds_model.form_factors(torch.linalg.norm(q, dim=-1))[:, self.unit_sites]  # (B, n_unit)
+        ideal = self._tensor(self.positions).reshape(self.n_cells, -1, 3)
+        amp_bragg = form * torch.exp(-debye_waller_exponent(q, self._msd(factor)))
+        bragg = _ScatteredPower.apply(q, ideal, amp_bragg, self.chunk) / self.n_atoms
+        batch = max(1, 2**22 // (3 * self.n_atoms))
+        per_sample = []
+        with tqdm(total=n_samples, desc="thermal samples", leave=False,
+                  disable=not self.progress or n_samples < 16) as bar:
+            for start in range(0, n_samples, batch):
+                u = self._transform(factor, self._noise(min(batch, n_samples - start), generator))
+                for one in u:
+                    x = ideal + one.reshape(ideal.shape)
+                    per_sample.append(_ScatteredPower.apply(q, x, form, self.chunk) / self.n_atoms)
+                    bar.update()
+        per_sample = torch.stack(per_sample)  # (S, B)
+        return per_sample.mean(0) - bragg, per_sample.detach().std(0) / np.sqrt(n_samples)
+
+
+class DenseSampler(_Sampler):
+    """The reference sampler: dense Cholesky of the mass-weighted supercell Hessian (classical only).
+
+    DenseSampler(model, supercell=(L1, L2, L3), temperature) with `model` a ForceConstantModel, T in K.
+    n_samples: default for `intensity`; seed: fixed noise (common random numbers, a deterministic
+    function of θ); chunk: elements per block of the Q × atom phase sums. Memory O(N²), time O(N³).
+    """
+
+    def __init__(self, model, supercell, temperature: float, statistics: str = "classical", **kwargs):
+        if statistics != "classical":
+            raise ValueError(f"DenseSampler draws classical displacements only (got statistics={statistics!r}); "
+                             "for quantum statistics use QSpaceSampler(model, supercell, T, statistics='quantum')")
+        super().__init__(model, supercell, temperature, statistics, **kwargs)
+        self._entries = model.supercell_columns(self.positions, self.cell, np.arange(self.n_atoms))
+
+    def hessian(self) -> torch.Tensor:
+        """H (3N, 3N) eV/Å², layout (atom, Cartesian), from folding the model's pairs onto the supercell."""
+        n = self.n_atoms
+        entries = torch.as_tensor(self._entries, device=self.model.theta.device)
+        pair_fc = self.model.pair_force_constants()
+        flat = torch.zeros(n * n, 3, 3, dtype=pair_fc.dtype, device=pair_fc.device)
+        flat.index_add_(0, entries[:, 0] * n + entries[:, 2], pair_fc[entries[:, 1]])
+        return flat.reshape(n, n, 3, 3).permute(0, 2, 1, 3).reshape(3 * n, 3 * n)
+
+    def _masses(self) -> torch.Tensor:
+        return self._unit_masses().repeat(self.n_cells)
+
+    def _factor(self):
+        """(L (3N, 3N) with D + cP = LLᵀ, c)."""
+        masses = self._masses()
+        inv_sqrt_m = (1.0 / torch.sqrt(masses)).repeat_interleave(3)
+        dyn = self.hessian() * inv_sqrt_m[:, None] * inv_sqrt_m[None, :]
+        c = torch.diagonal(dyn).mean().abs() + 1.0  # in the graph: u(θ) depends on c, its distribution not
+        chol, info = torch.linalg.cholesky_ex(dyn + c * translation_projector(masses))
+        if info > 0:
+            raise UnstableError("the supercell Hessian is not positive definite beyond the three translations "
+                                "(imaginary modes at a commensurate q)")
+        return chol, c
+
+    def _transform(self, factor, z: torch.Tensor) -> torch.Tensor:
+        chol, _ = factor
+        masses = self._masses()
+        n_samples = len(z)
+        y = torch.linalg.solve_triangular(chol.mT, z.reshape(n_samples, -1).T, upper=True)
+        y = np.sqrt(KB * self.temperature) * y.T.reshape(n_samples, self.n_atoms, 3)
+        t = torch.sqrt(masses / masses.sum())  # the mass-weighted translations: (1 − P) y
+        y = y - t[:, None] * torch.einsum("j,sja->sa", t, y)[:, None, :]
+        return y / torch.sqrt(masses)[:, None]
+
+    def _msd(self, factor) -> torch.Tensor:
+        """From the blocks of the unit cell at the origin (the covariance is translation invariant)."""
+        chol, c = factor
+        masses = self._masses()[:len(self.unit_sites)]
+        k = 3 * len(masses)
+        columns = torch.cholesky_solve(torch.eye(len(chol), k, dtype=chol.dtype, device=chol.device), chol)
+        blocks = torch.diagonal(columns[:k].reshape(len(masses), 3, len(masses), 3), dim1=0, dim2=2)
+        eye = torch.eye(3, dtype=chol.dtype, device=chol.device)
+        blocks = blocks.permute(2, 0, 1) - (masses / self._masses().sum() / c)[:, None, None] * eye  # − P/c: D⁺
+        return KB * self.temperature * blocks / masses[:, None, None]
+
+
+class QSpaceSampler(_Sampler):
+    """The same distribution in O(N log N), by square roots of C̃(q) on the supercell's q grid and FFTs.
+
+    QSpaceSampler(model, supercell=(L1, L2, L3), temperature, statistics="classical" | "quantum").
+    Per q of the Γ-centred L1×L2×L3 grid of the unit cell's reciprocal lattice (half of it: real u),
+    S(q) with S S† = M^{1/2} C̃(q) M^{1/2} in the cell-origin phase convention: √(k_BT) L⁻† for
+    D(q) = LL† (classical) or the Cholesky factor of h(D) (quantum); at Γ the translations are lifted
+    and projected out. Keyword arguments as for DenseSampler.
+    """
+
+    def __init__(self, model, supercell, temperature: float, statistics: str = "classical", **kwargs):
+        super().__init__(model, supercell, temperature, statistics, **kwargs)
+        unit = model.unitcell
+        n_unit = len(unit)
+        rows, pairs, cols = model.supercell_columns(unit.positions, self.unit_cell, np.arange(n_unit)).T
+        shift = (unit.positions[rows] + model.basis.vectors[pairs] - unit.positions[cols]) @ np.linalg.inv(self.unit_cell)
+        # each pair p of unit-cell atom a lands on atom b of the unit cell n: d_p = n·A + r_b − r_a
+        self._pair_rows, self._pair_cols, self._pairs = rows, cols, pairs
+        self._pair_lattice = np.round(shift)
+        l1, l2, l3 = self.supercell
+        m = np.stack(np.meshgrid(np.arange(l1), np.arange(l2), np.arange(l3 // 2 + 1), indexing="ij"), -1).reshape(-1, 3)
+        self._q_frac = m / np.array(self.supercell)  # (Q, 3) reduced, the rfftn half of the grid
+        self._q_weight = np.where((m[:, 2] == 0) | (2 * m[:, 2] == l3), 1.0, 2.0)  # q and −q both stand for it
+
+    def unit_dynamical_matrix(self, q_frac) -> torch.Tensor:
+        """D(q) (B, 3n_unit, 3n_unit) complex, eV/Å²/amu, of the unit cell in the cell-origin convention.
+
+        D_ab(q) = Σ_p Φ_p e^{iq·n_p·A}/√(m_a m_b), q_frac (B, 3) in r.l.u. of the unit cell: the
+        phase-from-positions D(q) times e^{−iq·(r_b − r_a)}, periodic in the unit reciprocal lattice.
+        """
+        q_frac = self._tensor(q_frac).reshape(-1, 3)
+        masses = self._unit_masses()
+        n = len(masses)
+        phase = torch.exp(2j * np.pi * (q_frac @ self._tensor(self._pair_lattice).T))  # (B, U)
+        inv_sqrt_m = 1.0 / torch.sqrt(masses[self._pair_rows] * masses[self._pair_cols])
+        weighted = (self.model.pair_force_constants()[self._pairs] * inv_sqrt_m[:, None, None]).reshape(-1, 9)
+        block = torch.as_tensor(self._pair_rows * n + self._pair_cols, device=phase.device)
+        blocks = torch.zeros(len(q_frac), n * n, 9, dtype=phase.dtype, device=phase.device)
+        blocks.index_add_(1, block, phase[:, :, None] * weighted.to(phase.dtype)[None])
+        return blocks.reshape(-1, n, n, 3, 3).permute(0, 1, 3, 2, 4).reshape(-1, 3 * n, 3 * n)
+
+    def _factor(self) -> torch.Tensor:
+        """M^{-1/2} S(q) (Q, 3n_unit, 3n_unit) complex, Å·√amu per √amu: (M^{-1/2}S)(M^{-1/2}S)† = C̃(q)."""
+        masses = self._unit_masses()
+        proj = translation_projector(masses)
+        inv_sqrt_m = (1.0 / torch.sqrt(masses)).repeat_interleave(3)
+        step = max(1, self.chunk // max(len(self._pairs), 9 * len(masses) ** 2))  # q per block
+        # the lift at Γ, in the graph: u(θ) depends on c, its distribution not
+        c = torch.diagonal(self.unit_dynamical_matrix(np.zeros((1, 3))), dim1=-2, dim2=-1).real.mean().abs() + 1.0
+        roots = []
+        for start in range(0, len(self._q_frac), step):
+            frac = self._q_frac[start:start + step]
+            gamma = self._tensor(np.all(frac == 0, axis=1))[:, None, None]
+            dyn = self.unit_dynamical_matrix(frac) + gamma * c * proj
+            if self.statistics == "classical":
+                chol, info = torch.linalg.cholesky_ex(dyn)
+                if torch.any(info > 0):
+                    raise UnstableError(f"dynamical matrix not positive definite at {int((info > 0).sum())} "
+                                        "commensurate q of the supercell")
+                eye = torch.eye(dyn.shape[-1], dtype=dyn.dtype, device=dyn.device)
+                root = np.sqrt(KB * self.temperature) * torch.linalg.solve_triangular(chol, eye, upper=False).mH
+            else:
+                root = torch.linalg.cholesky(HermitianFunction.apply(dyn, _quantum_h(self.temperature)))
+            root = root - gamma * (proj.to(root.dtype) @ root)  # at Γ: (1 − P) S, centre of mass fixed
+            roots.append(inv_sqrt_m[:, None] * root)
+        return torch.cat(roots)
+
+    def _transform(self, root: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        n_samples, dim = len(z), root.shape[-1]
+        w = torch.fft.rfftn(z.reshape(n_samples, *self.supercell, dim), dim=(1, 2, 3), norm="ortho")
+        y = torch.einsum("qij,sqj->sqi", root, w.reshape(n_samples, -1, dim)).reshape(w.shape)
+        u = torch.fft.irfftn(y, s=self.supercell, dim=(1, 2, 3), norm="ortho")
+        return u.reshape(n_samples, self.n_atoms, 3)
+
+    def _msd(self, root: torch.Tensor) -> torch.Tensor:
+        r = root.reshape(len(root), -1, 3, root.shape[-1])
+        weight = self._tensor(self._q_weight).to(root.dtype)
+        return torch.einsum("q,qaik,qajk->aij", weight, r, r.conj()).real / self.n_cells
+
+
+class _ScatteredPower(torch.autograd.Function):
+    """|F(Q)|² (B,), F(Q) = Σ_{l,a} A_a(Q) e^{iQ·x_la}, for q (B, 3) Å⁻¹, x (N_cells, n_unit, 3) Å, A (B, n_unit).
+
+    Chunked over Q and cells (at most `chunk` phases at a time) in forward and backward, which
+    recomputes the phases: memory O(B + N) whatever the sizes.
+    """
+
+    @staticmethod
+    def forward(ctx, q, x, amp, chunk):
+        sums = torch.zeros(amp.shape, dtype=q.dtype.to_complex(), device=q.device)  # Σ_l e^{iQ·x_la}
+        for qs, cs in _blocks(len(q), x.shape[0], x.shape[1], chunk):
+            angle = torch.einsum("bd,cad->bca", q[qs], x[cs])
+            sums[qs] += torch.complex(torch.cos(angle).sum(1), torch.sin(angle).sum(1))
+        total = (amp * sums).sum(-1)
+        ctx.save_for_backward(q, x, amp, sums, total)
+        ctx.chunk = chunk
+        return total.abs() ** 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, x, amp, sums, total = ctx.saved_tensors
+        weight = grad[:, None] * total.conj()[:, None]  # (B, 1)
+        grad_x = grad_amp = None
+        if ctx.needs_input_grad[2]:
+            grad_amp = 2 * (weight * sums).real
+        if ctx.needs_input_grad[1]:
+            coeff = weight * amp  # ∂|F|²/∂x_la = −2 Q Im(F* A_a e^{iQ·x_la})
+            grad_x = torch.zeros_like(x)
+            for qs, cs in _blocks(len(q), x.shape[0], x.shape[1], ctx.chunk):
+                angle = torch.einsum("bd,cad->bca", q[qs], x[cs])
+                c = coeff[qs][:, None, :]
+                im = c.imag * torch.cos(angle) + c.real * torch.sin(angle)
+                grad_x[cs] -= 2 * torch.einsum("bca,bd->cad", im, q[qs])
+        return None, grad_x, grad_amp, None
+
+
+def _blocks(n_q: int, n_cells: int, n_unit: int, chunk: int):
+    """(Q slice, cell slice) pairs covering n_q × n_cells with at most ~`chunk` phases each."""
+    step_q = min(n_q, 256)
+    step_c = max(1, chunk // (step_q * n_unit))
+    for q0 in range(0, n_q, step_q):
+        for c0 in range(0, n_cells, step_c):
+            yield slice(q0, q0 + step_q), slice(c0, c0 + step_c)
