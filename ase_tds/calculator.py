@@ -1,0 +1,222 @@
+"""TDSFitted — an ASE calculator from fitted force constants (harmonic, fixed cell).
+
+    atoms = bulk("Ni", "fcc", a=3.52, cubic=True).repeat(4)
+    atoms.calc = TDSFitted("fit_out/")          # a folder written by `ase-tds fit`
+    atoms.get_forces()                          # eV/Å
+
+Energy and forces of a crystal whose atoms vibrate about the lattice sites of the crystal the force
+constants were fitted to: E = ½ uᵀΦu (eV), F = −Φu (eV/Å), u the displacements (Å) from the sites.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from ase.calculators.calculator import Calculator, all_changes
+from ase.geometry import find_mic
+from scipy.sparse import coo_matrix
+
+from .model import ForceConstantModel
+from .structure import (
+    StructureError,
+    find_primitive,
+    holds_cutoff,
+    pair_distances,
+    shortest_lattice_vector,
+    to_ase_atoms,
+)
+
+# eV/Å²: force constants below this are rounding noise of a file (phonopy writes 15 decimals)
+NEGLIGIBLE = 1e-8
+
+
+class TDSFitted(Calculator):
+    """Harmonic ASE calculator: E = ½ uᵀΦu (eV), F = −Φu (eV/Å) with fitted force constants Φ (eV/Å²).
+
+    source: a ForceConstantModel (its θ at construction is used; later changes to θ are not seen), a
+    folder holding phonopy_params.yaml (what `ase-tds fit` writes), a phonopy.load-able file or a
+    phonopy.Phonopy with force constants. Phonopy force constants are projected onto a
+    ForceConstantModel of phonopy's unit cell (see `model_from_phonopy`): exact for files written by
+    ase_tds; for others, pairs at and beyond half the shortest translation of phonopy's supercell are
+    dropped.
+
+    The atoms may be any supercell of the crystal (any supercell matrix, any atom order, wrapped or
+    not), at its reference lattice constants: the cell is fixed, so there is no stress
+    (asking for it raises PropertyNotImplementedError). Each atom is assigned to the nearest lattice site
+    of its crystal; u is its displacement from that ideal site — never from the positions first seen, so
+    wrapping atoms into the cell changes nothing.
+
+    reference: optional ase.Atoms, the ideal crystal in your frame when it is rigidly translated from
+    the one the force constants belong to (same orientation); by default the sites are the model's.
+    tolerance: Å; an atom farther than this from every lattice site is an error (no harmonic model
+    describes it). Default 0.4 × the shortest site-to-site distance (1.0 Å for fcc Ni); it must stay
+    below half of that distance, where the nearest site stops being unambiguous.
+    warn_displacement: Å; a UserWarning is issued when any |u| exceeds it (default 0.5 Å, far beyond
+    thermal amplitudes of a harmonic solid, e.g. rms |u| ≈ 0.13 Å for Ni at 300 K).
+
+    The folded Φ is a sparse (3N, 3N) matrix, cached for the last (cell, species, site assignment),
+    so molecular dynamics builds it once.
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces"]
+
+    def __init__(self, source, reference=None, tolerance: float | None = None,
+                 warn_displacement: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.model = source if isinstance(source, ForceConstantModel) else model_from_phonopy(source)
+        self._pair_fc = self.model.pair_force_constants().detach().cpu().numpy()
+        self._primitive_cell = np.array(self.model.primitive.cell[:])
+        self._site_fractions = self.model.primitive.get_scaled_positions(wrap=False)
+        nearest = pair_distances(self.model.primitive, 2.0 * self.model.cutoff)[0]
+        self.tolerance = 0.4 * nearest if tolerance is None else float(tolerance)
+        if not 0 < self.tolerance < 0.5 * nearest:
+            raise ValueError(f"tolerance must lie between 0 and {0.5 * nearest:.3f} Å (half the shortest "
+                             f"site-to-site distance), got {tolerance!r}")
+        self.warn_displacement = float(warn_displacement)
+        self.origin = np.zeros(3) if reference is None else self._origin_of(reference)
+        self._cached = (None, None)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        if not np.all(self.atoms.pbc):
+            raise StructureError(f"TDSFitted needs a periodic supercell (pbc={self.atoms.pbc.tolist()}); "
+                                 "set atoms.pbc = True")
+        u, sites = self.displacements(self.atoms)
+        hessian = self._hessian(self.atoms, sites)
+        forces = -(hessian @ u.ravel()).reshape(-1, 3)
+        energy = -0.5 * float(u.ravel() @ forces.ravel())
+        self.results = {"energy": energy, "free_energy": energy, "forces": forces}
+
+    def displacements(self, atoms) -> tuple[np.ndarray, np.ndarray]:
+        """(u, sites): displacements (N, 3) Å from the nearest lattice sites, and those sites (N, 3) Å in the model's frame."""
+        positions = atoms.positions - self.origin
+        try:
+            kappa = self.model.site_of(positions, tol=self.tolerance)
+        except StructureError as err:
+            raise StructureError(f"{err}: TDSFitted assigns each atom to the nearest lattice site within "
+                                 f"tolerance={self.tolerance:.3f} Å; larger excursions (diffusion, melting, a "
+                                 "different crystal) are outside a harmonic model") from None
+        expected = self.model.primitive.numbers[kappa]
+        wrong = np.nonzero(atoms.numbers != expected)[0]
+        if wrong.size:
+            i = int(wrong[0])
+            raise StructureError(f"wrong species on a lattice site: atom {i} is {atoms.get_chemical_symbols()[i]} "
+                                 f"but its site holds {self.model.primitive.get_chemical_symbols()[kappa[i]]} "
+                                 f"({wrong.size} such atoms)")
+        offset = positions @ np.linalg.inv(self._primitive_cell) - self._site_fractions[kappa]
+        u = (offset - np.round(offset)) @ self._primitive_cell
+        largest = np.linalg.norm(u, axis=1).max()
+        if largest > self.warn_displacement:
+            warnings.warn(f"an atom is displaced by {largest:.3f} Å from its lattice site (more than "
+                          f"warn_displacement={self.warn_displacement} Å): the harmonic model may not apply",
+                          UserWarning, stacklevel=2)
+        return u, positions - u
+
+    def _hessian(self, atoms, sites):
+        """Φ folded onto this supercell, sparse (3N, 3N) eV/Å², atoms in the given order."""
+        cell = np.array(atoms.cell[:])
+        site_keys = np.round(sites @ np.linalg.inv(cell) * 1e6).astype(np.int64) % 1_000_000
+        key = (cell.tobytes(), atoms.numbers.tobytes(), site_keys.tobytes())
+        if self._cached[0] == key:
+            return self._cached[1]
+        self._check_supercell(atoms, cell, site_keys)
+        entries = self.model.supercell_columns(sites, cell, np.arange(len(atoms)))  # (row, pair, column)
+        xyz = np.arange(3)
+        rows = 3 * entries[:, 0, None, None] + xyz[None, :, None]
+        cols = 3 * entries[:, 2, None, None] + xyz[None, None, :]
+        rows, cols = np.broadcast_to(rows, (len(entries), 3, 3)), np.broadcast_to(cols, (len(entries), 3, 3))
+        data = self._pair_fc[entries[:, 1]]
+        hessian = coo_matrix((data.ravel(), (rows.ravel(), cols.ravel())), shape=(3 * len(atoms),) * 2).tocsr()
+        self._cached = (key, hessian)
+        return hessian
+
+    def _check_supercell(self, atoms, cell, site_keys) -> None:
+        matrix = cell @ np.linalg.inv(self._primitive_cell)
+        if np.abs(matrix - np.round(matrix)).max() > 1e-5:
+            raise StructureError(
+                "the cell is not a supercell of the reference crystal: cell · inv(primitive cell) = "
+                f"{np.round(matrix, 4).tolist()} is not an integer matrix; TDSFitted is a fixed-cell model "
+                "at the fitted lattice constants and orientation")
+        if not holds_cutoff(cell, self.model.cutoff):
+            raise StructureError(
+                f"the supercell is too small for the force constants' cutoff {self.model.cutoff:.3f} Å: its "
+                f"shortest translation ({shortest_lattice_vector(cell):.3f} Å) must exceed "
+                f"{2 * self.model.cutoff:.3f} Å; repeat the cell (atoms.repeat) until it does")
+        n_sites = int(round(abs(np.linalg.det(matrix)))) * self.model.n_atoms
+        if len(atoms) != n_sites or len(np.unique(site_keys, axis=0)) != len(atoms):
+            raise StructureError(f"the supercell has {n_sites} lattice sites but {len(atoms)} atoms on "
+                                 f"{len(np.unique(site_keys, axis=0))} distinct sites; every site must hold one atom")
+
+    def _origin_of(self, reference) -> np.ndarray:
+        """Rigid translation (3,) Å from the model's crystal to `reference`."""
+        model = self.model
+        for kappa in np.nonzero(model.primitive.numbers == reference.numbers[0])[0]:
+            shift = reference.positions[0] - model.primitive.positions[kappa]
+            try:
+                sites = model.site_of(reference.positions - shift)
+            except StructureError:
+                continue
+            if np.array_equal(model.primitive.numbers[sites], reference.numbers):
+                return shift
+        raise StructureError("reference is not the force constants' crystal up to a translation "
+                             "(same lattice constants, orientation and species on every site)")
+
+
+def model_from_phonopy(source) -> ForceConstantModel:
+    """ForceConstantModel of phonopy force constants, for TDSFitted.
+
+    source: a phonopy.Phonopy with force constants, a phonopy.load-able file, or a folder holding
+    phonopy_params.yaml. The cutoff takes in every neighbour shell with a force-constant element above
+    NEGLIGIBLE, but stays below half the shortest translation of phonopy's supercell; the force constants
+    are projected onto that model's basis. Exact for files written by ase_tds (their supercells are
+    larger than their cutoff needs); otherwise the pairs at and beyond half the supercell are dropped.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        source = _load_phonopy(Path(source))
+    if getattr(source, "force_constants", None) is None:
+        raise TypeError("expected a ForceConstantModel, a folder holding phonopy_params.yaml, a phonopy file "
+                        f"or a phonopy.Phonopy with force constants; got {type(source).__name__} without them")
+    fc, cell = np.asarray(source.force_constants), source.supercell.cell
+    rows = source.primitive.p2s_map if fc.shape[0] != fc.shape[1] else np.arange(fc.shape[0])
+    positions = source.supercell.positions
+    _, distances = find_mic((positions[None, :] - positions[rows][:, None]).reshape(-1, 3), cell)
+    reach = distances[np.abs(fc).max(axis=(2, 3)).ravel() > NEGLIGIBLE].max(initial=0.0)
+
+    unitcell = to_ase_atoms(source.unitcell)
+    half = 0.5 * shortest_lattice_vector(cell)
+    radii = pair_distances(find_primitive(unitcell)[0], half + 1.0)
+    kept = radii[(radii < half - 1e-3) & (radii < reach + 1e-3)]
+    if len(kept) == 0:
+        raise StructureError(f"no force constants to use: none above {NEGLIGIBLE} eV/Å² within half the "
+                             f"shortest translation ({half:.3f} Å) of phonopy's supercell")
+    cutoff = 0.5 * (kept[-1] + np.append(radii[len(kept):], half).min())
+    return ForceConstantModel(unitcell, cutoff=cutoff).set_from_phonopy(source)
+
+
+def _load_phonopy(path: Path):
+    import phonopy
+
+    if path.is_dir():
+        path = path / "phonopy_params.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"no force constants at {path}: give a ForceConstantModel, a phonopy file "
+                                "or a folder holding phonopy_params.yaml")
+    try:
+        return phonopy.load(path, log_level=0)
+    except Exception as err:  # phonopy reports unreadable files in many ways
+        raise ValueError(f"phonopy could not read {path} ({type(err).__name__}: {err}); give a phonopy.yaml-like "
+                         "file with structure and force constants, such as phonopy_params.yaml") from err
+
+
+try:  # ASE's experimental calculator plug-ins (entry-point group "ase.plugins"); absent in older ASE
+    from ase._4.plugins.plugin import CalculatorPlugin
+except ImportError:
+    __ase_plugins__ = set()
+else:
+    __ase_plugins__ = {
+        CalculatorPlugin("tds_fitted", implementation="ase_tds.calculator.TDSFitted",
+                         citation="ase_tds: force constants fitted to X-ray thermal diffuse scattering"),
+    }
