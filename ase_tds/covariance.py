@@ -88,12 +88,21 @@ class HermitianFunction(torch.autograd.Function):
         return vec @ (inner * kernel.to(inner.dtype)) @ vec.mH, None
 
 
-def translation_projector(masses: torch.Tensor) -> torch.Tensor:
-    """Projector (3n, 3n) onto the three mass-weighted rigid translations √m_κ e_α / √M."""
+def translation_projector(masses: torch.Tensor, phase: torch.Tensor | None = None) -> torch.Tensor:
+    """Projector onto the three mass-weighted rigid translations t_κα = √(m_κ/M) e_α.
+
+    Without `phase`: (3n, 3n), the q = 0 (or cell-origin) form. With phase (B, n) = e^{−iG·r_κ}: the
+    (B, 3n, 3n) projector onto the zero modes of D(G) in the atomic-position phase convention,
+    D(G) = W D(0) W†, W = diag(e^{−iG·r_κ}).
+    """
     n = masses.numel()
-    t = torch.sqrt(masses / masses.sum()).repeat_interleave(3)
+    weight = torch.sqrt(masses / masses.sum())
     mask = torch.eye(3, dtype=masses.dtype, device=masses.device).repeat(n, n)
-    return torch.outer(t, t) * mask
+    if phase is None:
+        t = weight.repeat_interleave(3)
+        return torch.outer(t, t) * mask
+    t = (weight * phase).repeat_interleave(3, dim=-1)
+    return t[:, :, None] * t.conj()[:, None, :] * mask
 
 
 def is_gamma(model, q: torch.Tensor, tol: float = 1e-8) -> torch.Tensor:
@@ -103,23 +112,28 @@ def is_gamma(model, q: torch.Tensor, tol: float = 1e-8) -> torch.Tensor:
     return (reduced - torch.round(reduced)).abs().amax(dim=-1) < tol
 
 
-def mass_weighted_inverse_covariance(model, q: torch.Tensor, remove_translations: bool = True):
-    """D(q) with, at Γ, the translations lifted to a positive eigenvalue c: (D_reg (B, 3n, 3n), γ (B,), c)."""
+def mass_weighted_inverse_covariance(model, q: torch.Tensor):
+    """D(q) with, at Γ points, the translations lifted to a positive eigenvalue c.
+
+    Returns (D + c·P (B, 3n, 3n), P the per-q translation projector (zero away from Γ) or None when
+    no q is a Γ point, c).
+    """
     dyn = model.dynamical_matrix(q)
-    gamma = is_gamma(model, q) if remove_translations else torch.zeros(len(q), dtype=torch.bool, device=q.device)
     c = torch.diagonal(dyn, dim1=-2, dim2=-1).real.mean().detach().abs() + 1.0
-    if gamma.any():
-        lift = c * translation_projector(model.masses).to(dyn.dtype)
-        dyn = dyn + gamma[:, None, None].to(dyn.dtype) * lift
-    return dyn, gamma, c
+    gamma = is_gamma(model, q)
+    if not gamma.any():
+        return dyn, None, c
+    pos = torch.as_tensor(model.primitive.positions, dtype=q.dtype, device=q.device)
+    proj = translation_projector(model.masses, torch.exp(-1j * (q @ pos.T))) * gamma[:, None, None]
+    return dyn + c * proj, proj, c
 
 
 def mass_weighted_covariance(model, q, temperature: float, statistics: str = "classical") -> torch.Tensor:
-    """M^{1/2} C̃(q) M^{1/2}: k_BT·D⁻¹ (classical) or h(D) (quantum), (B, 3n, 3n) complex, eV·Å²·amu/eV."""
+    """M^{1/2} C̃(q) M^{1/2}: k_BT·D⁻¹ (classical) or h(D) (quantum), (B, 3n, 3n) complex, Å²·amu."""
     check_statistics(statistics)
     check_temperature(temperature, statistics)
     q = torch.as_tensor(q, dtype=model.theta.dtype, device=model.theta.device).reshape(-1, 3)
-    dyn, gamma, c = mass_weighted_inverse_covariance(model, q)
+    dyn, proj, c = mass_weighted_inverse_covariance(model, q)
     if statistics == "classical":
         chol, info = torch.linalg.cholesky_ex(dyn)
         if torch.any(info > 0):
@@ -130,9 +144,7 @@ def mass_weighted_covariance(model, q, temperature: float, statistics: str = "cl
         func = _quantum_h(temperature)
         cov = HermitianFunction.apply(dyn, func)
         h_c = func(torch.as_tensor([c], dtype=dyn.real.dtype, device=dyn.device))[0][0]
-    if gamma.any():
-        cov = cov - gamma[:, None, None].to(cov.dtype) * h_c * translation_projector(model.masses).to(cov.dtype)
-    return cov
+    return cov if proj is None else cov - h_c * proj
 
 
 def thermal_covariance(model, q, temperature: float, statistics: str = "classical") -> torch.Tensor:

@@ -17,7 +17,6 @@ from .covariance import (
     UnstableError,
     mass_weighted_covariance,
     mass_weighted_inverse_covariance,
-    translation_projector,
 )
 
 
@@ -69,15 +68,15 @@ def one_phonon_intensity(model, q: torch.Tensor, amplitude: torch.Tensor, temper
     inv_sqrt_m = 1.0 / torch.sqrt(model.masses)
     v = ((amplitude * inv_sqrt_m)[:, :, None] * q[:, None, :]).reshape(len(q), 3 * n)
     if statistics == "classical" and temperature > 0:
-        dyn, gamma, c = mass_weighted_inverse_covariance(model, q)
+        dyn, proj, c = mass_weighted_inverse_covariance(model, q)
         chol, info = torch.linalg.cholesky_ex(dyn)
         if torch.any(info > 0):
             raise UnstableError(f"dynamical matrix not positive definite at {int((info > 0).sum())} of {len(q)} Q")
         y = torch.linalg.solve_triangular(chol, v.to(chol.dtype)[..., None], upper=False)[..., 0]
         value = KB * temperature * (y.abs() ** 2).sum(-1)
-        if gamma.any():  # the lifted translations: subtract k_BT/c · |P v|²
-            pv = v @ translation_projector(model.masses)
-            value = value - gamma * KB * temperature / c * (pv * v).sum(-1)
+        if proj is not None:  # the lifted translations: subtract k_BT/c · v†Pv
+            vc = v.to(proj.dtype)
+            value = value - KB * temperature / c * torch.einsum("bi,bij,bj->b", vc.conj(), proj, vc).real
         return value / n
     cov = mass_weighted_covariance(model, q, temperature, statistics)
     vc = v.to(cov.dtype)
