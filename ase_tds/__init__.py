@@ -1,9 +1,11 @@
 """ase_tds — fit interatomic force constants to X-ray thermal diffuse scattering."""
 
-from .data import TDSData
+from .calculator import TDSFitted
+from .data import TDSData, simulate
+from .fit import fit
 from .model import ForceConstantModel
 from .structure import StructureError
 from .tds import TDSModel
 
 __version__ = "0.1.0"
-__all__ = ["ForceConstantModel", "StructureError", "TDSData", "TDSModel", "__version__"]
+__all__ = ["ForceConstantModel", "StructureError", "TDSData", "TDSFitted", "TDSModel", "fit", "simulate", "__version__"]
