@@ -187,30 +187,35 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
 def _lbfgs(objective, start, loss, nuisance0, max_iter, rtol, gtol, progress, history, checkpoint):
     n = objective.n_theta
     extra = loss == "poisson"
-    x0 = np.concatenate([start, nuisance0]) if extra else start
+    # θ = R⁻¹x (R from the Gauss–Newton matrix at the start) makes the far shells as visible as the first
+    whiten = np.eye(len(start) + 2) if extra else np.eye(len(start))
+    whiten[:n, :n] = _whitening(objective, start)
+    unwhiten = np.linalg.inv(whiten)
+    x0 = whiten @ (np.concatenate([start, nuisance0]) if extra else start)
     last = {"value": history[0]}
     bar = tqdm(total=max_iter, desc="fit (L-BFGS)", disable=not progress)
 
     def fun(x):
+        theta = unwhiten @ x
         try:
-            value, grad, _, _ = objective.evaluate(x[:n], x[n:] if extra else None)
+            value, grad, _, _ = objective.evaluate(theta[:n], theta[n:] if extra else None)
         except UnstableError:
             # reject: a large value makes the line search backtrack toward the stable side
             return 1e6 * (abs(last["value"]) + 1.0), np.zeros_like(x)
         last["value"] = value
-        return value, grad
+        return value, unwhiten.T @ grad
 
     def callback(xk):
         history.append(last["value"])
         bar.update(1)
         bar.set_postfix(chi2=f"{last['value']:.6g}")
         if checkpoint is not None:
-            _write_checkpoint(checkpoint, xk[:n])
+            _write_checkpoint(checkpoint, (unwhiten @ xk)[:n])
 
     res = minimize(fun, x0, jac=True, method="L-BFGS-B", callback=callback,
                    options=dict(maxiter=max_iter, ftol=rtol, gtol=gtol, maxcor=20))
     bar.close()
-    return res.x[:n], int(res.nit)
+    return (unwhiten @ res.x)[:n], int(res.nit)
 
 
 def _adam(objective, start, steps, progress, history, checkpoint, lr: float = 0.02):
@@ -242,6 +247,33 @@ def _write_checkpoint(path, theta) -> None:
     os.replace(tmp, path)
 
 
+@torch.no_grad()
+def _jacobian(tds, q: torch.Tensor, theta: np.ndarray) -> torch.Tensor:
+    """∂I/∂θ (B, n_params) at θ by central differences (steps 1e-4·max(|θ_k|, 0.01) eV/Å²)."""
+    fc = tds.force_constants
+    fc.theta.copy_(torch.as_tensor(theta))
+    columns = []
+    for k in range(fc.n_params):
+        step = torch.zeros_like(fc.theta)
+        step[k] = 1e-4 * max(abs(theta[k]), 1e-2)
+        fc.theta.add_(step)
+        plus = tds(q)
+        fc.theta.sub_(2 * step)
+        minus = tds(q)
+        fc.theta.add_(step)
+        columns.append((plus - minus) / (2 * step[k]))
+    return torch.stack(columns, dim=1)
+
+
+def _whitening(objective, theta: np.ndarray, n_points: int = 256) -> np.ndarray:
+    """R (n, n) with RᵀR ≈ the Gauss–Newton matrix at θ on a subset of points: x = Rθ is well scaled."""
+    pick = torch.as_tensor(np.linspace(0, len(objective.q) - 1, min(n_points, len(objective.q))).astype(int))
+    jac = _jacobian(objective.tds, objective.q[pick], theta) * torch.sqrt(objective.w[pick])[:, None]
+    normal = (jac.T @ jac).cpu().numpy()
+    normal += 1e-9 * np.trace(normal) / len(normal) * np.eye(len(normal))
+    return np.linalg.cholesky(normal).T
+
+
 def _result(model, tds, objective, theta, iterations, history, settings) -> FitResult:
     """Final evaluation, Gauss–Newton covariance from a central-difference Jacobian of I(Q; θ)."""
     fc = model
@@ -250,20 +282,10 @@ def _result(model, tds, objective, theta, iterations, history, settings) -> FitR
         intensity = tds(objective.q)
         s, b = objective.nuisance(intensity)
         chi2 = float((objective.w * (s * intensity + b - objective.y) ** 2).sum())
-        columns = []
-        for k in range(fc.n_params):
-            h = 1e-4 * max(abs(theta[k]), 1e-2)
-            step = torch.zeros_like(fc.theta)
-            step[k] = h
-            fc.theta.add_(step)
-            plus = tds(objective.q)
-            fc.theta.sub_(2 * step)
-            minus = tds(objective.q)
-            fc.theta.add_(step)
-            columns.append(s * (plus - minus) / (2 * h))
-        nuisance = [] if objective.scale_mode == "fixed" else [intensity]
-        nuisance += [] if objective.background_mode == "none" else [torch.ones_like(intensity)]
-        jac = torch.stack(columns + nuisance, dim=1) * torch.sqrt(objective.w)[:, None]
+        columns = [s * _jacobian(tds, objective.q, theta)]
+        nuisance = [] if objective.scale_mode == "fixed" else [intensity[:, None]]
+        nuisance += [] if objective.background_mode == "none" else [torch.ones_like(intensity)[:, None]]
+        jac = torch.cat(columns + nuisance, dim=1) * torch.sqrt(objective.w)[:, None]
     jac = jac.cpu().numpy()
     n_free = jac.shape[1]
     n_points = len(objective.y)
