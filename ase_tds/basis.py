@@ -22,6 +22,8 @@ from .structure import StructureError, diagonal_supercell_for, pair_distances
 AXES = "XYZ"
 # Preference order of block elements for labels: diagonal, then upper, then lower triangle.
 ELEMENT_ORDER = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1), (2, 1), (2, 0), (1, 0)]
+# Largest supercell symfc is asked to handle (≈1 min and 2 GB at 1700 atoms for fcc Ni).
+MAX_BASIS_SUPERCELL_ATOMS = 2500
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,14 @@ def check_cutoff(primitive: Atoms, cutoff: float) -> None:
     """Refuse cutoffs that are not positive or that lie on a neighbour shell (symfc's `<` is fragile there)."""
     if not np.isfinite(cutoff) or cutoff <= 0:
         raise StructureError(f"cutoff must be a positive length in Å, got {cutoff!r}")
+    # the basis supercell's shortest translation must exceed 2·cutoff, so its volume is at least
+    # (2·cutoff)³/√2 (densest lattice packing): a lower bound on its number of atoms
+    n_atoms = len(primitive) * (2.0 * cutoff) ** 3 / np.sqrt(2.0) / abs(primitive.cell.volume)
+    if n_atoms > MAX_BASIS_SUPERCELL_ATOMS:
+        raise StructureError(
+            f"cutoff {cutoff:g} Å is too large: its basis needs a supercell of at least {n_atoms:.0f} atoms "
+            f"(limit {MAX_BASIS_SUPERCELL_ATOMS}); use a smaller cutoff or fewer shells"
+        )
     radii = pair_distances(primitive, cutoff + 0.01)
     if len(radii) == 0:
         raise StructureError(

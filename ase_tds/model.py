@@ -27,7 +27,7 @@ from .structure import (
 )
 
 # √(eV/Å²/amu) in THz (ν = √λ · THZ_PER_SQRT_EV_A2_AMU / 2π folded in); phonopy's VaspToTHz
-THZ_PER_SQRT_EV_A2_AMU = 15.633302
+THZ_PER_SQRT_EV_A2_AMU = 15.633302300230191
 
 
 def reciprocal_q(hkl, cell) -> np.ndarray:

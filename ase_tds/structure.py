@@ -11,12 +11,17 @@ import itertools
 import numpy as np
 from ase import Atoms
 from ase.geometry import minkowski_reduce
+from ase.neighborlist import neighbor_list
 from phonopy.structure.atoms import PhonopyAtoms
 from phonopy.structure.cells import get_primitive, guess_primitive_matrix
 
 
 class StructureError(ValueError):
     """A crystal structure that cannot be used, with the reason and the fix in the message."""
+
+
+# Atoms closer than this (Å) are taken as overlapping: shorter than any chemical bond (H₂: 0.74 Å).
+MIN_INTERATOMIC_DISTANCE = 0.5
 
 
 def check_periodic(atoms: Atoms) -> None:
@@ -60,6 +65,15 @@ def find_primitive(atoms: Atoms, symprec: float = 1e-5) -> tuple[Atoms, np.ndarr
     (phonopy's convention for `primitive_matrix`, shape (3, 3)).
     """
     check_periodic(atoms)
+    if not (np.isfinite(symprec) and symprec > 0):  # spglib crashes (segfault) on a negative one
+        raise StructureError(f"symprec must be a positive length in Å (default 1e-5), got {symprec!r}")
+    i, j, d = neighbor_list("ijd", atoms, MIN_INTERATOMIC_DISTANCE)
+    if len(d):
+        k = int(np.argmin(d))
+        raise StructureError(
+            f"atoms {i[k]} and {j[k]} (or a periodic image) of {atoms.get_chemical_formula()} are {d[k]:.3g} Å "
+            f"apart, closer than {MIN_INTERATOMIC_DISTANCE} Å: overlapping atoms; remove duplicates or fix the positions"
+        )
     unitcell = to_phonopy_atoms(atoms)
     try:
         matrix = np.asarray(guess_primitive_matrix(unitcell, symprec=symprec), dtype=float)
