@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 from ase.geometry import find_mic
 from scipy.sparse import coo_matrix
 
-from .model import ForceConstantModel
+from .model import ForceConstantModel, load_phonopy
 from .structure import (
     StructureError,
     find_primitive,
@@ -175,7 +174,7 @@ def model_from_phonopy(source) -> ForceConstantModel:
     larger than their cutoff needs); otherwise the pairs at and beyond half the supercell are dropped.
     """
     if isinstance(source, (str, os.PathLike)):
-        source = _load_phonopy(Path(source))
+        source = load_phonopy(source)
     if getattr(source, "force_constants", None) is None:
         raise TypeError("expected a ForceConstantModel, a folder holding phonopy_params.yaml, a phonopy file "
                         f"or a phonopy.Phonopy with force constants; got {type(source).__name__} without them")
@@ -195,20 +194,6 @@ def model_from_phonopy(source) -> ForceConstantModel:
     cutoff = 0.5 * (kept[-1] + np.append(radii[len(kept):], half).min())
     return ForceConstantModel(unitcell, cutoff=cutoff).set_from_phonopy(source)
 
-
-def _load_phonopy(path: Path):
-    import phonopy
-
-    if path.is_dir():
-        path = path / "phonopy_params.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"no force constants at {path}: give a ForceConstantModel, a phonopy file "
-                                "or a folder holding phonopy_params.yaml")
-    try:
-        return phonopy.load(path, log_level=0)
-    except Exception as err:  # phonopy reports unreadable files in many ways
-        raise ValueError(f"phonopy could not read {path} ({type(err).__name__}: {err}); give a phonopy.yaml-like "
-                         "file with structure and force constants, such as phonopy_params.yaml") from err
 
 
 try:  # ASE's experimental calculator plug-ins (entry-point group "ase.plugins"); absent in older ASE

@@ -213,7 +213,7 @@ class ForceConstantModel(torch.nn.Module):
 
     def set_from_phonopy(self, phonopy_or_path) -> "ForceConstantModel":
         """Least-squares projection of phonopy force constants (a Phonopy object or a phonopy.load-able file)."""
-        ph = _load_phonopy(phonopy_or_path)
+        ph = load_phonopy(phonopy_or_path)
         fc = np.asarray(ph.force_constants)
         sc = ph.supercell
         rows = ph.primitive.p2s_map if fc.shape[0] != fc.shape[1] else np.arange(len(sc))
@@ -255,17 +255,31 @@ class ForceConstantModel(torch.nn.Module):
             raise StructureError("the phonopy structure's species do not match the model's crystal")
 
 
-def _load_phonopy(phonopy_or_path):
-    if isinstance(phonopy_or_path, (str, Path)):
+def load_phonopy(source):
+    """A phonopy.Phonopy with force constants: `source` is one already, a phonopy.load-able yaml, or a folder
+    holding phonopy_params.yaml (what `ase-tds fit` writes).
+
+    Force constants are read as stored, or produced from forces when the file holds only those.
+    Bare FORCE_CONSTANTS / force_constants.hdf5 files are refused: they lack the crystal structure.
+    """
+    if isinstance(source, (str, Path)):
         import phonopy
 
-        path = Path(phonopy_or_path)
+        path = Path(source)
+        if path.is_dir():
+            path = path / "phonopy_params.yaml"
         if not path.exists():
-            raise FileNotFoundError(f"no phonopy file at {path}")
-        ph = phonopy.load(str(path), produce_fc=True, log_level=0)
-    else:
-        ph = phonopy_or_path
-    if getattr(ph, "force_constants", None) is None:
-        raise ValueError("the phonopy object has no force constants; produce them first "
-                         "(ph.produce_force_constants()) or load a file that holds them")
-    return ph
+            raise FileNotFoundError(f"no phonopy file at {path}: give a phonopy.load-able yaml or a folder "
+                                    "holding phonopy_params.yaml")
+        if path.name.startswith("FORCE_CONSTANTS") or path.suffix in (".hdf5", ".h5"):
+            raise ValueError(f"{path} holds force constants without the crystal structure they belong to; "
+                             "pass the phonopy_params.yaml written next to it (structure and force constants in one file)")
+        try:
+            source = phonopy.load(path, log_level=0)
+        except Exception as err:  # phonopy reports unreadable files in many ways
+            raise ValueError(f"phonopy could not read {path} ({type(err).__name__}: {err}); "
+                             "expected a phonopy.yaml-like file such as phonopy_params.yaml") from err
+    if getattr(source, "force_constants", None) is None:
+        raise ValueError("the phonopy data hold no force constants (nor forces to produce them); produce them "
+                         "first (ph.produce_force_constants()) or save with Phonopy.save(settings={'force_constants': True})")
+    return source

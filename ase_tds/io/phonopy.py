@@ -12,9 +12,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import phonopy
 from phonopy.file_IO import write_force_constants_to_hdf5, write_FORCE_CONSTANTS
 
+from ..model import load_phonopy as read_force_constants  # noqa: F401  (the one loader, re-exported)
 from ..structure import diagonal_supercell_for
 
 PARAMS_FILE = "phonopy_params.yaml"
@@ -57,28 +57,3 @@ def write_phonopy_files(model, folder, supercell_matrix=None) -> dict[str, Path]
             if os.path.exists(path):
                 os.remove(path)
     return {name: folder / name for name in writers}
-
-
-def read_force_constants(path) -> phonopy.Phonopy:
-    """A phonopy.Phonopy with force constants from a phonopy.load-able yaml (or a folder holding phonopy_params.yaml).
-
-    Force constants are read as stored, or produced from forces when the file holds only those.
-    Bare FORCE_CONSTANTS / force_constants.hdf5 files are refused: they lack the crystal structure.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / PARAMS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"no phonopy file at {path}")
-    if path.name.startswith("FORCE_CONSTANTS") or path.suffix in (".hdf5", ".h5"):
-        raise ValueError(f"{path} holds force constants without the crystal structure they belong to; "
-                         f"pass the {PARAMS_FILE} written next to it (structure and force constants in one file)")
-    try:
-        ph = phonopy.load(path, log_level=0)
-    except Exception as err:  # phonopy reports unreadable files in many ways
-        raise ValueError(f"phonopy could not read {path} ({type(err).__name__}: {err}); "
-                         f"expected a phonopy.yaml-like file such as {PARAMS_FILE}") from err
-    if ph.force_constants is None:
-        raise ValueError(f"{path} holds neither force constants nor forces to produce them; "
-                         f"write it with Phonopy.save(settings={{'force_constants': True}})")
-    return ph
