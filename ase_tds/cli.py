@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import shutil
 import sys
@@ -93,10 +94,9 @@ def _run_demo(args) -> int:
     print(f"simulating {len(hkl)} points, |Q| ≤ 8 Å⁻¹, 300 K, quantum, all orders, Poisson noise 0.3 %")
     data = simulate(truth, hkl, 300.0, counts=1.1e5, rng=rng, tds_options=options)
     data = data.mask_bragg(0.1, truth.primitive.cell[:])
-    start = ForceConstantModel(atoms, shells=5)
-    start.set_from_bvk({k: 0.7 * v for k, v in truth.parameter_dict().items() if k.startswith("1")})
+    start = copy.deepcopy(truth).set_from_bvk({k: 0.7 * v for k, v in truth.parameter_dict().items() if k.startswith("1")})
     print("start: nearest-neighbour constants only, scaled by 0.7")
-    model = ForceConstantModel(atoms, shells=5).set_parameters(start.theta.detach().numpy())
+    model = copy.deepcopy(start)
     model.to(_device(args.device))
     result = fit(model, data, scale="fixed", tds_options=options, max_iter=60)
     model.cpu()
@@ -146,9 +146,8 @@ def _run_fit(args) -> int:
     structure = read(args.structure)
     data = TDSData.read(args.data, structure=structure, temperature=args.temperature)
     kwargs = {"cutoff": args.cutoff} if args.cutoff else {"shells": args.shells or 5}
-    model = ForceConstantModel(structure, **kwargs)
-    start = _start_model(model, structure, kwargs, args.start)
-    model.set_parameters(start.theta.detach().numpy())
+    start = _start_model(ForceConstantModel(structure, **kwargs), structure, args.start)
+    model = copy.deepcopy(start)
     data = data.mask_bragg(args.bragg_radius, model.primitive.cell[:])
     model.to(_device(args.device))
     result = fit(model, data, temperature=args.temperature, method=args.model, statistics=args.statistics,
@@ -157,16 +156,14 @@ def _run_fit(args) -> int:
     print(result.table())
     reference = None
     if args.reference:
-        reference = ForceConstantModel(structure, **kwargs).set_from_phonopy(args.reference)
+        reference = copy.deepcopy(start).set_from_phonopy(args.reference)
     _write_outputs(Path(args.out), model, result, data, {}, start=start, reference=reference)
     print(f"wrote {args.out}/")
     return 0
 
 
-def _start_model(model, structure, kwargs, start):
-    from .model import ForceConstantModel
-
-    fresh = ForceConstantModel(structure, **kwargs)
+def _start_model(fresh, structure, start):
+    """`fresh` (a model with θ = 0) set from --start: emt | zero | a phonopy file."""
     if start == "zero":
         return fresh
     if start == "emt":

@@ -1,6 +1,7 @@
 """The inversion recovers known force constants from synthetic data (independent: the truth that made them)."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -34,8 +35,11 @@ def test_noise_free_recovery(truth, scale, background):
     if scale == "free":  # arbitrary units: a scale and a background the fit must undo
         data = TDSData.from_hkl(data.hkl, 3.7 * data.intensity + 0.5, data.cell, temperature=300.0)
     model = _start(truth)
-    result = fit(model, data, method="one-phonon", statistics="classical", scale=scale, background=background,
-                 tds_options=FAST, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fit(model, data, method="one-phonon", statistics="classical", scale=scale, background=background,
+                     tds_options=FAST, progress=False)
+    assert any("scale is free" in str(w.message) for w in caught) == (scale == "free")
     np.testing.assert_allclose(model.theta.detach().numpy(), truth.theta.detach().numpy(), atol=1e-5)
     if scale == "free":
         assert result.scale == pytest.approx(3.7, rel=1e-5) and result.background == pytest.approx(0.5, abs=1e-4)
