@@ -106,11 +106,8 @@ class ForceConstantModel(torch.nn.Module):
         """D(q) (B, 3n, 3n) complex, eV/Å²/amu, for Cartesian q (B, 3) in Å⁻¹ (phases from atomic positions)."""
         q = torch.as_tensor(q, dtype=self.theta.dtype, device=self.theta.device).reshape(-1, 3)
         phase = torch.exp(1j * (q @ self.pair_vectors.T))  # (B, P)
-        weighted = (self.pair_force_constants() * self.pair_inv_sqrt_mass[:, None, None]).reshape(-1, 9)
-        n = self.n_atoms
-        blocks = torch.zeros(q.shape[0], n * n, 9, dtype=phase.dtype, device=phase.device)
-        blocks.index_add_(1, self.pair_block, phase[:, :, None] * weighted.to(phase.dtype)[None])
-        return blocks.reshape(-1, n, n, 3, 3).permute(0, 1, 3, 2, 4).reshape(-1, 3 * n, 3 * n)
+        weighted = self.pair_force_constants() * self.pair_inv_sqrt_mass[:, None, None]
+        return assemble_dynamical_matrix(phase, weighted, self.pair_block, self.n_atoms)
 
     def frequencies(self, q) -> np.ndarray:
         """Phonon frequencies (B, 3n) in THz at Cartesian q (B, 3) Å⁻¹; imaginary modes as negative numbers."""
@@ -178,11 +175,7 @@ class ForceConstantModel(torch.nn.Module):
 
     def _fold(self, pair_fc: torch.Tensor, positions, cell, rows) -> torch.Tensor:
         """Sum per-pair blocks (P, 3, 3) into an array (len(rows), N, 3, 3) on a supercell."""
-        entries = torch.as_tensor(self.supercell_columns(positions, cell, rows), device=pair_fc.device)
-        n_super = len(positions)
-        flat = torch.zeros(len(rows) * n_super, *pair_fc.shape[1:], dtype=pair_fc.dtype, device=pair_fc.device)
-        flat.index_add_(0, entries[:, 0] * n_super + entries[:, 2], pair_fc[entries[:, 1]])
-        return flat.reshape(len(rows), n_super, *pair_fc.shape[1:])
+        return fold_pairs(pair_fc, self.supercell_columns(positions, cell, rows), len(rows), len(positions))
 
     def to_phonopy(self, supercell_matrix):
         """A phonopy.Phonopy with this model's force constants (compact) on `supercell_matrix` × unitcell."""
@@ -253,6 +246,24 @@ class ForceConstantModel(torch.nn.Module):
         expected = np.array(self.primitive.get_chemical_symbols())[kappa]
         if not np.array_equal(expected, np.array(phonopy_supercell.symbols)):
             raise StructureError("the phonopy structure's species do not match the model's crystal")
+
+
+def assemble_dynamical_matrix(phase: torch.Tensor, weighted: torch.Tensor, block: torch.Tensor, n: int) -> torch.Tensor:
+    """D (B, 3n, 3n) = Σ_p phase[b, p] · weighted[p] summed into atom block `block[p]` = κ·n + κ'.
+
+    phase (B, P) complex; weighted (P, 3, 3): Φ_p/√(m_κ m_κ') in eV/Å²/amu.
+    """
+    blocks = torch.zeros(phase.shape[0], n * n, 9, dtype=phase.dtype, device=phase.device)
+    blocks.index_add_(1, block, phase[:, :, None] * weighted.reshape(-1, 9).to(phase.dtype)[None])
+    return blocks.reshape(-1, n, n, 3, 3).permute(0, 1, 3, 2, 4).reshape(-1, 3 * n, 3 * n)
+
+
+def fold_pairs(pair_fc: torch.Tensor, entries, n_rows: int, n_super: int) -> torch.Tensor:
+    """Sum per-pair blocks (P, ...) into (n_rows, n_super, ...) at `entries` (M, 3): (row, pair, column)."""
+    entries = torch.as_tensor(entries, device=pair_fc.device)
+    flat = torch.zeros(n_rows * n_super, *pair_fc.shape[1:], dtype=pair_fc.dtype, device=pair_fc.device)
+    flat.index_add_(0, entries[:, 0] * n_super + entries[:, 2], pair_fc[entries[:, 1]])
+    return flat.reshape(n_rows, n_super, *pair_fc.shape[1:])
 
 
 def load_phonopy(source):

@@ -29,6 +29,7 @@ from .covariance import (
     check_temperature,
     translation_projector,
 )
+from .model import assemble_dynamical_matrix, fold_pairs
 from .scattering import debye_waller_exponent
 
 
@@ -173,11 +174,8 @@ class DenseSampler(_Sampler):
     def hessian(self) -> torch.Tensor:
         """H (3N, 3N) eV/Å², layout (atom, Cartesian), from folding the model's pairs onto the supercell."""
         n = self.n_atoms
-        entries = torch.as_tensor(self._entries, device=self.model.theta.device)
-        pair_fc = self.model.pair_force_constants()
-        flat = torch.zeros(n * n, 3, 3, dtype=pair_fc.dtype, device=pair_fc.device)
-        flat.index_add_(0, entries[:, 0] * n + entries[:, 2], pair_fc[entries[:, 1]])
-        return flat.reshape(n, n, 3, 3).permute(0, 2, 1, 3).reshape(3 * n, 3 * n)
+        full = fold_pairs(self.model.pair_force_constants(), self._entries, n, n)
+        return full.permute(0, 2, 1, 3).reshape(3 * n, 3 * n)
 
     def _masses(self) -> torch.Tensor:
         return self._unit_masses().repeat(self.n_cells)
@@ -251,11 +249,9 @@ class QSpaceSampler(_Sampler):
         n = len(masses)
         phase = torch.exp(2j * np.pi * (q_frac @ self._tensor(self._pair_lattice).T))  # (B, U)
         inv_sqrt_m = 1.0 / torch.sqrt(masses[self._pair_rows] * masses[self._pair_cols])
-        weighted = (self.model.pair_force_constants()[self._pairs] * inv_sqrt_m[:, None, None]).reshape(-1, 9)
+        weighted = self.model.pair_force_constants()[self._pairs] * inv_sqrt_m[:, None, None]
         block = torch.as_tensor(self._pair_rows * n + self._pair_cols, device=phase.device)
-        blocks = torch.zeros(len(q_frac), n * n, 9, dtype=phase.dtype, device=phase.device)
-        blocks.index_add_(1, block, phase[:, :, None] * weighted.to(phase.dtype)[None])
-        return blocks.reshape(-1, n, n, 3, 3).permute(0, 1, 3, 2, 4).reshape(-1, 3 * n, 3 * n)
+        return assemble_dynamical_matrix(phase, weighted, block, n)
 
     def _factor(self) -> torch.Tensor:
         """M^{-1/2} S(q) (Q, 3n_unit, 3n_unit) complex, Å·√amu per √amu: (M^{-1/2}S)(M^{-1/2}S)† = C̃(q)."""
