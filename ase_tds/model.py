@@ -63,11 +63,13 @@ class ForceConstantModel(torch.nn.Module):
         masses = self.primitive.get_masses()
         self.register_buffer("masses", torch.tensor(masses, dtype=dtype))
         self.register_buffer("tensors", torch.tensor(self.basis.tensors, dtype=dtype))
-        self.register_buffer("pair_vectors", torch.tensor(self.basis.vectors, dtype=dtype))
-        inv_sqrt_m = 1.0 / np.sqrt(masses[self.basis.atom0] * masses[self.basis.atom1])
-        self.register_buffer("pair_inv_sqrt_mass", torch.tensor(inv_sqrt_m, dtype=dtype))
+        # D(q) assembly: pairs grouped by atom block κ·n + κ', padded with zero-weight pairs
         n = len(self.primitive)
-        self.register_buffer("pair_block", torch.tensor(self.basis.atom0 * n + self.basis.atom1))
+        slots, filled = group_by_block(self.basis.atom0 * n + self.basis.atom1, n)
+        inv_sqrt_m = filled / np.sqrt(masses[self.basis.atom0[slots]] * masses[self.basis.atom1[slots]])
+        self.register_buffer("block_pairs", torch.tensor(slots))
+        self.register_buffer("block_vectors", torch.tensor(self.basis.vectors[slots] * filled[..., None], dtype=dtype))
+        self.register_buffer("block_inv_sqrt_mass", torch.tensor(inv_sqrt_m, dtype=dtype))
 
     # ------------------------------------------------------------------ basic views
     @property
@@ -105,9 +107,9 @@ class ForceConstantModel(torch.nn.Module):
     def dynamical_matrix(self, q) -> torch.Tensor:
         """D(q) (B, 3n, 3n) complex, eV/Å²/amu, for Cartesian q (B, 3) in Å⁻¹ (phases from atomic positions)."""
         q = torch.as_tensor(q, dtype=self.theta.dtype, device=self.theta.device).reshape(-1, 3)
-        phase = torch.exp(1j * (q @ self.pair_vectors.T))  # (B, P)
-        weighted = self.pair_force_constants() * self.pair_inv_sqrt_mass[:, None, None]
-        return assemble_dynamical_matrix(phase, weighted, self.pair_block, self.n_atoms)
+        angle = torch.einsum("ba,kma->bkm", q, self.block_vectors)
+        weighted = self.pair_force_constants()[self.block_pairs] * self.block_inv_sqrt_mass[..., None, None]
+        return assemble_dynamical_matrix(angle, weighted, self.n_atoms)
 
     def frequencies(self, q) -> np.ndarray:
         """Phonon frequencies (B, 3n) in THz at Cartesian q (B, 3) Å⁻¹; imaginary modes as negative numbers."""
@@ -248,13 +250,33 @@ class ForceConstantModel(torch.nn.Module):
             raise StructureError("the phonopy structure's species do not match the model's crystal")
 
 
-def assemble_dynamical_matrix(phase: torch.Tensor, weighted: torch.Tensor, block: torch.Tensor, n: int) -> torch.Tensor:
-    """D (B, 3n, 3n) = Σ_p phase[b, p] · weighted[p] summed into atom block `block[p]` = κ·n + κ'.
+def group_by_block(block: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs grouped by atom block b = κ·n + κ' (P,): (slots (n², m) pair indices, filled (n², m) 0/1).
 
-    phase (B, P) complex; weighted (P, 3, 3): Φ_p/√(m_κ m_κ') in eV/Å²/amu.
+    m is the largest group; shorter groups are padded with pair 0 and filled = 0, so that a padded
+    pair contributes nothing once its weight is multiplied by `filled`.
     """
-    blocks = torch.zeros(phase.shape[0], n * n, 9, dtype=phase.dtype, device=phase.device)
-    blocks.index_add_(1, block, phase[:, :, None] * weighted.reshape(-1, 9).to(phase.dtype)[None])
+    block = np.asarray(block)
+    counts = np.bincount(block, minlength=n * n)
+    order = np.argsort(block, kind="stable")
+    rank = np.arange(len(block)) - np.repeat(np.cumsum(counts) - counts, counts)
+    slots = np.zeros((n * n, max(int(counts.max()), 1)), dtype=np.int64)
+    filled = np.zeros(slots.shape)
+    slots[block[order], rank] = order
+    filled[block[order], rank] = 1.0
+    return slots, filled
+
+
+def assemble_dynamical_matrix(angle: torch.Tensor, weighted: torch.Tensor, n: int) -> torch.Tensor:
+    """D (B, 3n, 3n) complex: block κ,κ' = Σ_m e^{i·angle[b, k, m]} weighted[k, m], k = κ·n + κ'.
+
+    angle (B, n², m) rad; weighted (n², m, 3, 3) Φ/√(m_κ m_κ') in eV/Å²/amu, zero for padding (see
+    `group_by_block`). Two real batched matmuls, cos and sin: no scatter, no complex exponentials.
+    """
+    w = weighted.reshape(n * n, -1, 9)
+    real = torch.einsum("bkm,kme->bke", torch.cos(angle), w)
+    imag = torch.einsum("bkm,kme->bke", torch.sin(angle), w)
+    blocks = torch.complex(real, imag)
     return blocks.reshape(-1, n, n, 3, 3).permute(0, 1, 3, 2, 4).reshape(-1, 3 * n, 3 * n)
 
 

@@ -29,7 +29,7 @@ from .covariance import (
     check_temperature,
     translation_projector,
 )
-from .model import assemble_dynamical_matrix, fold_pairs
+from .model import assemble_dynamical_matrix, fold_pairs, group_by_block
 from .scattering import debye_waller_exponent
 
 
@@ -231,8 +231,9 @@ class QSpaceSampler(_Sampler):
         rows, pairs, cols = model.supercell_columns(unit.positions, self.unit_cell, np.arange(n_unit)).T
         shift = (unit.positions[rows] + model.basis.vectors[pairs] - unit.positions[cols]) @ np.linalg.inv(self.unit_cell)
         # each pair p of unit-cell atom a lands on atom b of the unit cell n: d_p = n·A + r_b − r_a
-        self._pair_rows, self._pair_cols, self._pairs = rows, cols, pairs
-        self._pair_lattice = np.round(shift)
+        self._slots, self._filled = group_by_block(rows * n_unit + cols, n_unit)
+        self._block_rows, self._block_cols, self._block_pairs = rows[self._slots], cols[self._slots], pairs[self._slots]
+        self._block_lattice = np.round(shift)[self._slots] * self._filled[..., None]  # (n_unit², m, 3)
         l1, l2, l3 = self.supercell
         m = np.stack(np.meshgrid(np.arange(l1), np.arange(l2), np.arange(l3 // 2 + 1), indexing="ij"), -1).reshape(-1, 3)
         self._q_frac = m / np.array(self.supercell)  # (Q, 3) reduced, the rfftn half of the grid
@@ -246,19 +247,18 @@ class QSpaceSampler(_Sampler):
         """
         q_frac = self._tensor(q_frac).reshape(-1, 3)
         masses = self._unit_masses()
-        n = len(masses)
-        phase = torch.exp(2j * np.pi * (q_frac @ self._tensor(self._pair_lattice).T))  # (B, U)
-        inv_sqrt_m = 1.0 / torch.sqrt(masses[self._pair_rows] * masses[self._pair_cols])
-        weighted = self.model.pair_force_constants()[self._pairs] * inv_sqrt_m[:, None, None]
-        block = torch.as_tensor(self._pair_rows * n + self._pair_cols, device=phase.device)
-        return assemble_dynamical_matrix(phase, weighted, block, n)
+        angle = 2 * np.pi * torch.einsum("ba,kma->bkm", q_frac, self._tensor(self._block_lattice))
+        rows, cols = (torch.as_tensor(x, device=masses.device) for x in (self._block_rows, self._block_cols))
+        inv_sqrt_m = self._tensor(self._filled) / torch.sqrt(masses[rows] * masses[cols])
+        weighted = self.model.pair_force_constants()[self._block_pairs] * inv_sqrt_m[..., None, None]
+        return assemble_dynamical_matrix(angle, weighted, len(masses))
 
     def _factor(self) -> torch.Tensor:
         """M^{-1/2} S(q) (Q, 3n_unit, 3n_unit) complex, Å·√amu per √amu: (M^{-1/2}S)(M^{-1/2}S)† = C̃(q)."""
         masses = self._unit_masses()
         proj = translation_projector(masses)
         inv_sqrt_m = (1.0 / torch.sqrt(masses)).repeat_interleave(3)
-        step = max(1, self.chunk // max(len(self._pairs), 9 * len(masses) ** 2))  # q per block
+        step = max(1, self.chunk // max(self._filled.size, 9 * len(masses) ** 2))  # q per block
         # the lift at Γ, in the graph: u(θ) depends on c, its distribution not
         c = torch.diagonal(self.unit_dynamical_matrix(np.zeros((1, 3))), dim1=-2, dim2=-1).real.mean().abs() + 1.0
         roots = []

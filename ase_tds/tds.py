@@ -55,13 +55,31 @@ class TDSModel(torch.nn.Module):
         self.grid = tuple(int(x) for x in grid)
         self.sampler = sampler
         self.chunk = int(chunk)
+        self._cache = {}
+
+    def _at_fixed_theta(self, name: str, compute):
+        """compute() once per θ where no gradient is wanted (repeated evaluations at fixed force
+        constants); recomputed in the graph whenever θ needs a gradient."""
+        theta = self.force_constants.theta
+        if torch.is_grad_enabled() and theta.requires_grad:
+            return compute()
+        key, value = self._cache.get(name, (None, None))
+        if key is None or key.device != theta.device or not torch.equal(key, theta):
+            key, value = theta.detach().clone(), compute()
+            self._cache[name] = (key, value)
+        return value
 
     def mean_square_displacement(self) -> torch.Tensor:
         """C_{κ0,κ0} (n, 3, 3) Å² used in the Debye–Waller factors."""
         fc, t, s = self.force_constants, self.temperature, self.statistics
         if self.dw_mesh == "grid":
-            return mean_square_displacement(fc, t, s, self.grid)
-        return converged_mean_square_displacement(fc, t, s, int(self.dw_mesh))
+            return self._at_fixed_theta("msd", lambda: mean_square_displacement(fc, t, s, self.grid))
+        return self._at_fixed_theta("msd", lambda: converged_mean_square_displacement(fc, t, s, int(self.dw_mesh)))
+
+    def correlation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(separations (G, n, n, 3) Å, C_{κ0,κ'l} (G, n, n, 3, 3) Å²) on `grid`, for the higher orders."""
+        fc, t, s = self.force_constants, self.temperature, self.statistics
+        return self._at_fixed_theta("correlation", lambda: real_space_covariance(fc, t, s, self.grid))
 
     def amplitude(self, q: torch.Tensor, msd: torch.Tensor) -> torch.Tensor:
         """A_κ(Q) = f_κ(|Q|) e^{−W_κ(Q)}, (B, n)."""
@@ -73,9 +91,7 @@ class TDSModel(torch.nn.Module):
         if self.method == "sampling":
             return self.sampler.intensity(self, q)[0]
         msd = self.mean_square_displacement()
-        correlation = None
-        if self.method == "gaussian":
-            correlation = real_space_covariance(fc, self.temperature, self.statistics, self.grid)
+        correlation = self.correlation() if self.method == "gaussian" else None
         out = []
         for start in range(0, len(q), self.chunk):
             qc = q[start:start + self.chunk]

@@ -457,3 +457,25 @@ def test_unstable_force_constants_raise_unstable_error(models, statistics):  # n
     amp = torch.full((len(q), 1), 20.0, dtype=torch.float64)  # the kernel alone, without a Debye–Waller mesh
     with pytest.raises(UnstableError):
         one_phonon_intensity(model, q, amp, T_ROOM, statistics)
+
+
+def test_fixed_theta_cache_follows_theta(models, rng):  # noqa: F811
+    """Without gradients the Debye–Waller mesh and the real-space covariance are kept per θ: a θ change
+    must be seen (equal to a fresh model), and with gradients the cached values must not be used."""
+    model = copy.deepcopy(models["Ni"])
+    q = 5.0 * random_directions(rng, 8)
+    tds = TDSModel(model, T_ROOM, method="gaussian", statistics="quantum", dw_mesh=4, grid=(5, 5, 5))
+    with torch.no_grad():
+        first = tds(q)
+        model.theta.mul_(1.1)
+        changed = tds(q)
+        fresh = TDSModel(model, T_ROOM, method="gaussian", statistics="quantum", dw_mesh=4, grid=(5, 5, 5))(q)
+    assert relative_error(changed, fresh) < 1e-13
+    assert relative_error(changed, first) > 1e-3
+    model.theta.grad = None
+    tds(q).sum().backward()  # the graph runs through the Debye–Waller factors and the higher orders
+    reference = TDSModel(model, T_ROOM, method="gaussian", statistics="quantum", dw_mesh=4, grid=(5, 5, 5))
+    grad = model.theta.grad.clone()
+    model.theta.grad = None
+    reference(q).sum().backward()
+    assert torch.allclose(grad, model.theta.grad, rtol=1e-12, atol=0)
