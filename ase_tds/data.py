@@ -504,7 +504,8 @@ def _format_cellpar(cellpar) -> str:
 
 def simulate(model, hkl, temperature: float, method: str = "gaussian", statistics: str = "quantum",
              cell=None, counts: float | None = None, rng=None, tds_options: dict | None = None) -> TDSData:
-    """Synthetic TDS in absolute units (e.u./atom) from a ForceConstantModel at hkl (N, 3).
+    """Synthetic TDS in absolute units (e.u./atom) at hkl (N, 3) from force constants `model`: a
+    ForceConstantModel, or a PhonopyForceConstants (phonopy's force constants used as they are).
 
     hkl in r.l.u. of `cell` (default the model's unit cell); counts: Poisson noise with the mean
     intensity at that many counts (σ written alongside), None for noise-free data.

@@ -41,6 +41,12 @@ def orthorhombic() -> Atoms:
     return Atoms("Si2", cell=[3.0, 3.4, 4.1], scaled_positions=[[0, 0, 0], [0.5, 0.3, 0.5]], pbc=True)
 
 
+def cu3au() -> Atoms:
+    """L1₂ Cu₃Au (EMT covers both): four atoms, two masses (63.5 and 197 amu)."""
+    return Atoms("Cu3Au", cell=3.75 * np.eye(3), pbc=True,
+                 scaled_positions=[[0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0], [0, 0, 0]])
+
+
 def triclinic() -> Atoms:
     """A 2-atom P1 crystal: no symmetry but the lattice translations."""
     return Atoms("GaN", cell=[[3.1, 0, 0], [0.4, 3.6, 0], [0.3, 0.2, 4.2]],

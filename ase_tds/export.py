@@ -1,0 +1,174 @@
+"""MLIP training data: thermal configurations of fitted force constants, with harmonic energies and forces.
+
+    write_training_data("fit_out/", "train.extxyz", supercell=(3, 3, 3), temperature=300, n_samples=200)
+    frames = ase.io.read("train.extxyz", ":")    # frames[0].info["REF_energy"], frames[0].arrays["REF_forces"]
+
+Displacements u (Å) are drawn by the Cholesky samplers of `ase_tds.sampling` (the exact harmonic
+distribution of the periodic supercell, centre of mass fixed, classical or quantum); energies
+E = ½ uᵀΦu (eV, zero at the ideal lattice) and forces F = −Φu (eV/Å) come from TDSFitted. No stress:
+the harmonic model has a fixed cell.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io.extxyz import write_extxyz
+from tqdm.auto import tqdm
+
+from .calculator import TDSFitted, model_from_phonopy
+from .covariance import check_statistics, check_temperature
+from .model import ForceConstantModel
+from .sampling import DenseSampler, QSpaceSampler
+from .structure import StructureError, holds_cutoff, shortest_lattice_vector
+
+# the dense (real-space) sampler is used up to this many supercell atoms, the q-space one beyond
+DENSE_MAX_ATOMS = 500
+METADATA_KEYS = ("temperature", "statistics", "supercell", "source", "ase_tds_version")
+# names extxyz uses itself, and the metadata: not available as energy or forces keys
+RESERVED_KEYS = METADATA_KEYS + ("positions", "numbers", "species", "pos", "Z", "Lattice", "Properties", "pbc",
+                                 "masses", "momenta")
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def thermal_configurations(model: ForceConstantModel, supercell, temperature: float, n_samples: int,
+                           statistics: str = "classical", seed: int | None = None, sampler: str = "auto",
+                           energy_key: str = "REF_energy", forces_key: str = "REF_forces", also_plain: bool = True,
+                           source: str | None = None, progress: bool = True):
+    """An iterator over `n_samples` ase.Atoms: the L1×L2×L3 supercell of `model.unitcell` with thermal displacements.
+
+    supercell: (L1, L2, L3) positive integers; atoms cell by cell (C order), unit-cell atom fastest, as in
+    `ase_tds.sampling`. temperature: K (> 0; 0 allowed for quantum zero-point motion). statistics:
+    "classical" | "quantum". seed: int for reproducible draws. sampler: "dense" (classical only),
+    "qspace", or "auto" (dense up to DENSE_MAX_ATOMS atoms). Each frame holds E (eV) in
+    info[energy_key] and F (N, 3) eV/Å in arrays[forces_key], with also_plain the same as its
+    calculator's `energy`/`forces`, and info METADATA_KEYS (`source` names the force constants).
+    """
+    supercell, n_samples = _check_arguments(supercell, temperature, n_samples, statistics, energy_key, forces_key)
+    if sampler not in ("auto", "dense", "qspace"):
+        raise ValueError(f"sampler must be 'auto', 'dense' or 'qspace', got {sampler!r}")
+    cell = np.diag(supercell) @ np.array(model.unitcell.cell[:])
+    if not holds_cutoff(cell, model.cutoff):
+        raise StructureError(f"the {'×'.join(map(str, supercell))} supercell is too small for the force constants' "
+                             f"cutoff {model.cutoff:.3f} Å: its shortest translation ({shortest_lattice_vector(cell):.3f} Å) "
+                             f"must exceed {2 * model.cutoff:.3f} Å; use more repetitions")
+    n_atoms = int(np.prod(supercell)) * len(model.unitcell)
+    dense = sampler == "dense" or (sampler == "auto" and statistics == "classical" and n_atoms <= DENSE_MAX_ATOMS)
+    kind = DenseSampler if dense else QSpaceSampler
+    draw = kind(model, supercell, temperature, statistics, progress=False)
+    ideal = Atoms(draw.symbols, positions=draw.positions, cell=draw.cell, pbc=True)
+
+    from . import __version__
+
+    info = dict(temperature=float(temperature), statistics=statistics, supercell=np.array(supercell),
+                source=source or repr(model), ase_tds_version=__version__)
+    generator = torch.Generator(device=model.theta.device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    return _frames(draw, TDSFitted(model), ideal, info, generator, n_samples, energy_key, forces_key, also_plain, progress)
+
+
+def _frames(draw, calc, ideal, info, generator, n_samples, energy_key, forces_key, also_plain, progress):
+    """The generator behind `thermal_configurations`, drawing u in batches of ≤ 2²² numbers."""
+    batch = max(1, 2**22 // (3 * len(ideal)))
+    with tqdm(total=n_samples, desc="thermal configurations", disable=not progress) as bar:
+        for start in range(0, n_samples, batch):
+            with torch.no_grad():
+                u = draw.sample(min(batch, n_samples - start), generator).cpu().numpy()
+            for one in u:
+                atoms = ideal.copy()
+                atoms.positions += one
+                energy, forces = calc.get_potential_energy(atoms), calc.get_forces(atoms)
+                atoms.info.update(info)
+                if energy_key != "energy":
+                    atoms.info[energy_key] = energy
+                if forces_key != "forces":
+                    atoms.arrays[forces_key] = forces
+                plain = {}
+                if also_plain or energy_key == "energy":
+                    plain["energy"] = energy
+                if also_plain or forces_key == "forces":
+                    plain["forces"] = forces
+                if plain:
+                    atoms.calc = SinglePointCalculator(atoms, **plain)
+                bar.update()
+                yield atoms
+
+
+def write_training_data(source, path, supercell, temperature: float, n_samples: int,
+                        statistics: str = "classical", seed: int | None = None,
+                        energy_key: str = "REF_energy", forces_key: str = "REF_forces", also_plain: bool = True,
+                        sampler: str = "auto", device=None, progress: bool = True) -> Path:
+    """Write `n_samples` thermal configurations as extxyz at `path` (what MACE and NequIP read); returns the path.
+
+    source: a ForceConstantModel, an `ase-tds fit`/`demo` output folder, a phonopy.load-able file or a
+    phonopy.Phonopy — resolved as TDSFitted resolves it. The other arguments are those of
+    `thermal_configurations`; device: torch device to draw on (default the model's; a given model is
+    copied there, not moved). The file is written under a temporary name beside `path` and renamed
+    when complete: an error or interruption leaves no half-written file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name, e.g. {path / 'train.extxyz'}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent}: no such folder for the output file; create it first")
+    _check_arguments(supercell, temperature, n_samples, statistics, energy_key, forces_key)
+    if isinstance(source, ForceConstantModel):
+        model, name = source, repr(source)
+    else:
+        model = model_from_phonopy(source)
+        name = str(Path(source).resolve()) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    if device is not None and torch.device(device) != model.theta.device:
+        model = copy.deepcopy(model).to(device)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")  # a new file, with the user's umask
+    try:
+        out = open(partial, "w")
+    except PermissionError as err:
+        raise PermissionError(f"cannot write in {path.parent} ({err.strerror}); choose a writable location") from None
+    try:
+        with out:
+            frames = thermal_configurations(model, supercell, temperature, n_samples, statistics, seed, sampler,
+                                            energy_key, forces_key, also_plain, name, progress)
+            write_extxyz(out, frames)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+
+def _check_arguments(supercell, temperature, n_samples, statistics, energy_key, forces_key):
+    """Refuse bad arguments with the reason and the fix; returns (supercell (3,) ints, n_samples int)."""
+    check_statistics(statistics)
+    check_temperature(temperature, statistics)
+    for name, key, other in (("energy_key", energy_key, "forces"), ("forces_key", forces_key, "energy")):
+        if not isinstance(key, str) or not _KEY.match(key) or key in RESERVED_KEYS + (other,):
+            raise ValueError(f"{name} must be a name of letters, digits and '_' (e.g. 'REF_{name[:-4]}'), not "
+                             f"one of {RESERVED_KEYS + (other,)}; got {key!r}")
+    if energy_key == forces_key:
+        raise ValueError(f"energy_key and forces_key must differ, both are {energy_key!r}")
+    values = np.ravel(np.asarray(supercell, dtype=object))
+    try:
+        reps = tuple(int(x) for x in values)
+        whole = all(float(x) == r for x, r in zip(values, reps))
+    except (TypeError, ValueError):
+        whole = False
+    if len(values) != 3 or not whole or min(reps) < 1:
+        raise ValueError(f"supercell must be three positive integers (L1, L2, L3 repetitions of the unit cell), "
+                         f"got {supercell!r}")
+    try:
+        count_ok = not isinstance(n_samples, bool) and float(n_samples).is_integer() and n_samples >= 1
+    except (TypeError, ValueError):
+        count_ok = False
+    if not count_ok:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    return reps, int(n_samples)

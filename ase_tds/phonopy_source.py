@@ -1,0 +1,79 @@
+"""PhonopyForceConstants: phonopy force constants used as they are, as a force-constant source for TDSModel.
+
+A ForceConstantModel projects force constants onto a symmetry basis inside a cutoff; this class does
+not: D(q) is phonopy's own dynamical matrix (DESIGN §2 convention, phases from atomic positions), every
+supercell pair kept, a pair with several equidistant shortest images shared equally between them
+(phonopy's multiplicities), then made Hermitian as phonopy does. It offers what TDSModel, the
+covariance and plot_dispersion read from a force-constant source — `primitive`, `unitcell`, `masses`,
+`n_atoms`, `dynamical_matrix(q)`, `frequencies(q)`, `q_from_hkl` — with nothing trainable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .model import ForceConstantModel, assemble_dynamical_matrix, group_by_block, load_phonopy, reciprocal_q
+from .structure import to_ase_atoms
+
+
+class PhonopyForceConstants(torch.nn.Module):
+    """Phonopy force constants (full (N, N, 3, 3) or compact (n_p, N, 3, 3), eV/Å²) as they are.
+
+    PhonopyForceConstants(source): a phonopy.Phonopy with force constants, a phonopy.load-able file,
+    or a folder holding phonopy_params.yaml. `primitive` and `unitcell` are phonopy's, as ase.Atoms;
+    masses (n,) amu are phonopy's primitive masses. Move with .to(device).
+    """
+
+    def __init__(self, source, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        ph = load_phonopy(source)
+        fc = np.asarray(ph.force_constants, dtype=float)
+        prim = ph.primitive
+        self.unitcell = to_ase_atoms(ph.unitcell)
+        self.primitive = to_ase_atoms(prim)
+        n, n_super = len(prim), len(ph.supercell)
+        rows = np.arange(n) if fc.shape[0] == n else prim.p2s_map  # compact or full layout
+        s2pp = np.array([prim.p2p_map[s] for s in prim.s2p_map])  # (N,) the primitive atom of each supercell atom
+        svecs, multi = prim.get_smallest_vectors()  # (V, 3) reduced, (N, n, 2): count and address
+        masses = np.asarray(prim.masses, dtype=float)
+
+        # one term per (primitive atom κ, supercell atom k, shortest image): Φ(κ, k) / (multiplicity √(m_κ m_κ'))
+        kappa, k = np.meshgrid(np.arange(n), np.arange(n_super), indexing="ij")
+        count, address = multi[k, kappa, 0], multi[k, kappa, 1]
+        term_kappa, term_k = np.repeat(kappa.ravel(), count.ravel()), np.repeat(k.ravel(), count.ravel())
+        starts = np.repeat(address.ravel(), count.ravel())
+        offsets = np.arange(len(starts)) - np.repeat(np.cumsum(count.ravel()) - count.ravel(), count.ravel())
+        vectors = svecs[starts + offsets] @ np.array(prim.cell)  # Cartesian r_k' − r_κ, Å
+        kappa2 = s2pp[term_k]
+        weight = fc[rows[term_kappa], term_k] / (np.repeat(count.ravel(), count.ravel())
+                                                 * np.sqrt(masses[term_kappa] * masses[kappa2]))[:, None, None]
+        keep = np.abs(weight).max(axis=(1, 2)) > 0
+        slots, filled = group_by_block(term_kappa[keep] * n + kappa2[keep], n)  # (n², m), padded
+        self.n_terms = int(keep.sum())
+        self.register_buffer("theta", torch.zeros(0, dtype=dtype))  # no parameters; carries dtype and device
+        self.register_buffer("masses", torch.tensor(masses, dtype=dtype))
+        self.register_buffer("block_vectors", torch.tensor(vectors[keep][slots] * filled[..., None], dtype=dtype))
+        self.register_buffer("block_weighted", torch.tensor(weight[keep][slots] * filled[..., None, None], dtype=dtype))
+
+    @property
+    def n_atoms(self) -> int:
+        """Atoms in the primitive cell."""
+        return len(self.primitive)
+
+    def __repr__(self) -> str:
+        return f"PhonopyForceConstants({self.primitive.get_chemical_formula()}, {self.n_terms} image terms)"
+
+    def dynamical_matrix(self, q) -> torch.Tensor:
+        """D(q) (B, 3n, 3n) complex, eV/Å²/amu, for Cartesian q (B, 3) Å⁻¹: phonopy's, made Hermitian."""
+        q = torch.as_tensor(q, dtype=self.theta.dtype, device=self.theta.device).reshape(-1, 3)
+        angle = torch.einsum("ba,kma->bkm", q, self.block_vectors)
+        dyn = assemble_dynamical_matrix(angle, self.block_weighted, self.n_atoms)
+        return 0.5 * (dyn + dyn.mH)
+
+    # ν(q) from D(q): the same few lines as the model's (eigvalsh, signed √, THz)
+    frequencies = ForceConstantModel.frequencies
+
+    def q_from_hkl(self, hkl, cell=None) -> np.ndarray:
+        """Cartesian q (N, 3) in Å⁻¹ from hkl in r.l.u. of `cell` (default phonopy's unit cell)."""
+        return reciprocal_q(hkl, self.unitcell.cell[:] if cell is None else cell)
