@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import shutil
 import sys
@@ -28,7 +29,8 @@ def main(argv=None) -> int:
 
     try:
         return args.run(args)
-    except (StructureError, TDSError, UnstableError, FileNotFoundError, KeyError, ValueError) as err:
+    except (StructureError, TDSError, UnstableError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError, KeyError, ValueError) as err:
         if args.debug:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
@@ -60,11 +62,55 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--scale", default="free", choices=["free", "fixed"])
     fit.add_argument("--background", default="free", choices=["free", "none"])
     fit.add_argument("--start", default="emt", help="emt | zero | a phonopy force-constant file")
-    fit.add_argument("--reference", help="phonopy file drawn in dispersion.png for comparison")
+    fit.add_argument("--reference", help="phonopy file drawn (as it is) in dispersion.png for comparison")
     fit.add_argument("--bragg-radius", type=float, default=0.1, help="r.l.u. masked around Bragg peaks")
     fit.add_argument("--max-iter", type=int, default=200)
     fit.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     fit.set_defaults(run=_run_fit)
+
+    sim = sub.add_parser("simulate", help="TDS intensities from phonopy force constants (used as they are)",
+                         description="Diffuse intensities in e.u./atom at the hkl of a file, from force constants "
+                                     "used as they are (not projected); written as an HDF5 point list (DESIGN §7).")
+    sim.add_argument("structure", help="structure file whose cell the hkl index (same lattice and orientation as the "
+                                       "force constants' crystal)")
+    sim.add_argument("--fc", required=True, help="phonopy.load-able file, or a folder holding phonopy_params.yaml")
+    sim.add_argument("--hkl", required=True, help="HDF5 point list or .npz (its hkl), .npy or text file of hkl rows")
+    sim.add_argument("--temperature", type=float, required=True, help="K")
+    sim.add_argument("--model", default="gaussian", choices=["one-phonon", "gaussian"], help="forward model")
+    sim.add_argument("--statistics", default="quantum", choices=["classical", "quantum"])
+    sim.add_argument("--counts", type=float, help="Poisson noise: counts at the mean intensity (default: none)")
+    sim.add_argument("--seed", type=int, help="random seed of the noise")
+    sim.add_argument("--out", required=True, help="output HDF5 file")
+    sim.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    sim.set_defaults(run=_run_simulate)
+
+    export = sub.add_parser("export", help="MLIP training data: thermal configurations with harmonic energies and forces",
+                            description="Thermal configurations of a supercell drawn from the fitted force constants "
+                                        "(Cholesky sampler), with E = ½uᵀΦu (eV) and F = −Φu (eV/Å), as extxyz.")
+    export.add_argument("source", help="output folder of `ase-tds fit`/`demo`, or a phonopy.load-able file")
+    export.add_argument("--supercell", type=int, nargs=3, required=True, metavar=("A", "B", "C"),
+                        help="repetitions of the unit cell")
+    export.add_argument("--temperature", type=float, required=True, help="K")
+    export.add_argument("--samples", type=int, required=True, help="number of configurations")
+    export.add_argument("--out", required=True, help="output file, e.g. train.extxyz")
+    export.add_argument("--statistics", default="classical", choices=["classical", "quantum"])
+    export.add_argument("--seed", type=int, help="random seed")
+    export.add_argument("--energy-key", default="REF_energy", help="info key of the energy (default: %(default)s)")
+    export.add_argument("--forces-key", default="REF_forces", help="array key of the forces (default: %(default)s)")
+    export.add_argument("--no-plain", action="store_true", help="do not also write plain energy/forces")
+    export.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    export.set_defaults(run=_run_export)
+
+    plot = sub.add_parser("plot", help="phonon dispersions of force-constant files, and a fit folder's TDS fit",
+                          description="Draw the phonon dispersions of one or more force-constant sources (as they are) "
+                                      "on the standard path of the first, into OUT/dispersion.png; when the first is an "
+                                      "`ase-tds fit`/`demo` folder, also redraw OUT/tds_fit.png from its data.h5 and fit.json.")
+    plot.add_argument("sources", nargs="+", metavar="SOURCE",
+                      help="output folder of `ase-tds fit`/`demo`, or a phonopy.load-able file")
+    plot.add_argument("--label", action="append", help="legend name of each SOURCE in turn (default: as typed)")
+    plot.add_argument("--out", help="output folder (default: the first SOURCE if a folder, else the current folder)")
+    plot.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    plot.set_defaults(run=_run_plot)
     return parser
 
 
@@ -142,9 +188,13 @@ def _run_fit(args) -> int:
     from .data import TDSData
     from .fit import fit
     from .model import ForceConstantModel
+    from .phonopy_source import PhonopyForceConstants
 
     structure = read(args.structure)
     data = TDSData.read(args.data, structure=structure, temperature=args.temperature)
+    reference = PhonopyForceConstants(args.reference) if args.reference else None
+    if reference is not None:
+        _check_same_lattice(structure, args.structure, reference, args.reference)
     kwargs = {"cutoff": args.cutoff} if args.cutoff else {"shells": args.shells or 5}
     start = _start_model(ForceConstantModel(structure, **kwargs), structure, args.start)
     model = copy.deepcopy(start)
@@ -154,9 +204,6 @@ def _run_fit(args) -> int:
                  scale=args.scale, background=args.background, max_iter=args.max_iter)
     model.cpu()
     print(result.table())
-    reference = None
-    if args.reference:
-        reference = copy.deepcopy(start).set_from_phonopy(args.reference)
     _write_outputs(Path(args.out), model, result, data, {}, start=start, reference=reference)
     print(f"wrote {args.out}/")
     return 0
@@ -178,11 +225,8 @@ def _start_model(fresh, structure, start):
 
 def _write_outputs(out: Path, model, result, data, tds_options, start=None, reference=None) -> None:
     """Write every output into a temporary folder, then move the files into `out` (no half-written files)."""
-    import torch
-
     from .io.phonopy import write_phonopy_files
-    from .plot import plot_dispersion, plot_tds_fit
-    from .tds import TDSModel
+    from .plot import plot_dispersion
 
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".ase_tds-", dir=out))
@@ -196,18 +240,140 @@ def _write_outputs(out: Path, model, result, data, tds_options, start=None, refe
         if reference is not None:
             curves["reference"] = reference
         plot_dispersion(curves, tmp / "dispersion.png")
-        settings = result.settings
-        tds = TDSModel(model, settings["temperature"], method=settings["method"], statistics=settings["statistics"],
-                       **tds_options)
-        used = np.asarray(data.mask, dtype=bool)
-        with torch.no_grad():
-            calc = result.scale * tds(data.q[used]).numpy() + result.background
-        sigma = data.sigma[used] if data.sigma is not None else np.sqrt(np.abs(data.intensity[used]))
-        plot_tds_fit(data.q_norm[used], data.intensity[used], calc, sigma, tmp / "tds_fit.png")
+        _draw_tds_fit(model, result.settings, result.scale, result.background, data, tds_options, tmp / "tds_fit.png")
         for path in tmp.iterdir():
             os.replace(path, out / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _draw_tds_fit(model, settings, scale, background, data, tds_options, path) -> None:
+    """tds_fit.png: the used points of `data` against scale·I(Q) + background from `model` with the fit's settings."""
+    import torch
+
+    from .plot import plot_tds_fit
+    from .tds import TDSModel
+
+    tds = TDSModel(model, settings["temperature"], method=settings["method"], statistics=settings["statistics"],
+                   **tds_options)
+    used = np.asarray(data.mask, dtype=bool)
+    with torch.no_grad():
+        calc = scale * tds(data.q[used]).cpu().numpy() + background
+    sigma = data.sigma[used] if data.sigma is not None else np.sqrt(np.abs(data.intensity[used]))
+    plot_tds_fit(data.q_norm[used], data.intensity[used], calc, sigma, path)
+
+
+def _run_simulate(args) -> int:
+    from ase.io import read
+
+    from .data import simulate
+    from .phonopy_source import PhonopyForceConstants
+
+    out = Path(args.out)
+    _check_output_file(out)
+    structure = read(args.structure)
+    fc = PhonopyForceConstants(args.fc)
+    _check_same_lattice(structure, args.structure, fc, args.fc)
+    hkl = _read_hkl(Path(args.hkl), structure)
+    fc.to(_device(args.device))
+    data = simulate(fc, hkl, args.temperature, method=args.model, statistics=args.statistics,
+                    cell=structure.cell[:], counts=args.counts, rng=args.seed)
+    data.write(out)
+    print(f"wrote {len(data)} points ({args.model}, {args.statistics}, {args.temperature:g} K) to {out}")
+    return 0
+
+
+def _check_same_lattice(structure, structure_name, fc, fc_name) -> None:
+    """Refuse force constants whose lattice (or orientation) is not that of `structure`'s cell."""
+    lattice = np.array(structure.cell[:]) @ np.linalg.inv(np.array(fc.primitive.cell[:]))
+    if np.abs(lattice - np.round(lattice)).max() > 1e-3:
+        raise ValueError(f"{structure_name}: its cell is not a lattice of the force constants' crystal in the same "
+                         f"orientation (cell · inv(primitive cell of {fc_name}) = {np.round(lattice, 3).tolist()} is not "
+                         "integer); give the structure the force constants were computed for")
+
+
+def _read_hkl(path: Path, structure) -> np.ndarray:
+    """hkl (N, 3) r.l.u. from a data file (HDF5 point list, NXdata, .npz), an .npy, or a text file of rows."""
+    import h5py
+
+    from .data import TDSData
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such hkl file")
+    if h5py.is_hdf5(path):
+        with h5py.File(path, "r") as f:
+            hkl = f["hkl"][()] if "hkl" in f and "intensity" not in f else None
+        if hkl is None:
+            hkl = TDSData.read(path, structure=structure).hkl
+    elif path.suffix == ".npz":
+        hkl = TDSData.read(path, structure=structure).hkl
+    else:
+        try:
+            hkl = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, ndmin=2)
+        except ValueError as err:
+            raise ValueError(f"{path}: not a table of numbers ({err}); give one 'h k l' row per point") from None
+    hkl = np.asarray(hkl, dtype=float)
+    if hkl.ndim != 2 or hkl.shape[1] != 3 or len(hkl) == 0 or not np.isfinite(hkl).all():
+        raise ValueError(f"{path}: hkl has shape {hkl.shape} (or non-finite values); give N ≥ 1 rows of three "
+                         "finite numbers h k l")
+    return hkl
+
+
+def _check_output_file(path: Path) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(f"--out {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--out {path}: no such folder {path.parent}; create it first")
+
+
+def _run_export(args) -> int:
+    from .export import write_training_data
+
+    path = write_training_data(args.source, args.out, args.supercell, args.temperature, args.samples,
+                               statistics=args.statistics, seed=args.seed, energy_key=args.energy_key,
+                               forces_key=args.forces_key, also_plain=not args.no_plain,
+                               device=_device(args.device))
+    print(f"wrote {args.samples} configurations of the {'×'.join(map(str, args.supercell))} supercell at "
+          f"{args.temperature:g} K ({args.statistics}) to {path}")
+    return 0
+
+
+def _run_plot(args) -> int:
+    from .data import TDSData
+    from .phonopy_source import PhonopyForceConstants
+    from .plot import plot_dispersion
+
+    labels = args.label or []
+    if len(labels) > len(args.sources):
+        raise ValueError(f"{len(labels)} --label for {len(args.sources)} SOURCE; give at most one per SOURCE")
+    labels = labels + args.sources[len(labels):]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"the legend names {labels} repeat; give each SOURCE its own --label")
+    first = Path(args.sources[0])
+    out = Path(args.out) if args.out else (first if first.is_dir() else Path("."))
+    if not out.is_dir():
+        raise FileNotFoundError(f"--out {out}: no such folder; create it first")
+    device = _device(args.device)
+    models = {label: PhonopyForceConstants(source).to(device) for label, source in zip(labels, args.sources)}
+    for model, source in zip(list(models.values())[1:], args.sources[1:]):  # one crystal: the first's path
+        _check_same_lattice(models[labels[0]].unitcell, args.sources[0], model, source)
+    drawings = {"dispersion.png": lambda path: plot_dispersion(models, path)}
+    if first.is_dir() and (first / "fit.json").is_file() and (first / "data.h5").is_file():
+        fitted = json.loads((first / "fit.json").read_text())
+        settings = fitted["settings"]
+        options = {key: settings[key] for key in ("grid", "dw_mesh") if key in settings}
+        data = TDSData.read(first / "data.h5")
+        drawings["tds_fit.png"] = lambda path: _draw_tds_fit(models[labels[0]], settings, fitted["scale"],
+                                                             fitted["background"], data, options, path)
+    for name, draw in drawings.items():
+        partial = out / f".{Path(name).stem}-{os.getpid()}.png"  # renamed when complete
+        try:
+            draw(partial)
+            os.replace(partial, out / name)
+        finally:
+            Path(partial).unlink(missing_ok=True)
+        print(f"wrote {out / name}")
+    return 0
 
 
 if __name__ == "__main__":
