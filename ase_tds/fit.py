@@ -1,28 +1,31 @@
 """The inversion: fit force constants θ to measured TDS.
 
-Model of the data: I_model(Q) = s · I(Q; θ) + b, with I from a TDSModel (e.u./atom), a global scale s
-(free, or fixed to 1 for absolute data) and a constant background b (free or none).
-Loss: χ² = Σ_used ((I_model − I_obs)/σ)² (default), with s and b eliminated in closed form at every θ
-(variable projection), or the Poisson deviance (s, b optimised with θ). Optimiser: L-BFGS (scipy) for
-the deterministic models, Adam for "sampling". A step that makes the crystal dynamically unstable is
-rejected (the line search backtracks), never turned into NaN.
+Model of the data: m(Q) = s · I(Q; θ) + b + A · c(|Q|), with I from a TDSModel (e.u./atom), a global scale s
+(free, or fixed to 1 for absolute data), a constant background b (free or none) and optionally the incoherent
+(Compton) scattering c with a free amplitude A (`ase_tds.background`). s, b, A are eliminated at every θ
+(variable projection). Loss: χ² = Σ_used ((m − I_obs)/σ)² (default) or the Poisson deviance of the counts.
+Optimiser: L-BFGS (scipy) for the deterministic models, Adam for "sampling", both in coordinates whitened by
+the Gauss–Newton matrix at the start. A step that makes the crystal dynamically unstable is rejected (the line
+search backtracks; Adam backs off), never turned into NaN. A start that is already unstable is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import platform
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.optimize import minimize
 from tqdm.auto import tqdm
 
-from .covariance import UnstableError
+from .background import Nuisance, poisson_deviance
+from .checkpoint import Checkpoint, write_atomic
+from .covariance import UnstableError, mesh_q
 from .data import TDSData
 from .tds import TDSModel
 
@@ -33,8 +36,10 @@ LOSSES = ("chi2", "poisson")
 class FitResult:
     """Fitted θ with labels, 1σ (Gauss–Newton), correlation, χ² and the settings used.
 
-    theta, sigma: (n_params,) eV/Å²; covariance, correlation: (n_params, n_params); scale, background:
-    the nuisance values (e.u.); chi2_red = χ²/(N_used − n_free).
+    theta, sigma: (n_params,) eV/Å²; covariance, correlation: (n_params, n_params); scale, background,
+    compton (None when not fitted): the nuisance values, background and compton in data units.
+    chi2: Σ (m − I_obs)²/var with var = σ² (loss "chi2") or the Poisson variance m/exposure (loss "poisson");
+    chi2_red = χ²/(N_used − n_free); deviance: the Poisson deviance (loss "poisson" only).
     """
 
     labels: list
@@ -51,11 +56,22 @@ class FitResult:
     settings: dict
     warnings: list = field(default_factory=list)
     history: list = field(default_factory=list)
+    compton: float | None = None
+    deviance: float | None = None
+    compton_shape: Callable | None = field(default=None, repr=False)
+
+    def calculated(self, intensity, q_norm) -> np.ndarray:
+        """The fitted model of the data, s·I + b + A·c(|Q|), (N,) from I (N,) e.u./atom and |Q| (N,) Å⁻¹."""
+        value = self.scale * np.asarray(intensity, dtype=float) + self.background
+        if self.compton is not None:
+            value = value + self.compton * np.asarray(self.compton_shape(np.asarray(q_norm, dtype=float)))
+        return value
 
     def table(self) -> str:
         lines = [f"{'label':<14}{'value':>12}{'1σ':>11}  unit"]
         lines += [f"{k:<14}{v:>12.5f}{s:>11.5f}  eV/Å²" for k, v, s in zip(self.labels, self.theta, self.sigma)]
-        lines.append(f"scale {self.scale:.6g}, background {self.background:.6g} e.u., "
+        compton = "" if self.compton is None else f", Compton amplitude {self.compton:.6g}"
+        lines.append(f"scale {self.scale:.6g}, background {self.background:.6g}{compton}, "
                      f"χ²_red {self.chi2_red:.4g} on {self.n_points} points")
         return "\n".join(lines)
 
@@ -69,8 +85,8 @@ class FitResult:
             "parameters": [{"label": k, "value": float(v), "sigma": float(s), "unit": "eV/Å²"}
                            for k, v, s in zip(self.labels, self.theta, self.sigma)],
             "correlation": self.correlation.tolist(),
-            "scale": self.scale, "background": self.background,
-            "chi2": self.chi2, "chi2_red": self.chi2_red, "n_points": self.n_points,
+            "scale": self.scale, "background": self.background, "compton": self.compton,
+            "chi2": self.chi2, "chi2_red": self.chi2_red, "deviance": self.deviance, "n_points": self.n_points,
             "iterations": self.iterations, "settings": self.settings, "warnings": self.warnings,
             "versions": {"ase_tds": __version__, "torch": torch.__version__, "ase": ase.__version__,
                          "phonopy": phonopy.__version__, "numpy": np.__version__, "python": platform.python_version()},
@@ -78,83 +94,105 @@ class FitResult:
 
     def write_json(self, path) -> None:
         """Write `to_dict()` as JSON atomically."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
 
 
 class _Objective:
-    """Loss and gradient in θ for scipy, with the nuisance parameters profiled or carried along."""
+    """The profiled loss of θ and its gradient, for the optimisers."""
 
-    def __init__(self, tds: TDSModel, data: TDSData, scale: str, background: str, loss: str):
+    def __init__(self, tds: TDSModel, data: TDSData, scale: str, background: str, loss: str,
+                 compton=False, exposure=None):
         fc = tds.force_constants
         used = np.asarray(data.mask, dtype=bool)
-        self.tds, self.loss, self.scale_mode, self.background_mode = tds, loss, scale, background
-        as_t = lambda x: torch.as_tensor(np.asarray(x, dtype=float)[used], dtype=fc.theta.dtype, device=fc.theta.device)
-        self.q = as_t(data.q)
-        self.y = as_t(data.intensity)
-        sigma = data.sigma if data.sigma is not None else np.sqrt(np.maximum(np.abs(data.intensity), 1e-12))
-        self.w = 1.0 / as_t(sigma) ** 2
+        self.tds, self.loss = tds, loss
+        as_t = lambda x: torch.as_tensor(np.asarray(x, dtype=float), dtype=fc.theta.dtype, device=fc.theta.device)
+        self.q = as_t(data.q[used])
+        self.y = as_t(data.intensity[used])
+        self.nuisance = Nuisance(scale, background, compton, np.linalg.norm(data.q[used], axis=1),
+                                 fc.primitive.get_chemical_symbols(), fc.theta.dtype, fc.theta.device)
+        self.scale_mode, self.background_mode = scale, background
+        if loss == "poisson":
+            self.exposure = as_t(_exposure(data, exposure, used))
+            self.counts = self.exposure * self.y
+            self.w = self.exposure**2 / torch.clamp(self.counts, min=1.0)  # 1/σ², σ = √max(n, 1)/t
+        else:
+            sigma = data.sigma if data.sigma is not None else np.sqrt(np.maximum(np.abs(data.intensity), 1e-12))
+            self.w = 1.0 / as_t(sigma[used]) ** 2
         self.n_theta = fc.n_params
+        self._beta = None
 
-    def nuisance(self, intensity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weighted least-squares (s, b) for a model intensity (N,), differentiable."""
-        w, y = self.w, self.y
-        zero = torch.zeros((), dtype=y.dtype, device=y.device)
-        if self.scale_mode == "fixed":
-            s = torch.ones((), dtype=y.dtype, device=y.device)
-            b = (w * (y - intensity)).sum() / w.sum() if self.background_mode == "free" else zero
-            return s, b
-        if self.background_mode == "none":
-            return (w * intensity * y).sum() / (w * intensity**2).sum(), zero
-        a = torch.stack([torch.stack([(w * intensity**2).sum(), (w * intensity).sum()]),
-                         torch.stack([(w * intensity).sum(), w.sum()])])
-        rhs = torch.stack([(w * intensity * y).sum(), (w * y).sum()])
-        s, b = torch.linalg.solve(a, rhs)
-        return s, b
+    def profile(self, intensity: torch.Tensor) -> torch.Tensor:
+        """The best nuisance values β (k,) at a model intensity (N,): differentiable for χ², not for Poisson."""
+        if self.loss == "chi2":
+            return self.nuisance.least_squares(intensity, self.y, self.w)
+        self._beta = self.nuisance.poisson(intensity, self.counts, self.exposure, start=self._beta)
+        return self._beta
 
-    def evaluate(self, theta: np.ndarray, extra: np.ndarray | None = None):
-        """(loss, grad θ, s, b) at θ; raises UnstableError where the crystal is unstable."""
+    def value(self, model: torch.Tensor) -> torch.Tensor:
+        if self.loss == "chi2":
+            return (self.w * (model - self.y) ** 2).sum()
+        return poisson_deviance(self.counts, self.exposure * torch.clamp(model, min=1e-300))
+
+    def evaluate(self, theta: np.ndarray):
+        """(loss, ∂loss/∂θ (n,), β) at θ; raises UnstableError where the crystal is unstable."""
         fc = self.tds.force_constants
         with torch.no_grad():
             fc.theta.copy_(torch.as_tensor(theta))
         fc.theta.grad = None
         intensity = self.tds(self.q)
-        s, b = self.nuisance(intensity)
-        if extra is not None:  # Poisson: s, b are optimiser variables
-            s, b = [torch.as_tensor(v, dtype=intensity.dtype).requires_grad_(True) for v in extra]
-        model = s * intensity + b
-        if self.loss == "chi2":
-            value = (self.w * (model - self.y) ** 2).sum()
-        else:
-            # deviance in counts units: counts ≈ I/σ² (Poisson σ² ∝ I)
-            mu, obs = model * self.w * self.y, self.y**2 * self.w
-            mu = torch.clamp(mu, min=1e-12)
-            value = 2 * (obs * torch.log(torch.clamp(obs, min=1e-12) / mu) - (obs - mu)).sum()
-        value.backward()
+        beta = self.profile(intensity)
+        value = self.value(self.nuisance.model(intensity, beta))
+        value.backward()  # the envelope theorem: at the optimal β this is the gradient of the profiled loss
         grad = fc.theta.grad.detach().cpu().numpy().copy()
-        if extra is not None:
-            grad = np.concatenate([grad, [float(s.grad), float(b.grad)]])
-        return float(value.detach()), grad, float(s.detach()), float(b.detach())
+        return float(value.detach()), grad, beta.detach().cpu().numpy()
+
+
+def _exposure(data: TDSData, exposure, used) -> np.ndarray:
+    """t (N_used,): counts per unit of intensity, so that the counts are n = t·I_obs."""
+    y = data.intensity[used]
+    if np.any(y < 0):
+        raise ValueError(f"loss='poisson' needs intensities ≥ 0 (counts/exposure); {int((y < 0).sum())} used points "
+                         "are negative: use loss='chi2' for background-subtracted data")
+    if exposure is not None:
+        t = np.asarray(exposure, dtype=float)
+        if t.ndim and t.shape != (len(data),):
+            raise ValueError(f"exposure must be one number or one per point, shape ({len(data)},); got {t.shape}")
+        t = np.broadcast_to(t, (len(data),))[used]
+        if not np.all(np.isfinite(t) & (t > 0)):
+            raise ValueError("exposure (counts per unit of intensity) must be finite and > 0")
+        return t
+    if data.sigma is None:
+        raise ValueError("loss='poisson' needs the counts: give exposure= (counts per unit of intensity, one number "
+                         "or one per point) or data whose σ is the counting error √n/exposure")
+    sigma = data.sigma[used]
+    return np.where(y > 0, y / np.where(y > 0, sigma, 1.0) ** 2, 1.0 / sigma)
 
 
 def fit(model, data: TDSData, temperature: float | None = None, method: str = "gaussian",
-        statistics: str = "quantum", scale: str = "free", background: str = "free", loss: str = "chi2",
-        max_iter: int = 200, rtol: float = 1e-9, gtol: float = 1e-6, progress: bool = True,
-        checkpoint=None, tds_options: dict | None = None) -> FitResult:
+        statistics: str = "quantum", scale: str = "free", background: str = "free", compton=False,
+        loss: str = "chi2", exposure=None, max_iter: int = 200, rtol: float = 1e-9, gtol: float = 1e-6,
+        progress: bool = True, checkpoint=None, tds_options: dict | None = None,
+        learning_rate: float | None = None) -> FitResult:
     """Fit `model` (a ForceConstantModel, fitted in place from its current θ) to `data`.
 
-    scale: "free" | "fixed" (fixed needs absolute data, units "e.u./atom"); background: "free" | "none";
-    loss: "chi2" | "poisson"; rtol: stop on relative χ² change; gtol: stop on the projected gradient.
-    checkpoint: a file updated with θ after each iteration; an existing one is resumed from.
-    tds_options: extra TDSModel arguments (grid, dw_mesh, form_factors, sampler, ...).
-    Returns a FitResult; `model.theta` holds the fitted values.
+    scale: "free" | "fixed" (fixed needs absolute data, units "e.u./atom"); background: "free" (a constant) |
+    "none"; compton: False | True (Hubbell's incoherent scattering of the crystal's atoms, `ComptonShape`, with a
+    free amplitude) | callable(|Q| Å⁻¹ ndarray) → e.u./atom (e.g. `ComptonShape(symbols, energy_kev=20)`).
+    loss: "chi2" | "poisson". The Poisson deviance needs the counts n = t·I_obs: `exposure` t (counts per unit of
+    intensity, scalar or (N,)); None infers t = I_obs/σ² per point, exact when σ is pure counting error √n/t
+    (as `add_poisson_noise` writes), and t = 1/σ where I_obs = 0 (its σ = 1 count convention).
+    Stopping: L-BFGS on relative loss change `rtol` and projected gradient `gtol` (whitened); Adam ("sampling")
+    when its step or gradient falls below 1e-3 standard deviations (whitened units), or at `max_iter`.
+    max_iter counts all iterations, those before a resumed checkpoint included.
+    checkpoint: a JSON file written after every iteration; if it exists, the fit resumes from it (same model
+    labels and settings, else ValueError): L-BFGS restarts its memory there, Adam continues exactly.
+    tds_options: extra TDSModel arguments (grid, dw_mesh, form_factors, sampler, ...); for "sampling" give a
+    sampler with a seed (common random numbers make the loss a smooth function of θ).
+    learning_rate: Adam's first step in whitened units (≈ standard deviations); None = from the first gradient.
+    Returns a FitResult; `model.theta` holds the fitted values. Raises UnstableError for an unstable start.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    if scale not in ("free", "fixed") or background not in ("free", "none"):
-        raise ValueError("scale must be 'free' or 'fixed' and background 'free' or 'none'")
     if scale == "fixed" and not data.absolute:
         raise ValueError("scale='fixed' needs absolute data (units 'e.u./atom'); the data are in arbitrary units — "
                          "use scale='free'")
@@ -162,43 +200,53 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
         data.check_cell(model.unitcell.cell[:], "the model's structure")
     temperature = data.require_temperature(temperature)
     tds = TDSModel(model, temperature, method=method, statistics=statistics, **(tds_options or {}))
-    objective = _Objective(tds, data, scale, background, loss)
-    if len(objective.y) <= model.n_params + 2:
-        raise ValueError(f"only {len(objective.y)} data points are used for {model.n_params} parameters; "
-                         "widen the mask or use fewer shells")
-    start = model.theta.detach().cpu().numpy().copy()
-    if checkpoint is not None and Path(checkpoint).exists():
-        start = np.array(json.loads(Path(checkpoint).read_text())["theta"], dtype=float)
+    objective = _Objective(tds, data, scale, background, loss, compton, exposure)
+    n_free = model.n_params + objective.nuisance.n_free
+    if len(objective.y) <= n_free:
+        raise ValueError(f"only {len(objective.y)} data points are used for {model.n_params} parameters "
+                         f"(+ {objective.nuisance.n_free} nuisance); widen the mask or use fewer shells")
+    settings = dict(method=method, statistics=statistics, temperature=temperature, scale=scale, background=background,
+                    compton=compton if isinstance(compton, bool) else "callable", loss=loss, grid=list(tds.grid),
+                    dw_mesh=tds.dw_mesh)
+    saver = Checkpoint(checkpoint, model.labels, settings) if checkpoint is not None else None
+    state = saver.load() if saver is not None else None
+    original = model.theta.detach().cpu().numpy().copy()
+    start = state["theta"] if state else original
     try:
-        value0, _, s0, b0 = objective.evaluate(start)
+        value0 = objective.evaluate(start)[0]
     except UnstableError as err:
-        raise UnstableError(f"the starting force constants are dynamically unstable ({err}); start from EMT, "
-                            "from a stable phonopy file, or from scaled-down constants") from err
-    history = [value0]
+        with torch.no_grad():
+            model.theta.copy_(torch.as_tensor(start))
+            report = _instability(model)
+            model.theta.copy_(torch.as_tensor(original))
+        where = f" (θ from the checkpoint {checkpoint})" if state else ""
+        raise UnstableError(f"the starting force constants are dynamically unstable{where}: {report} ({err}). "
+                            "Start from EMT (set_from_calculator(EMT()) / --start emt), from a stable phonopy file, "
+                            "or from scaled-down constants") from err
+    with _fixed_noise(tds):
+        whiten = state["whitening"] if state and state.get("whitening") is not None else _whitening(objective, start)
+    history = state["history"] if state and state["history"] else [value0]
+    done = state["iterations"] if state else 0
     if method == "sampling":
-        theta, iterations = _adam(objective, start, max_iter, progress, history, checkpoint)
+        theta, iterations = _adam(objective, start, whiten, done, max_iter, progress, history, saver,
+                                  state.get("adam") if state else None, learning_rate)
     else:
-        theta, iterations = _lbfgs(objective, start, loss, (s0, b0), max_iter, rtol, gtol, progress, history, checkpoint)
-    return _result(model, tds, objective, theta, iterations, history,
-                   dict(method=method, statistics=statistics, temperature=temperature, scale=scale,
-                        background=background, loss=loss, grid=list(tds.grid), dw_mesh=tds.dw_mesh))
+        theta, iterations = _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, history, saver)
+    with _fixed_noise(tds):
+        return _result(model, tds, objective, theta, iterations, history, settings, compton)
 
 
-def _lbfgs(objective, start, loss, nuisance0, max_iter, rtol, gtol, progress, history, checkpoint):
-    n = objective.n_theta
-    extra = loss == "poisson"
-    # θ = R⁻¹x (R from the Gauss–Newton matrix at the start) makes the far shells as visible as the first
-    whiten = np.eye(len(start) + 2) if extra else np.eye(len(start))
-    whiten[:n, :n] = _whitening(objective, start)
+def _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, history, saver):
+    """L-BFGS-B on x = Rθ (R from the Gauss–Newton matrix: the far shells as visible as the first)."""
     unwhiten = np.linalg.inv(whiten)
-    x0 = whiten @ (np.concatenate([start, nuisance0]) if extra else start)
-    last = {"value": history[0]}
-    bar = tqdm(total=max_iter, desc="fit (L-BFGS)", disable=not progress)
+    last = {"value": history[-1], "iterations": done}
+    if max_iter - done <= 0:
+        return np.asarray(start, dtype=float), done
+    bar = tqdm(total=max_iter, initial=done, desc="fit (L-BFGS)", disable=not progress)
 
     def fun(x):
-        theta = unwhiten @ x
         try:
-            value, grad, _, _ = objective.evaluate(theta[:n], theta[n:] if extra else None)
+            value, grad, _ = objective.evaluate(unwhiten @ x)
         except UnstableError:
             # reject: a large value makes the line search backtrack toward the stable side
             return 1e6 * (abs(last["value"]) + 1.0), np.zeros_like(x)
@@ -207,44 +255,87 @@ def _lbfgs(objective, start, loss, nuisance0, max_iter, rtol, gtol, progress, hi
 
     def callback(xk):
         history.append(last["value"])
+        last["iterations"] += 1
         bar.update(1)
-        bar.set_postfix(chi2=f"{last['value']:.6g}")
-        if checkpoint is not None:
-            _write_checkpoint(checkpoint, (unwhiten @ xk)[:n])
+        bar.set_postfix(loss=f"{last['value']:.6g}")
+        if saver is not None:
+            saver.write(unwhiten @ xk, last["iterations"], history, whiten)
 
-    res = minimize(fun, x0, jac=True, method="L-BFGS-B", callback=callback,
-                   options=dict(maxiter=max_iter, ftol=rtol, gtol=gtol, maxcor=20))
+    res = minimize(fun, whiten @ start, jac=True, method="L-BFGS-B", callback=callback,
+                   options=dict(maxiter=max_iter - done, ftol=rtol, gtol=gtol, maxcor=20))
     bar.close()
-    return (unwhiten @ res.x)[:n], int(res.nit)
+    theta = unwhiten @ res.x
+    if saver is not None:
+        saver.write(theta, done + int(res.nit), history, whiten)
+    return theta, done + int(res.nit)
 
 
-def _adam(objective, start, steps, progress, history, checkpoint, lr: float = 0.02):
-    theta = torch.tensor(start, requires_grad=True)
-    opt = torch.optim.Adam([theta], lr=lr)
-    best = (history[0], start.copy())
-    for _ in tqdm(range(steps), desc="fit (Adam)", disable=not progress):
-        try:
-            value, grad, _, _ = objective.evaluate(theta.detach().numpy())
-        except UnstableError:
-            with torch.no_grad():  # back off half way to the best stable point
-                theta.copy_(0.5 * (theta + torch.as_tensor(best[1])))
-            continue
-        history.append(value)
-        if value < best[0]:
-            best = (value, theta.detach().numpy().copy())
-        opt.zero_grad()
-        theta.grad = torch.as_tensor(grad)
-        opt.step()
-        if checkpoint is not None:
-            _write_checkpoint(checkpoint, theta.detach().numpy())
-    return theta.detach().numpy(), steps
+def _adam(objective, start, whiten, done, max_iter, progress, history, saver, state=None, learning_rate=None,
+          xtol: float = 1e-3, decay: float = 0.5, betas=(0.9, 0.999)):
+    """Adam on x = Rθ (whitened: a unit step ≈ one standard deviation), the best iterate returned.
+
+    The step size starts at `learning_rate` (None: a quarter of the first gradient's rms, ~1/8 of the
+    Gauss–Newton step per coordinate). A step that raises the loss above the best so far, or makes the crystal
+    unstable, is undone: back to the best point, moments reset, step size × `decay`. Stops when the step size,
+    or the largest whitened gradient component / 2 (the distance to the minimum of the local quadratic), is
+    below `xtol`.
+    """
+    unwhiten = np.linalg.inv(whiten)
+    n = len(start)
+    if state is None:
+        x = whiten @ np.asarray(start, dtype=float)
+        state = dict(x=x, m=np.zeros(n), v=np.zeros(n), t=0, lr=learning_rate, best_value=np.inf,
+                     best_x=x.copy(), converged=False)
+    state = {k: (np.array(v, dtype=float) if isinstance(v, list) else v) for k, v in state.items()}
+
+    def restart():
+        state.update(x=state["best_x"].copy(), m=np.zeros(n), v=np.zeros(n), t=0, lr=state["lr"] * decay)
+
+    iterations = done
+    with tqdm(total=max_iter, initial=done, desc="fit (Adam)", disable=not progress) as bar:
+        while iterations < max_iter and not state["converged"]:
+            iterations += 1
+            bar.update(1)
+            try:
+                value, grad, _ = objective.evaluate(unwhiten @ state["x"])
+            except UnstableError:
+                value, grad = np.inf, None
+            history.append(value)
+            if value > state["best_value"]:
+                restart()
+            else:
+                g = unwhiten.T @ grad
+                if state["lr"] is None:
+                    state["lr"] = 0.25 * np.linalg.norm(g) / np.sqrt(n)
+                state.update(best_value=value, best_x=state["x"].copy())
+                if np.abs(g).max() < 2 * xtol:
+                    state["converged"] = True
+                else:
+                    state["t"] += 1
+                    state["m"] = betas[0] * state["m"] + (1 - betas[0]) * g
+                    state["v"] = betas[1] * state["v"] + (1 - betas[1]) * g**2
+                    m_hat = state["m"] / (1 - betas[0] ** state["t"])
+                    v_hat = np.sqrt(state["v"] / (1 - betas[1] ** state["t"]))
+                    state["x"] = state["x"] - state["lr"] * m_hat / (v_hat + 1e-12 * v_hat.max())
+            state["converged"] = state["converged"] or state["lr"] < xtol
+            bar.set_postfix(loss=f"{state['best_value']:.6g}", step=f"{state['lr']:.3g}")
+            if saver is not None:
+                saver.write(unwhiten @ state["best_x"], iterations, history, whiten, adam=state)
+    return unwhiten @ state["best_x"], iterations
 
 
-def _write_checkpoint(path, theta) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"theta": np.asarray(theta).tolist()}))
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def _fixed_noise(tds):
+    """For finite differences of the sampling model: common random numbers (a seed) while inside."""
+    sampler = getattr(tds, "sampler", None)
+    if tds.method != "sampling" or sampler.seed is not None:
+        yield
+        return
+    sampler.seed = 0
+    try:
+        yield
+    finally:
+        sampler.seed = None
 
 
 @torch.no_grad()
@@ -274,19 +365,24 @@ def _whitening(objective, theta: np.ndarray, n_points: int = 256) -> np.ndarray:
     return np.linalg.cholesky(normal).T
 
 
-def _result(model, tds, objective, theta, iterations, history, settings) -> FitResult:
-    """Final evaluation, Gauss–Newton covariance from a central-difference Jacobian of I(Q; θ)."""
-    fc = model
+def _result(model, tds, objective, theta, iterations, history, settings, compton) -> FitResult:
+    """Final evaluation; Gauss–Newton covariance from a central-difference Jacobian of I(Q; θ) and the nuisance."""
+    fc, nuisance = model, objective.nuisance
     with torch.no_grad():
         fc.theta.copy_(torch.as_tensor(theta))
         intensity = tds(objective.q)
-        s, b = objective.nuisance(intensity)
-        chi2 = float((objective.w * (s * intensity + b - objective.y) ** 2).sum())
-        columns = [s * _jacobian(tds, objective.q, theta)]
-        nuisance = [] if objective.scale_mode == "fixed" else [intensity[:, None]]
-        nuisance += [] if objective.background_mode == "none" else [torch.ones_like(intensity)[:, None]]
-        jac = torch.cat(columns + nuisance, dim=1) * torch.sqrt(objective.w)[:, None]
-    jac = jac.cpu().numpy()
+        beta = objective.profile(intensity)
+        calc = nuisance.model(intensity, beta)
+        values = nuisance.values(beta)
+        deviance = None
+        if objective.loss == "poisson":
+            deviance = float(objective.value(calc))
+            variance = torch.clamp(calc, min=1e-300) / objective.exposure  # Poisson: var(I_obs) = m/t
+        else:
+            variance = 1.0 / objective.w
+        chi2 = float(((calc - objective.y) ** 2 / variance).sum())
+        jac = torch.cat([values["scale"] * _jacobian(tds, objective.q, theta), nuisance.design(intensity)[1]], dim=1)
+        jac = (jac / torch.sqrt(variance)[:, None]).cpu().numpy()
     n_free = jac.shape[1]
     n_points = len(objective.y)
     normal = jac.T @ jac
@@ -296,10 +392,16 @@ def _result(model, tds, objective, theta, iterations, history, settings) -> FitR
     notes = _identifiability(fc.labels, corr, normal, objective.scale_mode)
     for note in notes:
         warnings.warn(note, stacklevel=3)
+    shape = None
+    if values["compton"] is not None:
+        from .background import ComptonShape
+
+        shape = ComptonShape(fc.primitive.get_chemical_symbols()) if compton is True else compton
     return FitResult(labels=list(fc.labels), theta=np.asarray(theta, dtype=float), sigma=sigma, covariance=cov,
-                     correlation=corr, scale=float(s), background=float(b), chi2=chi2,
+                     correlation=corr, scale=values["scale"], background=values["background"], chi2=chi2,
                      chi2_red=chi2 / max(n_points - n_free, 1), n_points=n_points, iterations=iterations,
-                     settings=settings, warnings=notes, history=[float(h) for h in history])
+                     settings=settings, warnings=notes, history=[float(h) for h in history],
+                     compton=values["compton"], deviance=deviance, compton_shape=shape)
 
 
 def _identifiability(labels, corr, normal, scale_mode) -> list[str]:
@@ -316,3 +418,17 @@ def _identifiability(labels, corr, normal, scale_mode) -> list[str]:
             if abs(corr[i, j]) > 0.98:
                 notes.append(f"{labels[i]} and {labels[j]} are strongly correlated (ρ = {corr[i, j]:+.3f})")
     return notes
+
+
+def _instability(model, mesh: int = 8) -> str:
+    """Where the model's current θ is unstable: the most imaginary frequency on a Γ-centred mesh³ (text)."""
+    q = mesh_q(model, (mesh,) * 3)[1:]  # Γ (three zero modes) left out
+    freqs = model.frequencies(q)
+    k, band = np.unravel_index(np.argmin(freqs), freqs.shape)
+    if freqs[k, band] > -1e-3:
+        return (f"no imaginary frequency on a {mesh}×{mesh}×{mesh} mesh, so the instability lies between its points "
+                "(long waves, or a q of the sampler's supercell)")
+    hkl = q[k].cpu().numpy() @ np.array(model.unitcell.cell[:]).T / (2 * np.pi)
+    count = int((freqs.min(axis=1) < -1e-3).sum())
+    return (f"imaginary frequency {-freqs[k, band]:.3f}i THz at hkl = {np.round(hkl, 3).tolist()} (r.l.u. of the "
+            f"model's cell), {count} of {len(q)} q of a {mesh}×{mesh}×{mesh} mesh imaginary")

@@ -1,13 +1,18 @@
 """The inversion recovers known force constants from synthetic data (independent: the truth that made them)."""
 
+import dataclasses
 import json
 import warnings
 
 import numpy as np
 import pytest
+import torch
 
-from ase_tds import ForceConstantModel, TDSData, fit, simulate
+from ase_tds import ForceConstantModel, TDSData, TDSModel, fit, simulate
+from ase_tds.background import ComptonShape
 from ase_tds.covariance import UnstableError
+from ase_tds.data import add_poisson_noise
+from ase_tds.fit import _Objective
 
 from conftest import ni_conventional
 
@@ -86,3 +91,80 @@ def test_too_few_points(truth):
     data = simulate(truth, _points(100)[:5], 300.0, method="one-phonon", statistics="classical", tds_options=FAST)
     with pytest.raises(ValueError, match="data points are used for 5 parameters"):
         fit(_start(truth), data, tds_options=FAST, progress=False)
+
+
+# ---- Compton background ------------------------------------------------------------------------------------
+
+
+def test_compton_shape_matches_hubbell():
+    """Hubbell et al. (1975) S(x) as xraylib 4.3.0's SF_Compt gives it, off our table's grid (x = |Q|/4π Å⁻¹)."""
+    reference = {("C", 0.33): 3.845096, ("Ni", 0.2387): 6.802864, ("Ni", 0.77): 17.240394, ("Au", 1.3): 44.947876}
+    for (symbol, x), value in reference.items():
+        assert ComptonShape([symbol])(np.array([4 * np.pi * x]))[0] == pytest.approx(value, rel=3e-3)
+    shape = ComptonShape(["Ni", "C"])  # the per-atom mean; 0 at Q = 0, → mean Z at large Q
+    np.testing.assert_allclose(shape(np.array([0.0, 4 * np.pi * 8])), [0.0, 17.0], rtol=0.01, atol=1e-12)
+    recoil = ComptonShape(["Ni"], energy_kev=20.0)(np.array([8.0])) / ComptonShape(["Ni"])(np.array([8.0]))
+    assert recoil[0] == pytest.approx(1 / (1 + 0.0038107 * 64 / 20) ** 2, rel=1e-4)  # Breit–Dirac (E'/E)²
+    with pytest.raises(ValueError, match="covers 0 ≤ |Q|"):
+        shape(np.array([200.0]))
+
+
+def test_compton_amplitude_is_recovered(truth):
+    """Absolute data plus a constant and a Compton term: both amplitudes and θ come back (noise-free)."""
+    data = simulate(truth, _points(300), 300.0, method="one-phonon", statistics="classical", tds_options=FAST)
+    compton = ComptonShape(["Ni"])(data.q_norm)
+    data = dataclasses.replace(data, intensity=data.intensity + 0.5 + 0.9 * compton)
+    model = _start(truth)
+    result = fit(model, data, method="one-phonon", statistics="classical", scale="fixed", compton=True,
+                 tds_options=FAST, progress=False)
+    np.testing.assert_allclose(result.theta, truth.theta.detach().numpy(), atol=1e-5)
+    assert (result.scale, result.background, result.compton) == pytest.approx((1.0, 0.5, 0.9), rel=1e-5)
+    np.testing.assert_allclose(result.calculated(data.intensity * 0, data.q_norm), 0.5 + 0.9 * compton, rtol=1e-5)
+    assert "Compton amplitude 0.9" in result.table() and result.to_dict()["settings"]["compton"] is True
+    with pytest.raises(ValueError, match="compton=True"):
+        fit(model, data, background="compton", tds_options=FAST, progress=False)
+
+
+# ---- Poisson deviance --------------------------------------------------------------------------------------
+
+
+def test_poisson_gradient_of_the_profiled_deviance(truth):
+    """∂/∂θ of the deviance with (s, b, A) re-optimised at every θ, against central differences of that loss."""
+    data = simulate(truth, _points(200), 300.0, method="one-phonon", statistics="classical", counts=50, rng=3,
+                    tds_options=FAST)
+    data = dataclasses.replace(data, units=None)
+    tds = TDSModel(_start(truth, 0.9), 300.0, method="one-phonon", statistics="classical", **FAST)
+    objective = _Objective(tds, data, "free", "free", "poisson", compton=True)
+    theta = tds.force_constants.theta.detach().numpy().copy()
+    value, grad, beta = objective.evaluate(theta)
+    assert len(beta) == 3
+    for k in (0, 3):
+        step = np.zeros_like(theta)
+        step[k] = 1e-5
+        numeric = (objective.evaluate(theta + step)[0] - objective.evaluate(theta - step)[0]) / 2e-5
+        assert grad[k] == pytest.approx(numeric, rel=1e-5)
+
+
+def test_poisson_fit_recovers_theta_at_low_counts(truth):
+    """3 counts at the mean intensity (≈ 10 % of the points at zero counts): honest θ, χ²_red ≈ 1, and the
+    profiled scale equals the closed-form Poisson estimate Σn / Σ t·I(θ)."""
+    exact = simulate(truth, _points(300, seed=1), 300.0, method="one-phonon", statistics="classical",
+                     tds_options=FAST)
+    exposure = 3.0 / exact.intensity.mean()  # add_poisson_noise: counts = exposure · I_obs
+    data = add_poisson_noise(exact, 3.0, rng=0)
+    assert 0.05 < np.mean(data.intensity == 0) < 0.2
+    model = _start(truth)
+    result = fit(model, data, method="one-phonon", statistics="classical", scale="fixed", background="none",
+                 loss="poisson", tds_options=FAST, progress=False)
+    pulls = (result.theta - truth.theta.detach().numpy()) / result.sigma
+    assert np.all(np.abs(pulls) < 4), pulls
+    assert result.chi2_red == pytest.approx(1.0, abs=0.2) and result.deviance > 0
+    # with a free scale the profiled Poisson scale has a closed form, Σn / Σ t·I(θ): against the Newton profile
+    tds = TDSModel(model, 300.0, method="one-phonon", statistics="classical", **FAST)
+    objective = _Objective(tds, dataclasses.replace(data, units=None), "free", "none", "poisson")
+    np.testing.assert_allclose(objective.exposure.numpy(), exposure, rtol=1e-10)  # inferred from I/σ², zeros too
+    with torch.no_grad():
+        calc = tds(data.q)
+    assert objective.profile(calc)[0] == pytest.approx(data.intensity.sum() / calc.sum().item(), rel=1e-10)
+    with pytest.raises(ValueError, match="needs the counts"):
+        fit(model, dataclasses.replace(data, sigma=None), loss="poisson", scale="fixed", tds_options=FAST)

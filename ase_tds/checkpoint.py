@@ -1,0 +1,73 @@
+"""Checkpoints of a fit: a JSON file rewritten atomically after every iteration, and resumed from.
+
+Content: format tag, the model's parameter labels, the fit settings, θ (eV/Å²), iterations done, loss history,
+the whitening matrix R (n, n) the optimiser works in, and Adam's state (x, moments, step size, best point).
+A checkpoint resumes only the fit it was written by (same labels and settings); a file holding just
+{"theta": [...]} (an older format, or written by hand) is taken as a starting θ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "ase_tds fit checkpoint 1"
+
+
+def write_atomic(path, text: str) -> None:
+    """Write text to `path` through a temporary file and a rename: the old file or the new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Checkpoint:
+    """The checkpoint file `path` of a fit of a model with `labels` under `settings` (a JSON-able dict)."""
+
+    def __init__(self, path, labels, settings: dict):
+        self.path = Path(path)
+        self.labels = list(labels)
+        self.settings = json.loads(json.dumps(settings))
+
+    def load(self) -> dict | None:
+        """The saved state (theta, iterations, history, whitening, adam), or None when there is no file.
+
+        Raises ValueError when the file belongs to another fit or cannot be read.
+        """
+        if not self.path.exists():
+            return None
+        try:
+            saved = json.loads(self.path.read_text())
+            theta = np.asarray(saved["theta"], dtype=float)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{self.path}: not a readable fit checkpoint ({err}); delete it or give another "
+                             "checkpoint path") from err
+        if saved.get("format") != FORMAT:  # a bare θ: a start, no optimiser state
+            if theta.shape != (len(self.labels),):
+                raise ValueError(f"{self.path}: holds {theta.size} values of θ for a model with {len(self.labels)} "
+                                 "parameters; delete it or give another checkpoint path")
+            return {"theta": theta, "iterations": 0, "history": None, "whitening": None, "adam": None}
+        if saved["labels"] != self.labels:
+            raise ValueError(f"{self.path}: a checkpoint of a model with parameters {saved['labels']}, not "
+                             f"{self.labels}; delete it or give another checkpoint path")
+        changed = {k: (saved["settings"].get(k), v) for k, v in self.settings.items() if saved["settings"].get(k) != v}
+        if changed:
+            detail = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in changed.items())
+            raise ValueError(f"{self.path}: a checkpoint of a fit with other settings ({detail}); resume with the "
+                             "same settings, or delete it / give another checkpoint path")
+        return {"theta": theta, "iterations": int(saved["iterations"]), "history": list(saved["history"]),
+                "whitening": np.asarray(saved["whitening"], dtype=float), "adam": saved.get("adam")}
+
+    def write(self, theta, iterations: int, history, whitening, adam: dict | None = None) -> None:
+        def plain(value):
+            return value.tolist() if isinstance(value, np.ndarray) else value
+
+        payload = {"format": FORMAT, "labels": self.labels, "settings": self.settings,
+                   "theta": np.asarray(theta, dtype=float).tolist(), "iterations": int(iterations),
+                   "history": [float(h) for h in history], "whitening": np.asarray(whitening).tolist(),
+                   "adam": None if adam is None else {k: plain(v) for k, v in adam.items()}}
+        write_atomic(self.path, json.dumps(payload))
