@@ -2,9 +2,11 @@
 
 C̃_κκ'(q) = Σ_l ⟨u_κ0 u_κ'lᵀ⟩ e^{iq·(r_κ'l − r_κ0)}  (Å², (B, 3n, 3n) complex), DESIGN §2:
 - classical: C̃(q) = k_BT · M^{-1/2} D(q)^{-1} M^{-1/2}, by Cholesky (no eigenvectors);
-- quantum:   C̃(q) = M^{-1/2} h(D) M^{-1/2}, h(ω²) = (ħω/2)coth(ħω/2k_BT)/ω², a matrix function whose
-  backward uses the Daleckii–Krein divided differences, so it is exact at degenerate modes
-  (autograd through torch.linalg.eigh is not: −7.8 % at X of fcc Ni).
+- quantum:   C̃(q) = M^{-1/2} h(D) M^{-1/2}, h(ω²) = (ħω/2)coth(ħω/2k_BT)/ω². Where every ħω/2k_BT < 3π/4
+  (room temperature for most crystals): k_BT·D⁻¹ plus the power series of x·coth x in D, matrix
+  products only; otherwise (low T) an eigen-decomposition whose backward uses the Daleckii–Krein
+  divided differences. Both are exact at degenerate modes (autograd through torch.linalg.eigh is not:
+  −7.8 % at X of fcc Ni).
 At q = Γ (any reciprocal-lattice vector) the three mass-weighted rigid translations are removed: a
 crystal whose centre of mass is fixed.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from ase import units
+from scipy.special import zeta
 
 KB = units.kB  # eV/K
 # ħω in eV for ω² = 1 eV/Å²/amu
@@ -45,6 +48,63 @@ def thermal_energy(omega2: torch.Tensor, temperature: float) -> torch.Tensor:
     small = x < 1e-3
     xs = torch.where(small, torch.ones_like(x), x)
     return KB * temperature * torch.where(small, 1 + x**2 / 3, xs / torch.tanh(xs))
+
+
+SERIES_MAX_RATIO = 0.5625  # (x/π)² ≤ (3/4)²: at most ~60 terms
+SERIES_TOLERANCE = 1e-16  # relative truncation error of x·coth x
+
+
+def quantum_series(dyn: torch.Tensor, temperature: float) -> np.ndarray | None:
+    """b_k (K,) with h(λ) = k_BT/λ + Σ_{k=1..K} b_k λ^{k−1} on the spectrum of dyn (B, m, m), or None.
+
+    x·coth x = 1 + Σ_k (−1)^{k+1} 2ζ(2k) (x/π)^{2k}, x² = sλ, s = (ħ/2k_BT)² in the units of λ (eV/Å²/amu);
+    it converges for x < π. Used when a bound on every eigenvalue (the smaller of the Frobenius and the
+    row-sum norm, per q) gives (x/π)² ≤ SERIES_MAX_RATIO, truncated at SERIES_TOLERANCE relative;
+    None (use the eigen-decomposition) otherwise, and at T = 0.
+    """
+    if temperature == 0:
+        return None
+    with torch.no_grad():
+        frobenius = torch.linalg.matrix_norm(dyn).amax()
+        row_sum = dyn.abs().sum(-1).amax()
+        bound = float(torch.minimum(frobenius, row_sum))
+    s = (0.5 * HBAR_OMEGA_UNIT / (KB * temperature)) ** 2
+    ratio = s * bound / np.pi ** 2
+    if ratio > SERIES_MAX_RATIO:
+        return None
+    terms = 2
+    while 2 * ratio ** (terms + 1) / (1 - ratio) > SERIES_TOLERANCE:
+        terms += 1
+    k = np.arange(1, terms + 1)
+    return KB * temperature * (-1.0) ** (k + 1) * 2 * zeta(2 * k) * (s / np.pi ** 2) ** k
+
+
+def quantum_series_matrix(dyn: torch.Tensor, coefficients: np.ndarray, proj) -> torch.Tensor:
+    """h(D) − k_BT·D⁻¹ off the translations: b_1(1 − P) + Σ_{k≥2} b_k D^{k−1}, (B, m, m) (Horner).
+
+    dyn: the unlifted D (B, m, m); proj: the translation projector (B, m, m) or None (D^{k−1}, k ≥ 2,
+    annihilates the translations by itself).
+    """
+    eye = torch.eye(dyn.shape[-1], dtype=dyn.dtype, device=dyn.device)
+    acc = coefficients[-1] * eye
+    for b in coefficients[-2:0:-1]:
+        acc = b * eye + dyn @ acc
+    first = coefficients[0] * (eye if proj is None else eye - proj)
+    return first + dyn @ acc
+
+
+def quantum_series_form(dyn: torch.Tensor, v: torch.Tensor, coefficients: np.ndarray, proj) -> torch.Tensor:
+    """v†(h(D) − k_BT·D⁻¹)v off the translations, (B,) real, for v (B, m): matrix–vector products only."""
+    vc = v.to(dyn.dtype)
+    norm2 = (vc.abs() ** 2).sum(-1)
+    if proj is not None:
+        norm2 = norm2 - torch.einsum("bi,bij,bj->b", vc.conj(), proj, vc).real
+    total = coefficients[0] * norm2
+    w = vc
+    for b in coefficients[1:]:
+        w = (dyn @ w[..., None])[..., 0]
+        total = total + b * (vc.conj() * w).sum(-1).real
+    return total
 
 
 def _quantum_h(temperature: float):
@@ -134,17 +194,20 @@ def mass_weighted_covariance(model, q, temperature: float, statistics: str = "cl
     check_temperature(temperature, statistics)
     q = torch.as_tensor(q, dtype=model.theta.dtype, device=model.theta.device).reshape(-1, 3)
     dyn, proj, c = mass_weighted_inverse_covariance(model, q)
-    if statistics == "classical":
-        chol, info = torch.linalg.cholesky_ex(dyn)
-        if torch.any(info > 0):
-            raise UnstableError(f"dynamical matrix not positive definite at {int((info > 0).sum())} of {len(q)} q")
-        cov = KB * temperature * torch.cholesky_inverse(chol)
-        h_c = KB * temperature / c
-    else:
+    plain = dyn if proj is None else dyn - c * proj
+    series = quantum_series(plain, temperature) if statistics == "quantum" else None
+    if statistics == "quantum" and series is None:
         func = _quantum_h(temperature)
         cov = HermitianFunction.apply(dyn, func)
         h_c = func(torch.as_tensor([c], dtype=dyn.real.dtype, device=dyn.device))[0][0]
-    return cov if proj is None else cov - h_c * proj
+        return cov if proj is None else cov - h_c * proj
+    chol, info = torch.linalg.cholesky_ex(dyn)
+    if torch.any(info > 0):
+        raise UnstableError(f"dynamical matrix not positive definite at {int((info > 0).sum())} of {len(q)} q")
+    cov = KB * temperature * torch.cholesky_inverse(chol)
+    if proj is not None:
+        cov = cov - KB * temperature / c * proj
+    return cov if series is None else cov + quantum_series_matrix(plain, series, proj)
 
 
 def thermal_covariance(model, q, temperature: float, statistics: str = "classical") -> torch.Tensor:

@@ -17,6 +17,8 @@ from .covariance import (
     UnstableError,
     mass_weighted_covariance,
     mass_weighted_inverse_covariance,
+    quantum_series,
+    quantum_series_form,
 )
 
 
@@ -62,25 +64,31 @@ def one_phonon_intensity(model, q: torch.Tensor, amplitude: torch.Tensor, temper
                          statistics: str) -> torch.Tensor:
     """I₁(Q) = (1/n) Σ_κκ' A_κ A_κ' Q·C̃_κκ'(Q)·Q, (B,) e.u., with A_κ = f_κ e^{−W_κ} (B, n).
 
-    C̃ at the unreduced Q. Classical: k_BT ‖L⁻¹v‖² with D = LL† (one triangular solve per Q).
+    C̃ at the unreduced Q. Classical: k_BT ‖L⁻¹v‖² with D = LL† (one triangular solve per Q). Quantum:
+    the same plus the series of `quantum_series` (matrix–vector products), or where it does not
+    converge (low T) the full matrix function.
     """
     n = amplitude.shape[-1]
     inv_sqrt_m = 1.0 / torch.sqrt(model.masses)
     v = ((amplitude * inv_sqrt_m)[:, :, None] * q[:, None, :]).reshape(len(q), 3 * n)
-    if statistics == "classical" and temperature > 0:
-        dyn, proj, c = mass_weighted_inverse_covariance(model, q)
-        chol, info = torch.linalg.cholesky_ex(dyn)
-        if torch.any(info > 0):
-            raise UnstableError(f"dynamical matrix not positive definite at {int((info > 0).sum())} of {len(q)} Q")
-        y = torch.linalg.solve_triangular(chol, v.to(chol.dtype)[..., None], upper=False)[..., 0]
-        value = KB * temperature * (y.abs() ** 2).sum(-1)
-        if proj is not None:  # the lifted translations: subtract k_BT/c · v†Pv
-            vc = v.to(proj.dtype)
-            value = value - KB * temperature / c * torch.einsum("bi,bij,bj->b", vc.conj(), proj, vc).real
-        return value / n
-    cov = mass_weighted_covariance(model, q, temperature, statistics)
-    vc = v.to(cov.dtype)
-    return torch.einsum("bi,bij,bj->b", vc.conj(), cov, vc).real / n
+    dyn, proj, c = mass_weighted_inverse_covariance(model, q)
+    plain = dyn if proj is None else dyn - c * proj
+    series = quantum_series(plain, temperature) if statistics == "quantum" else None
+    if statistics == "quantum" and series is None:
+        cov = mass_weighted_covariance(model, q, temperature, statistics)
+        vc = v.to(cov.dtype)
+        return torch.einsum("bi,bij,bj->b", vc.conj(), cov, vc).real / n
+    chol, info = torch.linalg.cholesky_ex(dyn)
+    if torch.any(info > 0):
+        raise UnstableError(f"dynamical matrix not positive definite at {int((info > 0).sum())} of {len(q)} Q")
+    y = torch.linalg.solve_triangular(chol, v.to(chol.dtype)[..., None], upper=False)[..., 0]
+    value = KB * temperature * (y.abs() ** 2).sum(-1)
+    if proj is not None:  # the lifted translations: subtract k_BT/c · v†Pv
+        vc = v.to(proj.dtype)
+        value = value - KB * temperature / c * torch.einsum("bi,bij,bj->b", vc.conj(), proj, vc).real
+    if series is not None:
+        value = value + quantum_series_form(plain, v, series, proj)
+    return value / n
 
 
 def multi_phonon_intensity(q: torch.Tensor, amplitude: torch.Tensor, separations: torch.Tensor,

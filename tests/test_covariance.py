@@ -29,11 +29,13 @@ from phonopy.physical_units import get_physical_units
 from phonopy.structure.atoms import PhonopyAtoms
 
 from ase_tds import ForceConstantModel
+from ase_tds import covariance, scattering
 from ase_tds.covariance import (
     HermitianFunction,
     UnstableError,
     converged_mean_square_displacement,
     mean_square_displacement,
+    quantum_series,
     real_space_covariance,
     thermal_covariance,
 )
@@ -280,6 +282,54 @@ def test_covariance_at_reciprocal_lattice_vectors_removes_translations(models, n
     translations."""
     _check_gamma(models, name, hkl, statistics)
 
+
+
+# ----------------------------------------------------------------------------- quantum: series vs eigen-decomposition
+def _without_series(monkeypatch):
+    """Force the eigen-decomposition (Daleckii–Krein) route of the quantum matrix function."""
+    for module in (covariance, scattering):
+        monkeypatch.setattr(module, "quantum_series", lambda dyn, temperature: None)
+
+
+@pytest.mark.parametrize("name", ["Ni", "AuCu3", "NaCl"])
+def test_quantum_series_equals_eigen_decomposition(models, name, rng, monkeypatch):
+    """At 300 K the quantum C̃(q) and one-phonon form v†C̃v come from k_BT·D⁻¹ plus the x·coth x series;
+    they equal the eigen-decomposition route, at general q and at Γ points (translations removed), and
+    the series is refused (eigen route) at 20 K, where ħω/2k_BT ≥ 3π/4 for the stiffest modes."""
+    model = models[name]
+    q = torch.as_tensor(np.vstack([model.q_from_hkl([(0, 0, 0), (2, 0, 0), (1, 1, 1)]),
+                                   model.q_from_hkl(rng.uniform(-3, 3, size=(12, 3)))]))
+    v = torch.as_tensor(rng.normal(size=(len(q), model.n_atoms)))
+    with torch.no_grad():
+        assert quantum_series(model.dynamical_matrix(q), T_ROOM) is not None
+        assert quantum_series(model.dynamical_matrix(q), 20.0) is None
+        series_cov = thermal_covariance(model, q, T_ROOM, "quantum")
+        series_i1 = scattering.one_phonon_intensity(model, q, v, T_ROOM, "quantum")
+        _without_series(monkeypatch)
+        eigen_cov = thermal_covariance(model, q, T_ROOM, "quantum")
+        eigen_i1 = scattering.one_phonon_intensity(model, q, v, T_ROOM, "quantum")
+    cov_error = float((series_cov - eigen_cov).abs().max() / eigen_cov.abs().max())
+    i1_error = float(((series_i1 - eigen_i1).abs() / eigen_i1.abs().max()).max())
+    print(f"{name}: series vs eigh, C̃ {cov_error:.1e}, I₁ {i1_error:.1e}")
+    assert cov_error < 1e-12 and i1_error < 1e-12
+
+
+def test_quantum_series_gradient_equals_daleckii_krein_at_degeneracies(models, monkeypatch):
+    """d I₁/dθ at X and L of Ni (degenerate transverse modes) and along Γ–X: the series route (autograd
+    through matrix products) equals the eigen route with its Daleckii–Krein backward."""
+    model = copy.deepcopy(models["Ni"])
+    q = torch.as_tensor(model.q_from_hkl([(1, 0, 0), (1.5, 1.5, 1.5), (2.3, 0, 0), (0.3, 1.2, 2.1)]))
+    amplitude = torch.ones(len(q), 1, dtype=q.dtype)
+
+    def gradient():
+        model.theta.grad = None
+        scattering.one_phonon_intensity(model, q, amplitude, T_ROOM, "quantum").sum().backward()
+        return model.theta.grad.clone()
+
+    series = gradient()
+    _without_series(monkeypatch)
+    eigen = gradient()
+    assert torch.allclose(series, eigen, rtol=1e-10, atol=1e-12 * float(eigen.abs().max()))
 
 
 # ----------------------------------------------------------------------------- real space: dense supercell
