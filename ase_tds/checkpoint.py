@@ -64,7 +64,7 @@ class Checkpoint:
 
     def write(self, theta, iterations: int, history, whitening, adam: dict | None = None) -> None:
         def plain(value):
-            return value.tolist() if isinstance(value, np.ndarray) else value
+            return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
 
         payload = {"format": FORMAT, "labels": self.labels, "settings": self.settings,
                    "theta": np.asarray(theta, dtype=float).tolist(), "iterations": int(iterations),

@@ -317,7 +317,7 @@ def _adam(objective, start, whiten, done, max_iter, progress, history, saver, st
                     m_hat = state["m"] / (1 - betas[0] ** state["t"])
                     v_hat = np.sqrt(state["v"] / (1 - betas[1] ** state["t"]))
                     state["x"] = state["x"] - state["lr"] * m_hat / (v_hat + 1e-12 * v_hat.max())
-            state["converged"] = state["converged"] or state["lr"] < xtol
+            state["converged"] = bool(state["converged"] or state["lr"] < xtol)
             bar.set_postfix(loss=f"{state['best_value']:.6g}", step=f"{state['lr']:.3g}")
             if saver is not None:
                 saver.write(unwhiten @ state["best_x"], iterations, history, whiten, adam=state)

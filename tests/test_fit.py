@@ -13,6 +13,7 @@ from ase_tds.background import ComptonShape
 from ase_tds.covariance import UnstableError
 from ase_tds.data import add_poisson_noise
 from ase_tds.fit import _Objective
+from ase_tds.sampling import DenseSampler
 
 from conftest import ni_conventional
 
@@ -28,6 +29,14 @@ def truth():
 def _points(n, seed=0):
     hkl = np.random.default_rng(seed).uniform(-3, 3, size=(n, 3))
     return hkl[np.abs(hkl - np.round(hkl)).max(axis=1) > 0.15]  # away from every integer hkl
+
+
+def _grid_points(repeat, n, seed=0):
+    """n hkl on the 1/repeat grid (Q a repeat³ supercell supports), |hkl| ≤ 3, each off integer hkl."""
+    grid = np.stack(np.meshgrid(*3 * [np.arange(-3 * repeat, 3 * repeat + 1) / repeat], indexing="ij"), -1)
+    grid = grid.reshape(-1, 3)
+    grid = grid[np.abs(grid - np.round(grid)).max(axis=1) > 0.2]
+    return grid[np.random.default_rng(seed).choice(len(grid), n, replace=False)]
 
 
 def _start(truth, factor=0.8):
@@ -73,11 +82,25 @@ def test_noisy_fit_has_honest_uncertainties(truth, tmp_path):
     assert record["settings"]["statistics"] == "quantum" and "torch" in record["versions"]
 
 
-def test_unstable_start_is_refused(truth):
+@pytest.mark.parametrize("method", ["one-phonon", "gaussian", "sampling"])
+def test_unstable_start_is_refused(truth, method, tmp_path):
+    """Refused before any step, with where it is unstable (a mesh's most imaginary mode), θ left as given."""
     data = simulate(truth, _points(100), 300.0, method="one-phonon", statistics="classical", tds_options=FAST)
     model = ForceConstantModel(ni_conventional(), shells=2).set_from_bvk({"1XX": -1.0, "1XY": -1.0})
-    with pytest.raises(UnstableError, match="starting force constants are dynamically unstable"):
-        fit(model, data, method="one-phonon", statistics="classical", tds_options=FAST, progress=False)
+    before = model.theta.detach().numpy().copy()
+    options = dict(FAST, sampler=DenseSampler(model, (3, 3, 3), 300.0, seed=0)) if method == "sampling" else FAST
+    if method == "sampling":
+        data = TDSData.from_hkl(_grid_points(3, 20), np.ones(20), data.cell, temperature=300.0)
+    with pytest.raises(UnstableError, match=r"starting force constants are dynamically unstable: imaginary "
+                                            r"frequency \d+\.\d+i THz at hkl"):
+        fit(model, data, method=method, statistics="classical", tds_options=options, progress=False)
+    np.testing.assert_array_equal(model.theta.detach().numpy(), before)
+    if method == "one-phonon":  # the same from a checkpoint (a bare θ: the older format, or written by hand)
+        stable = _start(truth)
+        (tmp_path / "ckpt.json").write_text(json.dumps({"theta": before.tolist()}))
+        with pytest.raises(UnstableError, match="unstable \\(θ from the checkpoint"):
+            fit(stable, data, method=method, statistics="classical", tds_options=options, progress=False,
+                checkpoint=tmp_path / "ckpt.json")
 
 
 def test_fixed_scale_needs_absolute_data(truth):
@@ -168,3 +191,71 @@ def test_poisson_fit_recovers_theta_at_low_counts(truth):
     assert objective.profile(calc)[0] == pytest.approx(data.intensity.sum() / calc.sum().item(), rel=1e-10)
     with pytest.raises(ValueError, match="needs the counts"):
         fit(model, dataclasses.replace(data, sigma=None), loss="poisson", scale="fixed", tds_options=FAST)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+
+
+def test_interrupted_fit_resumes_to_the_same_theta(truth, tmp_path):
+    """3 L-BFGS iterations, then a new fit() on the checkpoint: the θ of an uninterrupted fit, to 1e-3 σ."""
+    data = simulate(truth, _points(300, seed=2), 300.0, method="one-phonon", statistics="classical", counts=1e4,
+                    rng=4, tds_options=FAST)
+    kwargs = dict(method="one-phonon", statistics="classical", scale="fixed", background="none", tds_options=FAST,
+                  progress=False)
+    whole = fit(_start(truth, 0.7), data, **kwargs)
+    checkpoint = tmp_path / "fit.ckpt"
+    first = fit(_start(truth, 0.7), data, max_iter=3, checkpoint=checkpoint, **kwargs)
+    assert first.iterations == 3 and np.abs(first.theta - whole.theta).max() > 10 * whole.sigma.max()
+    resumed = fit(_start(truth, 1.1), data, checkpoint=checkpoint, **kwargs)  # its own start is not used
+    assert resumed.iterations > 3 and resumed.history[:4] == first.history[:4]
+    np.testing.assert_allclose(resumed.theta, whole.theta, rtol=0, atol=1e-3 * whole.sigma.min())
+    with pytest.raises(ValueError, match="other settings \\(loss: 'chi2' there, 'poisson' now"):
+        fit(_start(truth), data, checkpoint=checkpoint, **dict(kwargs, loss="poisson"))
+    with pytest.raises(ValueError, match="a checkpoint of a model with parameters"):
+        fit(ForceConstantModel(ni_conventional(), shells=1).set_from_bvk({"1XX": 1.5, "1XY": 1.6}), data,
+            checkpoint=checkpoint, **kwargs)
+
+
+# ---- the sampling model (Adam) -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sampled(truth):
+    """80 Q on the 1/3 grid, intensities of a 3×3×3-cell DenseSampler of the truth (8 samples, seed 0), σ = 1 %.
+
+    The fitted model samples with the same seed (common random numbers): the loss is a smooth function of θ
+    whose minimum is exactly the truth.
+    """
+    sampler = DenseSampler(truth, (3, 3, 3), 300.0, n_samples=8, seed=0, progress=False)
+    data = simulate(truth, _grid_points(3, 80), 300.0, method="sampling", statistics="classical",
+                    tds_options=dict(sampler=sampler))
+    return dataclasses.replace(data, sigma=0.01 * data.intensity)
+
+
+def _fit_sampled(model, data, **kwargs):
+    sampler = DenseSampler(model, (3, 3, 3), 300.0, n_samples=8, seed=0, progress=False)
+    return fit(model, data, method="sampling", statistics="classical", scale="fixed", background="none",
+               tds_options=dict(sampler=sampler), **kwargs)
+
+
+def test_sampling_fit_converges_and_resumes_exactly(truth, sampled, tmp_path, capsys):
+    """Adam from 0.8 × truth: 20 iterations cut the largest θ error ≥ 10×; 12 + 8 resumed is the same run."""
+    true = truth.theta.detach().numpy()
+    result = _fit_sampled(_start(truth), sampled, max_iter=20, progress=True)
+    assert "fit (Adam)" in capsys.readouterr().err  # the progress bar
+    error0, error = np.abs(0.8 * true - true).max(), np.abs(result.theta - true).max()
+    assert result.iterations == 20 and error < error0 / 10, (error0, error)
+    assert np.all(np.isfinite(result.sigma) & (result.sigma > 0)) and len(result.history) == 21
+    assert min(result.history) == pytest.approx(result.chi2) and result.chi2 < 1e-3 * result.history[0]
+    checkpoint = tmp_path / "adam.ckpt"
+    _fit_sampled(_start(truth), sampled, max_iter=12, checkpoint=checkpoint, progress=False)
+    resumed = _fit_sampled(_start(truth), sampled, max_iter=20, checkpoint=checkpoint, progress=False)
+    np.testing.assert_allclose(resumed.theta, result.theta, rtol=0, atol=1e-12)
+    assert resumed.iterations == 20 and resumed.history == result.history
+
+
+def test_sampling_fit_stops_at_the_minimum(truth, sampled):
+    """Started at the truth (the exact minimum under common random numbers): stops after one evaluation."""
+    result = _fit_sampled(_start(truth, 1.0), sampled, max_iter=20, progress=False)
+    assert result.iterations == 1 and result.chi2 < 1e-12
+    np.testing.assert_allclose(result.theta, truth.theta.detach().numpy(), atol=1e-12)
