@@ -38,7 +38,8 @@ class FitResult:
 
     theta, sigma: (n_params,) eV/Å²; covariance, correlation: (n_params, n_params); scale, background,
     compton (None when not fitted): the nuisance values, background and compton in data units.
-    chi2: Σ (m − I_obs)²/var with var = σ² (loss "chi2") or the Poisson variance m/exposure (loss "poisson");
+    chi2: Σ (m − I_obs)²/var with var = σ² (loss "chi2") or the Poisson variance m/exposure (loss "poisson"),
+    plus for "sampling" the Monte-Carlo variance of its fixed-seed estimate (also in sigma);
     chi2_red = χ²/(N_used − n_free); deviance: the Poisson deviance (loss "poisson" only).
     """
 
@@ -366,11 +367,18 @@ def _whitening(objective, theta: np.ndarray, n_points: int = 256) -> np.ndarray:
 
 
 def _result(model, tds, objective, theta, iterations, history, settings, compton) -> FitResult:
-    """Final evaluation; Gauss–Newton covariance from a central-difference Jacobian of I(Q; θ) and the nuisance."""
+    """Final evaluation; Gauss–Newton covariance from a central-difference Jacobian of I(Q; θ) and the nuisance.
+
+    For "sampling" the fixed-seed estimate's Monte-Carlo variance (s·stderr)² is added to the data's: in χ²,
+    and in the covariance as a sandwich (JᵀWJ)⁻¹ JᵀW(V + V_MC)WJ (JᵀWJ)⁻¹, W = V⁻¹ the fit's weights.
+    """
     fc, nuisance = model, objective.nuisance
     with torch.no_grad():
         fc.theta.copy_(torch.as_tensor(theta))
-        intensity = tds(objective.q)
+        if tds.method == "sampling":
+            intensity, stderr = tds.sampler.intensity(tds, objective.q)
+        else:
+            intensity, stderr = tds(objective.q), None
         beta = objective.profile(intensity)
         calc = nuisance.model(intensity, beta)
         values = nuisance.values(beta)
@@ -380,13 +388,16 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
             variance = torch.clamp(calc, min=1e-300) / objective.exposure  # Poisson: var(I_obs) = m/t
         else:
             variance = 1.0 / objective.w
-        chi2 = float(((calc - objective.y) ** 2 / variance).sum())
+        inflation = 1.0 if stderr is None else 1.0 + (values["scale"] * stderr) ** 2 / variance
+        chi2 = float(((calc - objective.y) ** 2 / (variance * inflation)).sum())
         jac = torch.cat([values["scale"] * _jacobian(tds, objective.q, theta), nuisance.design(intensity)[1]], dim=1)
-        jac = (jac / torch.sqrt(variance)[:, None]).cpu().numpy()
+        jac = jac / torch.sqrt(variance)[:, None]
+        normal = (jac.T @ jac).cpu().numpy()
+        middle = (jac.T @ (jac * inflation[:, None])).cpu().numpy() if stderr is not None else normal
     n_free = jac.shape[1]
     n_points = len(objective.y)
-    normal = jac.T @ jac
-    cov = np.linalg.pinv(normal)[: fc.n_params, : fc.n_params]
+    inverse = np.linalg.pinv(normal)
+    cov = (inverse @ middle @ inverse)[: fc.n_params, : fc.n_params]
     sigma = np.sqrt(np.clip(np.diag(cov), 0, None))
     corr = cov / np.outer(np.where(sigma > 0, sigma, 1), np.where(sigma > 0, sigma, 1))
     notes = _identifiability(fc.labels, corr, normal, objective.scale_mode)

@@ -246,7 +246,7 @@ def test_sampling_fit_converges_and_resumes_exactly(truth, sampled, tmp_path, ca
     error0, error = np.abs(0.8 * true - true).max(), np.abs(result.theta - true).max()
     assert result.iterations == 20 and error < error0 / 10, (error0, error)
     assert np.all(np.isfinite(result.sigma) & (result.sigma > 0)) and len(result.history) == 21
-    assert min(result.history) == pytest.approx(result.chi2) and result.chi2 < 1e-3 * result.history[0]
+    assert min(result.history) < 1e-3 * result.history[0] and result.chi2 <= min(result.history)
     checkpoint = tmp_path / "adam.ckpt"
     _fit_sampled(_start(truth), sampled, max_iter=12, checkpoint=checkpoint, progress=False)
     resumed = _fit_sampled(_start(truth), sampled, max_iter=20, checkpoint=checkpoint, progress=False)
