@@ -201,6 +201,10 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
         data.check_cell(model.unitcell.cell[:], "the model's structure")
     temperature = data.require_temperature(temperature)
     tds = TDSModel(model, temperature, method=method, statistics=statistics, **(tds_options or {}))
+    if method == "sampling" and tds.sampler.seed is None:
+        warnings.warn("the sampler has no seed: every evaluation draws new displacements, so the loss is noisy and "
+                      "Adam anneals on that noise; give it a seed (common random numbers) for a smooth loss",
+                      stacklevel=2)
     objective = _Objective(tds, data, scale, background, loss, compton, exposure)
     n_free = model.n_params + objective.nuisance.n_free
     if len(objective.y) <= n_free:
@@ -290,7 +294,8 @@ def _adam(objective, start, whiten, done, max_iter, progress, history, saver, st
     state = {k: (np.array(v, dtype=float) if isinstance(v, list) else v) for k, v in state.items()}
 
     def restart():
-        state.update(x=state["best_x"].copy(), m=np.zeros(n), v=np.zeros(n), t=0, lr=state["lr"] * decay)
+        lr = None if state["lr"] is None else state["lr"] * decay
+        state.update(x=state["best_x"].copy(), m=np.zeros(n), v=np.zeros(n), t=0, lr=lr)
 
     iterations = done
     with tqdm(total=max_iter, initial=done, desc="fit (Adam)", disable=not progress) as bar:
@@ -318,8 +323,8 @@ def _adam(objective, start, whiten, done, max_iter, progress, history, saver, st
                     m_hat = state["m"] / (1 - betas[0] ** state["t"])
                     v_hat = np.sqrt(state["v"] / (1 - betas[1] ** state["t"]))
                     state["x"] = state["x"] - state["lr"] * m_hat / (v_hat + 1e-12 * v_hat.max())
-            state["converged"] = bool(state["converged"] or state["lr"] < xtol)
-            bar.set_postfix(loss=f"{state['best_value']:.6g}", step=f"{state['lr']:.3g}")
+            state["converged"] = bool(state["converged"] or (state["lr"] is not None and state["lr"] < xtol))
+            bar.set_postfix(loss=f"{state['best_value']:.6g}", step=f"{state['lr'] or 0:.3g}")
             if saver is not None:
                 saver.write(unwhiten @ state["best_x"], iterations, history, whiten, adam=state)
     return unwhiten @ state["best_x"], iterations
