@@ -57,7 +57,8 @@ atoms = bulk("Ni", "fcc", a=3.52, cubic=True).repeat(4)
 atoms.calc = calc
 atoms.set_constraint(FixCom())  # the centre of mass stays put, as in the force constants' statistics
 # starting at rest on the lattice sites, the thermostat (friction 0.02/fs) heats the crystal within ~0.1 ps
-dynamics = Langevin(atoms, 5 * units.fs, temperature_K=T, friction=0.02 / units.fs, fixcm=False, rng=np.random.default_rng(1))
+dynamics = Langevin(atoms, 5 * units.fs, temperature_K=T, friction=0.02 / units.fs, fixcm=False,
+                    rng=np.random.default_rng(1))
 record = {"time (ps)": [], "T (K)": [], "E_pot (eV/atom)": [], "⟨u_x²⟩ (Å²)": []}
 
 
@@ -79,7 +80,8 @@ exact_epot = (3 * len(atoms) - 3) / 2 * units.kB * T / len(atoms)
 print(f"MD: {n_steps} steps of 5 fs; averages over the last {n_steps * 3 // 4} steps")
 print(f"  T = {md['T (K)']:.1f} K (thermostat {T:g} K)")
 print(f"  ⟨u_x²⟩ = {md['⟨u_x²⟩ (Å²)']:.5f} Å²   exact classical for this supercell {exact_msd:.5f} Å²")
-print(f"  E_pot = {1000 * md['E_pot (eV/atom)']:.3f} meV/atom   equipartition (3N−3)/2·k_BT/N = {1000 * exact_epot:.3f} meV/atom")
+print(f"  E_pot = {1000 * md['E_pot (eV/atom)']:.3f} meV/atom   "
+      f"equipartition (3N−3)/2·k_BT/N = {1000 * exact_epot:.3f} meV/atom")
 fig, axes = plt.subplots(3, 1, figsize=(7, 6.5), sharex=True)
 for ax, key, reference in zip(axes, ["T (K)", "E_pot (eV/atom)", "⟨u_x²⟩ (Å²)"], [T, exact_epot, exact_msd]):
     ax.plot(record["time (ps)"], record[key], lw=0.8)
@@ -94,18 +96,19 @@ fig.savefig(args.out / "md.png", dpi=110)
 ph = phonopy.load(args.fitted / "phonopy_params.yaml", produce_fc=False, log_level=0)
 conventional = {"Γ": [0, 0, 0], "X": [1, 0, 0], "U": [1, 0.25, 0.25], "K": [0.75, 0.75, 0], "L": [0.5, 0.5, 0.5],
                 "W": [1, 0.5, 0]}  # r.l.u. of the cubic cell; phonopy wants the primitive reciprocal basis
-path = [[conventional[p] @ np.asarray(ph.primitive_matrix) for p in segment] for segment in (["Γ", "X", "U"], ["K", "Γ", "L", "W", "X"])]
+path = [[conventional[p] @ np.asarray(ph.primitive_matrix) for p in segment]
+        for segment in (["Γ", "X", "U"], ["K", "Γ", "L", "W", "X"])]
 qpoints, connections = get_band_qpoints_and_path_connections(path, npoints=51)
 ph.run_band_structure(qpoints, path_connections=connections, labels=["Γ", "X", "U", "K", "Γ", "L", "W", "X"])
 ph.plot_band_structure().savefig(args.out / "band_structure.png", dpi=110)
 highest = max(f.max() for f in ph.band_structure.frequencies)
 print(f"\nphonopy band structure: highest frequency {highest:.3f} THz")
 ph.run_mesh([24, 24, 24], is_gamma_center=True)
-ph.run_thermal_properties(t_min=0, t_max=1000, t_step=100)
+ph.run_thermal_properties(t_min=0, t_max=1000, t_step=10)
 thermal = ph.thermal_properties
-print(f"phonopy thermal properties on a 24³ mesh, per mole of primitive cells (here: of Ni atoms)")
+print("phonopy thermal properties on a 24³ mesh, per mole of primitive cells (here: of Ni atoms)")
 print(f"{'T (K)':>6}{'F (kJ/mol)':>12}{'S (J/K/mol)':>13}{'C_v (J/K/mol)':>15}")
-for row in zip(thermal.temperatures, thermal.free_energy, thermal.entropy, thermal.heat_capacity):
+for row in list(zip(thermal.temperatures, thermal.free_energy, thermal.entropy, thermal.heat_capacity))[::10]:
     print("{:>6.0f}{:>12.3f}{:>13.3f}{:>15.3f}".format(*row))
 print(f"(C_v → 3R = {3 * units.mol * units.kB / units.J:.3f} J/K/mol at high T, Dulong–Petit)")
 ph.plot_thermal_properties().savefig(args.out / "thermal_properties.png", dpi=110)
@@ -117,6 +120,7 @@ frames = ase.io.read(path, ":")
 energies = np.array([frame.info["REF_energy"] for frame in frames])
 forces = np.concatenate([frame.arrays["REF_forces"] for frame in frames])
 print(f"\n{path}: {len(frames)} configurations of {len(frames[0])} atoms, info keys {sorted(frames[0].info)}")
-print(f"  mean REF_energy {1000 * energies.mean() / len(frames[0]):.3f} meV/atom (equipartition {1000 * exact_epot:.3f}), "
-      f"rms REF_forces {np.sqrt((forces**2).mean()):.3f} eV/Å")
-print(f"\nwrote {args.out}/md.png, band_structure.png, thermal_properties.png, train.extxyz in {time.time() - t0:.0f} s")
+print(f"  mean REF_energy {1000 * energies.mean() / len(frames[0]):.3f} meV/atom "
+      f"(equipartition {1000 * exact_epot:.3f}), rms REF_forces {np.sqrt((forces**2).mean()):.3f} eV/Å")
+print(f"\nwrote {args.out}/md.png, band_structure.png, thermal_properties.png, train.extxyz "
+      f"in {time.time() - t0:.0f} s")

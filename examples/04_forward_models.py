@@ -59,10 +59,12 @@ with torch.no_grad():
     line = {name: tds(q).numpy() for name, tds in models.items()}
     mean, stderr = (x.numpy() for x in sampler.intensity(sampling, q))
     exact = same_supercell(q).numpy()
-gauss, one_q, one_c = (line[k] for k in ("gaussian (all orders), quantum", "one-phonon, quantum", "one-phonon, classical"))
+names = ("gaussian (all orders), quantum", "one-phonon, quantum", "one-phonon, classical")
+gauss, one_q, one_c = (line[name] for name in names)
 pull = (mean - exact) / stderr
 print(f"{sampler}, {n_samples} samples, on {len(q)} Q of (h, 1/2, 0):")
-print(f"  (sampling − gaussian on the same supercell)/stderr: mean {pull.mean():+.2f}, rms {np.sqrt((pull**2).mean()):.2f}")
+print(f"  (sampling − gaussian on the same supercell)/stderr: mean {pull.mean():+.2f}, "
+      f"rms {np.sqrt((pull**2).mean()):.2f}")
 print(f"  the {L}³ supercell vs the converged gaussian model: intensity ratio "
       f"{(exact / gauss).min():.3f}–{(exact / gauss).max():.3f}")
 
@@ -71,10 +73,10 @@ rng = np.random.default_rng(0)
 print(f"\n{'|Q| (Å⁻¹)':<12}{'multi-phonon share':>20}{'I₁ quantum / classical':>25}")
 for q_mid in (2.0, 4.0, 6.0, 7.0, 8.0):
     direction = rng.normal(size=(n_random, 3))
-    q_shell = direction / np.linalg.norm(direction, axis=1, keepdims=True) * rng.uniform(q_mid - 0.25, q_mid + 0.25, (n_random, 1))
+    radius = rng.uniform(q_mid - 0.25, q_mid + 0.25, (n_random, 1))
+    q_shell = direction / np.linalg.norm(direction, axis=1, keepdims=True) * radius
     with torch.no_grad():
-        i_all, i_q, i_c = (models[k](q_shell).numpy() for k in
-                           ("gaussian (all orders), quantum", "one-phonon, quantum", "one-phonon, classical"))
+        i_all, i_q, i_c = (models[name](q_shell).numpy() for name in names)
     share = 1 - i_q / i_all
     print(f"{q_mid:<12.1f}{np.median(share):>11.3f} [{np.percentile(share, 10):.3f}–{np.percentile(share, 90):.3f}]"
           f"{np.median(i_q / i_c):>16.3f} [{np.percentile(i_q / i_c, 10):.3f}–{np.percentile(i_q / i_c, 90):.3f}]")
