@@ -7,7 +7,8 @@ process load two OpenMP runtimes and euphonic then runs serially (see shared NOT
 
 Crystals: EMT Ni (1 atom per primitive cell, default 10⁵ Q) and Ni31Cu (the 2×2×2 conventional Ni cell with
 one Cu: its primitive cell really has 32 atoms, 3 shells; default 1000 Q, dw_mesh 4). ase_tds: classical and quantum statistics,
-Debye–Waller on (its msd from dw_mesh, computed inside every forward call), xraydb f₀(|Q|). euphonic:
+Debye–Waller on (its msd from dw_mesh: computed once per θ for the no-gradient forward, as for
+euphonic; recomputed in every forward with a graph), xraydb f₀(|Q|). euphonic:
 constant scattering lengths, DebyeWaller from the same msd (the per-Q work only; its own DW-on-a-mesh time is
 reported separately). Also: backward/forward time of ase_tds for intensity.sum().backward().
 
