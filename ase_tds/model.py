@@ -79,6 +79,7 @@ class ForceConstantModel(torch.nn.Module):
 
     @property
     def n_params(self) -> int:
+        """Number of parameters: the length of θ (n_params,)."""
         return self.theta.numel()
 
     def __repr__(self) -> str:
@@ -90,7 +91,7 @@ class ForceConstantModel(torch.nn.Module):
         return dict(zip(self.labels, self.theta.detach().cpu().tolist()))
 
     def table(self, uncertainties=None) -> str:
-        """Plain-text table of label, value and unit (and 1σ when given)."""
+        """Plain-text table of label, value (eV/Å²) and unit, and 1σ when `uncertainties` (n_params,) are given."""
         lines = [f"{'label':<14}{'value':>12}  unit" + ("         1σ" if uncertainties is not None else "")]
         for i, (label, value) in enumerate(self.parameter_dict().items()):
             line = f"{label:<14}{value:>12.5f}  eV/Å²"
@@ -118,7 +119,7 @@ class ForceConstantModel(torch.nn.Module):
         return np.sign(eig) * np.sqrt(np.abs(eig)) * THZ_PER_SQRT_EV_A2_AMU
 
     def q_from_hkl(self, hkl, cell=None) -> np.ndarray:
-        """Cartesian q (N, 3) in Å⁻¹ from hkl in r.l.u. of `cell` (default: the cell the model was built from)."""
+        """Cartesian q (N, 3) Å⁻¹ from hkl (N, 3) in r.l.u. of `cell` (3, 3) Å (default: the model's unit cell)."""
         return reciprocal_q(hkl, self.unitcell.cell[:] if cell is None else cell)
 
     # ------------------------------------------------------------------ phonopy layouts
@@ -180,7 +181,7 @@ class ForceConstantModel(torch.nn.Module):
         return fold_pairs(pair_fc, self.supercell_columns(positions, cell, rows), len(rows), len(positions))
 
     def to_phonopy(self, supercell_matrix):
-        """A phonopy.Phonopy with this model's force constants (compact) on `supercell_matrix` × unitcell."""
+        """A phonopy.Phonopy with this model's force constants (compact, eV/Å²) on `supercell_matrix` (3, 3) × unitcell."""
         from phonopy import Phonopy
 
         ph = Phonopy(to_phonopy_atoms(self.unitcell), supercell_matrix=np.asarray(supercell_matrix),
