@@ -82,10 +82,11 @@ class TDSModel(torch.nn.Module):
         return self._at_fixed_theta("correlation", lambda: real_space_covariance(fc, t, s, self.grid))
 
     def amplitude(self, q: torch.Tensor, msd: torch.Tensor) -> torch.Tensor:
-        """A_κ(Q) = f_κ(|Q|) e^{−W_κ(Q)}, (B, n)."""
+        """A_κ(Q) = f_κ(|Q|) e^{−W_κ(Q)}, (B, n) e.u., for q (B, 3) Å⁻¹ and msd (n, 3, 3) Å²."""
         return self.form_factors(torch.linalg.norm(q, dim=-1)) * torch.exp(-debye_waller_exponent(q, msd))
 
     def forward(self, q) -> torch.Tensor:
+        """I(Q) (B,) in e.u./atom at Cartesian q (B, 3) Å⁻¹ (array or tensor; reshaped to (-1, 3))."""
         fc = self.force_constants
         q = torch.as_tensor(q, dtype=fc.theta.dtype, device=fc.theta.device).reshape(-1, 3)
         if self.method == "sampling":
@@ -103,5 +104,5 @@ class TDSModel(torch.nn.Module):
         return torch.cat(out)
 
     def intensity_hkl(self, hkl, cell=None) -> torch.Tensor:
-        """I at hkl (N, 3) in r.l.u. of `cell` (default: the force-constant model's unit cell)."""
+        """I (N,) e.u./atom at hkl (N, 3) in r.l.u. of `cell` (3, 3) Å (default: the force constants' unit cell)."""
         return self(self.force_constants.q_from_hkl(np.asarray(hkl, dtype=float), cell))
