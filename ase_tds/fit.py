@@ -69,6 +69,7 @@ class FitResult:
         return value
 
     def table(self) -> str:
+        """Plain-text table: label, value and 1σ (eV/Å²) per parameter, then the nuisance values and χ²_red."""
         lines = [f"{'label':<14}{'value':>12}{'1σ':>11}  unit"]
         lines += [f"{k:<14}{v:>12.5f}{s:>11.5f}  eV/Å²" for k, v, s in zip(self.labels, self.theta, self.sigma)]
         compton = "" if self.compton is None else f", Compton amplitude {self.compton:.6g}"
@@ -77,6 +78,7 @@ class FitResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
+        """What fit.json holds: parameters (label, value, 1σ, unit), correlation, nuisances, χ², settings, versions."""
         import ase
         import phonopy
 
