@@ -79,6 +79,7 @@ class TDSFitted(Calculator):
         self._cached = (None, None)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        """ASE's entry point: results energy = free_energy (eV) and forces (N, 3) eV/Å of `atoms`."""
         super().calculate(atoms, properties, system_changes)
         if not np.all(self.atoms.pbc):
             raise StructureError(f"TDSFitted needs a periodic supercell (pbc={self.atoms.pbc.tolist()}); "

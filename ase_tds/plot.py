@@ -18,7 +18,10 @@ def dispersion_path(model, npoints: int = 200):
 
 
 def plot_dispersion(models: dict, path, title: str = "phonon dispersion") -> None:
-    """Frequencies (THz) on the standard path for {name: ForceConstantModel}; the first one sets the path."""
+    """Frequencies (THz) on the standard path for {name: ForceConstantModel}; the first one sets the path.
+
+    Written as an image to `path` (format from its suffix, e.g. .png).
+    """
     first = next(iter(models.values()))
     q, x, ticks, labels = dispersion_path(first)
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -42,7 +45,10 @@ def plot_dispersion(models: dict, path, title: str = "phonon dispersion") -> Non
 
 
 def plot_tds_fit(q_norm, observed, model, sigma, path, title: str = "TDS fit") -> None:
-    """Observed vs model intensity (e.u./atom) and normalised residuals against |Q| (Å⁻¹), used points only."""
+    """Observed vs model intensity (e.u./atom) and normalised residuals against |Q| (Å⁻¹), used points only.
+
+    q_norm, observed, model, sigma: (N,) arrays of the used points; written as an image to `path`.
+    """
     q_norm, observed, model, sigma = (np.asarray(a, dtype=float) for a in (q_norm, observed, model, sigma))
     fig, (top, mid, bottom) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
     order = np.argsort(q_norm)

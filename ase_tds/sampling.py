@@ -62,6 +62,7 @@ class _Sampler:
 
     @property
     def n_atoms(self) -> int:
+        """N, the number of atoms in the supercell."""
         return len(self.positions)
 
     def __repr__(self) -> str:
