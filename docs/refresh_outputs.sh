@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run every example in full mode and copy what the pages show (stdout and plots) into docs/outputs/.
-# Usage, from anywhere: bash docs/refresh_outputs.sh   (about 10 min on 2 idle cores)
+# Usage, from anywhere: bash docs/refresh_outputs.sh   (7 min on the shared 2-core machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MPLBACKEND=Agg
