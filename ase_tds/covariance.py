@@ -2,7 +2,7 @@
 
 C̃_κκ'(q) = Σ_l ⟨u_κ0 u_κ'lᵀ⟩ e^{iq·(r_κ'l − r_κ0)}  (Å², (B, 3n, 3n) complex), DESIGN §2:
 - classical: C̃(q) = k_BT · M^{-1/2} D(q)^{-1} M^{-1/2}, by Cholesky (no eigenvectors);
-- quantum:   C̃(q) = M^{-1/2} h(D) M^{-1/2}, h(ω²) = (ħω/2)coth(ħω/2k_BT)/ω². Where every ħω/2k_BT < 3π/4
+- quantum:   C̃(q) = M^{-1/2} h(D) M^{-1/2}, h(ω²) = (ħω/2)coth(ħω/2k_BT)/ω². Where ħω/2k_BT < 3π/4 for a bound on ω
   (room temperature for most crystals): k_BT·D⁻¹ plus the power series of x·coth x in D, matrix
   products only; otherwise (low T) an eigen-decomposition whose backward uses the Daleckii–Krein
   divided differences. Both are exact at degenerate modes (autograd through torch.linalg.eigh is not:
@@ -54,22 +54,18 @@ SERIES_MAX_RATIO = 0.5625  # (x/π)² ≤ (3/4)²: at most ~60 terms
 SERIES_TOLERANCE = 1e-16  # relative truncation error of x·coth x
 
 
-def quantum_series(dyn: torch.Tensor, temperature: float) -> np.ndarray | None:
-    """b_k (K,) with h(λ) = k_BT/λ + Σ_{k=1..K} b_k λ^{k−1} on the spectrum of dyn (B, m, m), or None.
+def quantum_series(model, temperature: float) -> np.ndarray | None:
+    """b_k (K,) with h(λ) = k_BT/λ + Σ_{k=1..K} b_k λ^{k−1} on the spectrum of the model's D(q), or None.
 
     x·coth x = 1 + Σ_k (−1)^{k+1} 2ζ(2k) (x/π)^{2k}, x² = sλ, s = (ħ/2k_BT)² in the units of λ (eV/Å²/amu);
-    it converges for x < π. Used when a bound on every eigenvalue (the smaller of the Frobenius and the
-    row-sum norm, per q) gives (x/π)² ≤ SERIES_MAX_RATIO, truncated at SERIES_TOLERANCE relative;
+    it converges for x < π. Used when the model's bound on every eigenvalue at every q
+    (`eigenvalue_bound`) gives (x/π)² ≤ SERIES_MAX_RATIO, truncated at SERIES_TOLERANCE relative;
     None (use the eigen-decomposition) otherwise, and at T = 0.
     """
     if temperature == 0:
         return None
-    with torch.no_grad():
-        frobenius = torch.linalg.matrix_norm(dyn).amax()
-        row_sum = dyn.abs().sum(-1).amax()
-        bound = float(torch.minimum(frobenius, row_sum))
     s = (0.5 * HBAR_OMEGA_UNIT / (KB * temperature)) ** 2
-    ratio = s * bound / np.pi ** 2
+    ratio = s * model.eigenvalue_bound() / np.pi ** 2
     if ratio > SERIES_MAX_RATIO:
         return None
     terms = 2
@@ -195,7 +191,7 @@ def mass_weighted_covariance(model, q, temperature: float, statistics: str = "cl
     q = torch.as_tensor(q, dtype=model.theta.dtype, device=model.theta.device).reshape(-1, 3)
     dyn, proj, c = mass_weighted_inverse_covariance(model, q)
     plain = dyn if proj is None else dyn - c * proj
-    series = quantum_series(plain, temperature) if statistics == "quantum" else None
+    series = quantum_series(model, temperature) if statistics == "quantum" else None
     if statistics == "quantum" and series is None:
         func = _quantum_h(temperature)
         cov = HermitianFunction.apply(dyn, func)

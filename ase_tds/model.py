@@ -112,6 +112,11 @@ class ForceConstantModel(torch.nn.Module):
         weighted = self.pair_force_constants()[self.block_pairs] * self.block_inv_sqrt_mass[..., None, None]
         return assemble_dynamical_matrix(angle, weighted, self.n_atoms)
 
+    def eigenvalue_bound(self) -> float:
+        """An upper bound (eV/Å²/amu) on the eigenvalues of D(q) at every q (see `row_sum_bound`)."""
+        weighted = self.pair_force_constants()[self.block_pairs] * self.block_inv_sqrt_mass[..., None, None]
+        return row_sum_bound(weighted, self.n_atoms)
+
     def frequencies(self, q) -> np.ndarray:
         """Phonon frequencies (B, 3n) in THz at Cartesian q (B, 3) Å⁻¹; imaginary modes as negative numbers."""
         with torch.no_grad():
@@ -279,6 +284,18 @@ def assemble_dynamical_matrix(angle: torch.Tensor, weighted: torch.Tensor, n: in
     imag = torch.einsum("bkm,kme->bke", torch.sin(angle), w)
     blocks = torch.complex(real, imag)
     return blocks.reshape(-1, n, n, 3, 3).permute(0, 1, 3, 2, 4).reshape(-1, 3 * n, 3 * n)
+
+
+def row_sum_bound(weighted: torch.Tensor, n: int) -> float:
+    """max over rows and columns of Σ|w| for weighted (n², m, 3, 3) as in `assemble_dynamical_matrix`.
+
+    Every |D_ij(q)| ≤ Σ_pairs |w_ij|, so this bounds ‖D(q)‖∞ and ‖D(q)‖₁, hence every eigenvalue of
+    D(q) (and of (D + D†)/2), at every q.
+    """
+    with torch.no_grad():
+        entries = weighted.abs().reshape(n, n, -1, 3, 3).sum(2)  # (κ, κ', α, β)
+        rows, cols = entries.sum(dim=(1, 3)), entries.sum(dim=(0, 2))
+        return float(torch.maximum(rows.max(), cols.max()))
 
 
 def fold_pairs(pair_fc: torch.Tensor, entries, n_rows: int, n_super: int) -> torch.Tensor:

@@ -13,7 +13,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .model import ForceConstantModel, assemble_dynamical_matrix, group_by_block, load_phonopy, reciprocal_q
+from .model import (
+    ForceConstantModel,
+    assemble_dynamical_matrix,
+    group_by_block,
+    load_phonopy,
+    reciprocal_q,
+    row_sum_bound,
+)
 from .structure import to_ase_atoms
 
 
@@ -70,6 +77,10 @@ class PhonopyForceConstants(torch.nn.Module):
         angle = torch.einsum("ba,kma->bkm", q, self.block_vectors)
         dyn = assemble_dynamical_matrix(angle, self.block_weighted, self.n_atoms)
         return 0.5 * (dyn + dyn.mH)
+
+    def eigenvalue_bound(self) -> float:
+        """An upper bound (eV/Å²/amu) on the eigenvalues of D(q) at every q."""
+        return row_sum_bound(self.block_weighted, self.n_atoms)
 
     # ν(q) from D(q): the same few lines as the model's (eigvalsh, signed √, THz)
     frequencies = ForceConstantModel.frequencies

@@ -73,7 +73,7 @@ def one_phonon_intensity(model, q: torch.Tensor, amplitude: torch.Tensor, temper
     v = ((amplitude * inv_sqrt_m)[:, :, None] * q[:, None, :]).reshape(len(q), 3 * n)
     dyn, proj, c = mass_weighted_inverse_covariance(model, q)
     plain = dyn if proj is None else dyn - c * proj
-    series = quantum_series(plain, temperature) if statistics == "quantum" else None
+    series = quantum_series(model, temperature) if statistics == "quantum" else None
     if statistics == "quantum" and series is None:
         cov = mass_weighted_covariance(model, q, temperature, statistics)
         vc = v.to(cov.dtype)

@@ -33,12 +33,13 @@ class TDSModel(torch.nn.Module):
     temperature: K. method: "one-phonon" | "gaussian" | "sampling". statistics: "classical" | "quantum".
     form_factors: "xraydb" or {symbol: constant or f(|Q|)}. dw_mesh: int m (meshes m³ and (2m)³,
     Richardson-extrapolated) or "grid". grid: (L1, L2, L3) primitive cells for the gaussian higher orders.
-    sampler: an `ase_tds.sampling` sampler, for method="sampling".
+    sampler: an `ase_tds.sampling` sampler, for method="sampling". chunk: Q per block; by default about
+    2¹⁹ dynamical-matrix entries (cache-sized for large cells) and 2²² higher-order terms per block.
     """
 
     def __init__(self, force_constants, temperature: float, method: str = "gaussian",
                  statistics: str = "quantum", form_factors="xraydb", dw_mesh=12, grid=(15, 15, 15),
-                 sampler=None, chunk: int = 2048):
+                 sampler=None, chunk: int | None = None):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -54,7 +55,9 @@ class TDSModel(torch.nn.Module):
         self.dw_mesh = dw_mesh
         self.grid = tuple(int(x) for x in grid)
         self.sampler = sampler
-        self.chunk = int(chunk)
+        n = force_constants.n_atoms
+        terms = np.prod(self.grid) * n * n if method == "gaussian" else 1
+        self.chunk = int(chunk) if chunk else int(np.clip(min(2**19 // (9 * n * n), 2**22 // terms), 16, 8192))
         self._cache = {}
 
     def _at_fixed_theta(self, name: str, compute):

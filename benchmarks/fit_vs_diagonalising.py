@@ -65,7 +65,7 @@ def eigh_baseline():
 
     # every quantum C̃(q) through the eigen-decomposition: the series route (ase_tds.covariance) off
     cov._quantum_h, cov.HermitianFunction = quantum_h, _EighModeSum
-    cov.quantum_series = scattering.quantum_series = lambda dyn, temperature: None
+    cov.quantum_series = scattering.quantum_series = lambda model, temperature: None
     try:
         yield
     finally:
