@@ -423,6 +423,11 @@ def _read_nxdata(group: h5py.Group, path: Path) -> dict:
     if len(axes) != 3 or any(a not in group for a in axes):
         raise TDSError(f"{where}: field 'axes' is {axes}; set axes=['H', 'K', 'L'] naming three 1D axis datasets "
                        "of the group")
+    # the axes by name, in any order of the signal's dimensions: H, K, L (also "h", "[H,0,0]", ...)
+    components = ["".join(c for c in a.lower() if c not in "[], 0") for a in axes]
+    if sorted(components) != ["h", "k", "l"]:
+        raise TDSError(f"{where}: field 'axes' is {axes}; name the three axis datasets H, K and L (any order), "
+                       "e.g. axes=['H', 'K', 'L'], so that each dimension's reciprocal-lattice direction is known")
     centres = []
     for dim, name in enumerate(axes):
         values = np.asarray(group[name][()], dtype=float).ravel()
@@ -433,7 +438,8 @@ def _read_nxdata(group: h5py.Group, path: Path) -> dict:
             raise TDSError(f"{where}: field '{name}' has {len(values)} values but the intensity has {n} along "
                            f"axis {dim}; give one value (or n+1 bin edges) per voxel")
         centres.append(values)
-    hkl = np.stack(np.meshgrid(*centres, indexing="ij"), axis=-1).reshape(-1, 3)
+    grids = np.meshgrid(*centres, indexing="ij")
+    hkl = np.stack([grids[components.index(c)] for c in "hkl"], axis=-1).reshape(-1, 3)
     intensity = intensity.ravel()
     errors_name = next((n for n in ("errors", f"{signal_name}_errors") if n in group), None)
     sigma = None if errors_name is None else np.asarray(group[errors_name][()], dtype=float).ravel()

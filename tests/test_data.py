@@ -125,6 +125,28 @@ def test_nxdata_volume_with_gap(tmp_path, ni, old_style):
     np.testing.assert_allclose(data.sigma[used], np.sqrt(intensity.ravel()[used]))
 
 
+def test_nxdata_axes_matched_by_name(tmp_path, ni):
+    """A volume stored (L, K, H), Mantid-style axis names: each voxel gets its own hkl; unnamed axes refused."""
+    path = tmp_path / "lkh.nxs"
+    h, k, l = np.array([0.1, 0.2, 0.3, 0.4]), np.array([1.0, 1.5]), np.array([-2.0, 0.0, 2.0])
+    volume = np.arange(len(l) * len(k) * len(h), dtype=float).reshape(len(l), len(k), len(h)) + 1
+    with h5py.File(path, "w") as f:
+        group = f.create_group("data")
+        group.attrs.update(NX_class="NXdata", signal="I", axes=["[0,0,L]", "[0,K,0]", "[H,0,0]"], temperature=20.0)
+        group["I"] = volume
+        group["[0,0,L]"], group["[0,K,0]"], group["[H,0,0]"] = l, k, h
+    data = TDSData.read(path, structure=ni)
+    for index in [(0, 0, 0), (2, 1, 3), (1, 0, 2)]:
+        row = np.ravel_multi_index(index, volume.shape)
+        np.testing.assert_allclose(data.hkl[row], [h[index[2]], k[index[1]], l[index[0]]])
+        assert data.intensity[row] == volume[index]
+    with h5py.File(path, "a") as f:
+        f["data"].attrs["axes"] = ["x", "y", "z"]
+        f["data"]["x"], f["data"]["y"], f["data"]["z"] = l, k, h
+    with pytest.raises(TDSError, match="name the three axis datasets H, K and L"):
+        TDSData.read(path, structure=ni)
+
+
 def test_nxdata_bin_edges_become_centres(tmp_path, ni):
     path = tmp_path / "edges.nxs"
     with h5py.File(path, "w") as f:
