@@ -9,20 +9,19 @@ A checkpoint resumes only the fit it was written by (same labels and settings); 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_paths
 
 FORMAT = "ase_tds fit checkpoint 1"
 
 
 def write_atomic(path, text: str) -> None:
     """Write text to `path` through a temporary file and a rename: the old file or the new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_paths(path) as (partial,):
+        partial.write_text(text)
 
 
 class Checkpoint:

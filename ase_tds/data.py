@@ -9,8 +9,6 @@ point-list keys. Every problem with user data raises `TDSError` naming the file,
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ import h5py
 import numpy as np
 from ase.geometry import cell_to_cellpar
 
+from .atomic import atomic_paths
 from .model import reciprocal_q
 
 ABSOLUTE_UNITS = "e.u./atom"
@@ -261,24 +260,17 @@ class TDSData:
         """Write the HDF5 point list (DESIGN §7) plus a `cell` dataset; atomic: all or nothing on disk."""
         path = Path(path)
         hkl = self._require_hkl("write")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset("hkl", data=hkl)
-                f.create_dataset("intensity", data=self.intensity)
-                if self.sigma is not None:
-                    f.create_dataset("sigma", data=self.sigma)
-                f.create_dataset("mask", data=self.mask)
-                f.create_dataset("cell", data=self.cell)
-                if self.temperature is not None:
-                    f.attrs["temperature"] = self.temperature
-                if self.units is not None:
-                    f.attrs["units"] = self.units
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_paths(path) as (tmp,), h5py.File(tmp, "w") as f:
+            f.create_dataset("hkl", data=hkl)
+            f.create_dataset("intensity", data=self.intensity)
+            if self.sigma is not None:
+                f.create_dataset("sigma", data=self.sigma)
+            f.create_dataset("mask", data=self.mask)
+            f.create_dataset("cell", data=self.cell)
+            if self.temperature is not None:
+                f.attrs["temperature"] = self.temperature
+            if self.units is not None:
+                f.attrs["units"] = self.units
 
     # ---- helpers ------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io.extxyz import write_extxyz
 from tqdm.auto import tqdm
 
+from .atomic import atomic_paths
 from .calculator import TDSFitted, model_from_phonopy
 from .covariance import check_statistics, check_temperature
 from .model import ForceConstantModel
@@ -129,20 +130,15 @@ def write_training_data(source, path, supercell, temperature: float, n_samples: 
         name = str(Path(source).resolve()) if isinstance(source, (str, os.PathLike)) else type(source).__name__
     if device is not None and torch.device(device) != model.theta.device:
         model = copy.deepcopy(model).to(device)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.part")  # a new file, with the user's umask
-    try:
-        out = open(partial, "w")
-    except PermissionError as err:
-        raise PermissionError(f"cannot write in {path.parent} ({err.strerror}); choose a writable location") from None
-    try:
+    with atomic_paths(path) as (partial,):
+        try:
+            out = open(partial, "w")
+        except PermissionError as err:
+            raise PermissionError(f"cannot write in {path.parent} ({err.strerror}); choose a writable location") from None
         with out:
             frames = thermal_configurations(model, supercell, temperature, n_samples, statistics, seed, sampler,
                                             energy_key, forces_key, also_plain, name, progress)
             write_extxyz(out, frames)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     return path
 
 

@@ -347,3 +347,12 @@ def test_failed_write_leaves_nothing(tmp_path, ni, monkeypatch):
     with pytest.raises(OSError):
         data.write(path)
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+def test_written_file_has_the_permissions_of_a_plain_file(tmp_path, ni):
+    """Atomic writes must not leave the 0600 mode of a private temporary file: group/others read as usual."""
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    path = tmp_path / "out.h5"
+    random_data(ni, temperature=300.0).write(path)
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

@@ -7,13 +7,12 @@ Force-constant arrays are compact, (n_p, N, 3, 3): rows are the primitive-cell a
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from phonopy.file_IO import write_force_constants_to_hdf5, write_FORCE_CONSTANTS
 
+from ..atomic import atomic_paths
 from ..model import load_phonopy as read_force_constants  # noqa: F401  (the one loader, re-exported)
 from ..structure import diagonal_supercell_for
 
@@ -44,16 +43,7 @@ def write_phonopy_files(model, folder, supercell_matrix=None) -> dict[str, Path]
         "force_constants.hdf5": lambda path: write_force_constants_to_hdf5(
             fc, filename=path, p2s_map=p2s_map, physical_unit="eV/angstrom^2"),
     }
-    partial = {}
-    try:
-        for name, write in writers.items():
-            handle, partial[name] = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
-            os.close(handle)
-            write(partial[name])
-        for name, path in partial.items():
-            os.replace(path, folder / name)
-    finally:
-        for path in partial.values():
-            if os.path.exists(path):
-                os.remove(path)
+    with atomic_paths(*(folder / name for name in writers)) as partial:
+        for write, path in zip(writers.values(), partial):
+            write(str(path))
     return {name: folder / name for name in writers}

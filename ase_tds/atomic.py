@@ -1,0 +1,28 @@
+"""Output files written all or nothing: under temporary names beside the targets, renamed when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths):
+    """Yields one temporary path per target (same folder); all are renamed onto the targets once the
+    block has finished without error, and removed otherwise, the targets untouched. The files are
+    new files of the writer (the user's umask applies).
+
+        with atomic_paths("out.h5") as (partial,):
+            write(partial)
+    """
+    targets = [Path(p) for p in paths]
+    partial = [p.with_name(f".{p.name}.{os.getpid()}.part") for p in targets]
+    try:
+        yield partial
+        for tmp, target in zip(partial, targets):
+            os.replace(tmp, target)
+    finally:
+        for tmp in partial:
+            if os.path.exists(tmp):
+                os.remove(tmp)
