@@ -89,17 +89,13 @@ def ni5_model(ni5_model_cached):
     return copy.deepcopy(ni5_model_cached)
 
 
-@pytest.fixture(scope="session")
-def emt_ni_phonopy():
-    """phonopy finite displacements of EMT Ni, done here without ase_tds: conventional cell, 4×4×4."""
+def emt_phonopy(unitcell, supercell_matrix, primitive_matrix, full: bool = False):
+    """phonopy finite displacements (0.01 Å) of `unitcell` (PhonopyAtoms) with ASE's EMT, done here without
+    ase_tds; force constants produced (full (N, N, 3, 3) when `full`, else compact)."""
     from ase.calculators.emt import EMT
     from phonopy import Phonopy
-    from phonopy.structure.atoms import PhonopyAtoms
 
-    ni = ni_conventional()
-    unitcell = PhonopyAtoms(symbols=ni.get_chemical_symbols(), cell=ni.cell[:],
-                            scaled_positions=ni.get_scaled_positions())
-    ph = Phonopy(unitcell, supercell_matrix=4 * np.eye(3, dtype=int), primitive_matrix=FCC_PRIMITIVE_MATRIX)
+    ph = Phonopy(unitcell, supercell_matrix=supercell_matrix, primitive_matrix=primitive_matrix)
     ph.generate_displacements(distance=0.01)
     forces = []
     for cell in ph.supercells_with_displacements:
@@ -107,5 +103,16 @@ def emt_ni_phonopy():
         atoms.calc = EMT()
         forces.append(atoms.get_forces())
     ph.forces = np.array(forces)
-    ph.produce_force_constants()
+    ph.produce_force_constants(calculate_full_force_constants=full)
     return ph
+
+
+@pytest.fixture(scope="session")
+def emt_ni_phonopy():
+    """phonopy finite displacements of EMT Ni: conventional cell, 4×4×4."""
+    from phonopy.structure.atoms import PhonopyAtoms
+
+    ni = ni_conventional()
+    unitcell = PhonopyAtoms(symbols=ni.get_chemical_symbols(), cell=ni.cell[:],
+                            scaled_positions=ni.get_scaled_positions())
+    return emt_phonopy(unitcell, 4 * np.eye(3, dtype=int), FCC_PRIMITIVE_MATRIX)

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from ase import Atoms
 from ase.build import bulk
 from ase.calculators.emt import EMT
 from phonopy import Phonopy
@@ -11,21 +10,7 @@ from ase_tds import ForceConstantModel, PhonopyForceConstants, simulate
 from ase_tds.model import reciprocal_q
 from ase_tds.structure import to_phonopy_atoms
 
-from conftest import FCC_PRIMITIVE_MATRIX, cu3au, ni_conventional
-
-
-def emt_phonopy(atoms, supercell_matrix, primitive_matrix, compact):
-    """phonopy finite displacements with EMT, on a supercell small enough for pairs with several shortest images."""
-    ph = Phonopy(to_phonopy_atoms(atoms), supercell_matrix=supercell_matrix, primitive_matrix=primitive_matrix)
-    ph.generate_displacements(distance=0.01)
-    forces = []
-    for cell in ph.supercells_with_displacements:
-        displaced = Atoms(cell.symbols, cell=cell.cell, positions=cell.positions, pbc=True)
-        displaced.calc = EMT()
-        forces.append(displaced.get_forces())
-    ph.forces = np.array(forces)
-    ph.produce_force_constants(calculate_full_force_constants=not compact)
-    return ph
+from conftest import FCC_PRIMITIVE_MATRIX, cu3au, emt_phonopy, ni_conventional
 
 
 CASES = {  # name: (structure, supercell matrix, primitive matrix, compact force constants)
@@ -38,7 +23,7 @@ CASES = {  # name: (structure, supercell matrix, primitive matrix, compact force
 @pytest.mark.parametrize("name", CASES)
 def test_dynamical_matrix_equals_phonopys(name):
     structure, supercell_matrix, primitive_matrix, compact = CASES[name]
-    ph = emt_phonopy(structure(), supercell_matrix, primitive_matrix, compact)
+    ph = emt_phonopy(to_phonopy_atoms(structure()), supercell_matrix, primitive_matrix, full=not compact)
     assert ph.primitive.get_smallest_vectors()[1][..., 0].max() > 1  # pairs shared by several images
     source = PhonopyForceConstants(ph)
     q_reduced = np.random.default_rng(7).uniform(-1, 1, size=(24, 3))
