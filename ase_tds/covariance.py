@@ -184,26 +184,46 @@ def mass_weighted_inverse_covariance(model, q: torch.Tensor):
     return dyn + c * proj, proj, c
 
 
-def mass_weighted_covariance(model, q, temperature: float, statistics: str = "classical") -> torch.Tensor:
-    """M^{1/2} C̃(q) M^{1/2}: k_BT·D⁻¹ (classical) or h(D) (quantum), (B, 3n, 3n) complex, Å²·amu."""
-    check_statistics(statistics)
-    check_temperature(temperature, statistics)
-    q = torch.as_tensor(q, dtype=model.theta.dtype, device=model.theta.device).reshape(-1, 3)
+def positive_cholesky(dyn: torch.Tensor, where: str) -> torch.Tensor:
+    """L (B, m, m) with dyn = LL†, or UnstableError counting the matrices that are not positive definite."""
+    chol, info = torch.linalg.cholesky_ex(dyn)
+    if torch.any(info > 0):
+        raise UnstableError(f"dynamical matrix not positive definite at {int((info > 0).sum())} of {len(dyn)} {where}")
+    return chol
+
+
+def thermal_routes(model, q: torch.Tensor, temperature: float, statistics: str):
+    """What the covariance routes need at q (B, 3): (D + cP, P or None, c, D, series b_k or None).
+
+    The series (`quantum_series`) is None classically, and for quantum statistics where it does not
+    converge: then the eigen route (HermitianFunction) is taken.
+    """
     dyn, proj, c = mass_weighted_inverse_covariance(model, q)
     plain = dyn if proj is None else dyn - c * proj
     series = quantum_series(model, temperature) if statistics == "quantum" else None
+    return dyn, proj, c, plain, series
+
+
+def covariance_from_routes(routes, temperature: float, statistics: str) -> torch.Tensor:
+    """M^{1/2} C̃ M^{1/2} (B, m, m) complex, Å²·amu, from `thermal_routes`, the translations removed."""
+    dyn, proj, c, plain, series = routes
     if statistics == "quantum" and series is None:
         func = _quantum_h(temperature)
         cov = HermitianFunction.apply(dyn, func)
         h_c = func(torch.as_tensor([c], dtype=dyn.real.dtype, device=dyn.device))[0][0]
         return cov if proj is None else cov - h_c * proj
-    chol, info = torch.linalg.cholesky_ex(dyn)
-    if torch.any(info > 0):
-        raise UnstableError(f"dynamical matrix not positive definite at {int((info > 0).sum())} of {len(q)} q")
-    cov = KB * temperature * torch.cholesky_inverse(chol)
+    cov = KB * temperature * torch.cholesky_inverse(positive_cholesky(dyn, "q"))
     if proj is not None:
         cov = cov - KB * temperature / c * proj
     return cov if series is None else cov + quantum_series_matrix(plain, series, proj)
+
+
+def mass_weighted_covariance(model, q, temperature: float, statistics: str = "classical") -> torch.Tensor:
+    """M^{1/2} C̃(q) M^{1/2}: k_BT·D⁻¹ (classical) or h(D) (quantum), (B, 3n, 3n) complex, Å²·amu."""
+    check_statistics(statistics)
+    check_temperature(temperature, statistics)
+    q = torch.as_tensor(q, dtype=model.theta.dtype, device=model.theta.device).reshape(-1, 3)
+    return covariance_from_routes(thermal_routes(model, q, temperature, statistics), temperature, statistics)
 
 
 def thermal_covariance(model, q, temperature: float, statistics: str = "classical") -> torch.Tensor:

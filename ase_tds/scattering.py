@@ -14,11 +14,10 @@ import xraydb
 
 from .covariance import (
     KB,
-    UnstableError,
-    mass_weighted_covariance,
-    mass_weighted_inverse_covariance,
-    quantum_series,
+    covariance_from_routes,
+    positive_cholesky,
     quantum_series_form,
+    thermal_routes,
 )
 
 
@@ -71,16 +70,13 @@ def one_phonon_intensity(model, q: torch.Tensor, amplitude: torch.Tensor, temper
     n = amplitude.shape[-1]
     inv_sqrt_m = 1.0 / torch.sqrt(model.masses)
     v = ((amplitude * inv_sqrt_m)[:, :, None] * q[:, None, :]).reshape(len(q), 3 * n)
-    dyn, proj, c = mass_weighted_inverse_covariance(model, q)
-    plain = dyn if proj is None else dyn - c * proj
-    series = quantum_series(model, temperature) if statistics == "quantum" else None
+    routes = thermal_routes(model, q, temperature, statistics)
+    dyn, proj, c, plain, series = routes
     if statistics == "quantum" and series is None:
-        cov = mass_weighted_covariance(model, q, temperature, statistics)
+        cov = covariance_from_routes(routes, temperature, statistics)
         vc = v.to(cov.dtype)
         return torch.einsum("bi,bij,bj->b", vc.conj(), cov, vc).real / n
-    chol, info = torch.linalg.cholesky_ex(dyn)
-    if torch.any(info > 0):
-        raise UnstableError(f"dynamical matrix not positive definite at {int((info > 0).sum())} of {len(q)} Q")
+    chol = positive_cholesky(dyn, "Q")
     y = torch.linalg.solve_triangular(chol, v.to(chol.dtype)[..., None], upper=False)[..., 0]
     value = KB * temperature * (y.abs() ** 2).sum(-1)
     if proj is not None:  # the lifted translations: subtract k_BT/c · v†Pv

@@ -54,7 +54,6 @@ class _EighModeSum:
 @contextlib.contextmanager
 def eigh_baseline():
     import ase_tds.covariance as cov
-    import ase_tds.scattering as scattering
 
     saved_h, saved_cls, saved_series = cov._quantum_h, cov.HermitianFunction, cov.quantum_series
 
@@ -65,12 +64,12 @@ def eigh_baseline():
 
     # every quantum C̃(q) through the eigen-decomposition: the series route (ase_tds.covariance) off
     cov._quantum_h, cov.HermitianFunction = quantum_h, _EighModeSum
-    cov.quantum_series = scattering.quantum_series = lambda model, temperature: None
+    cov.quantum_series = lambda model, temperature: None
     try:
         yield
     finally:
         cov._quantum_h, cov.HermitianFunction = saved_h, saved_cls
-        cov.quantum_series = scattering.quantum_series = saved_series
+        cov.quantum_series = saved_series
 
 
 def make_data(truth, n_points):
