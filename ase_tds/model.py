@@ -109,13 +109,16 @@ class ForceConstantModel(torch.nn.Module):
         """D(q) (B, 3n, 3n) complex, eV/Å²/amu, for Cartesian q (B, 3) in Å⁻¹ (phases from atomic positions)."""
         q = torch.as_tensor(q, dtype=self.theta.dtype, device=self.theta.device).reshape(-1, 3)
         angle = torch.einsum("ba,kma->bkm", q, self.block_vectors)
-        weighted = self.pair_force_constants()[self.block_pairs] * self.block_inv_sqrt_mass[..., None, None]
-        return assemble_dynamical_matrix(angle, weighted, self.n_atoms)
+        return assemble_dynamical_matrix(angle, self.block_weighted, self.n_atoms)
+
+    @property
+    def block_weighted(self) -> torch.Tensor:
+        """Φ/√(m_κ m_κ') of the pairs grouped by atom block, (n², m, 3, 3) eV/Å²/amu, zero for padding."""
+        return self.pair_force_constants()[self.block_pairs] * self.block_inv_sqrt_mass[..., None, None]
 
     def eigenvalue_bound(self) -> float:
         """An upper bound (eV/Å²/amu) on the eigenvalues of D(q) at every q (see `row_sum_bound`)."""
-        weighted = self.pair_force_constants()[self.block_pairs] * self.block_inv_sqrt_mass[..., None, None]
-        return row_sum_bound(weighted, self.n_atoms)
+        return row_sum_bound(self.block_weighted, self.n_atoms)
 
     def frequencies(self, q) -> np.ndarray:
         """Phonon frequencies (B, 3n) in THz at Cartesian q (B, 3) Å⁻¹; imaginary modes as negative numbers."""
