@@ -89,9 +89,9 @@ def ni5_model(ni5_model_cached):
     return copy.deepcopy(ni5_model_cached)
 
 
-def emt_phonopy(unitcell, supercell_matrix, primitive_matrix, full: bool = False):
+def emt_phonopy(unitcell, supercell_matrix, primitive_matrix, full: bool = True):
     """phonopy finite displacements (0.01 Å) of `unitcell` (PhonopyAtoms) with ASE's EMT, done here without
-    ase_tds; force constants produced (full (N, N, 3, 3) when `full`, else compact)."""
+    ase_tds; force constants produced (full (N, N, 3, 3) when `full`, phonopy's default, else compact)."""
     from ase.calculators.emt import EMT
     from phonopy import Phonopy
 
