@@ -41,6 +41,8 @@ class FitResult:
     chi2: Σ (m − I_obs)²/var with var = σ² (loss "chi2") or the Poisson variance m/exposure (loss "poisson"),
     plus for "sampling" the Monte-Carlo variance of its fixed-seed estimate (also in sigma);
     chi2_red = χ²/(N_used − n_free); deviance: the Poisson deviance (loss "poisson" only).
+    settings: method, statistics, temperature (K), scale, background, compton, loss, grid, dw_mesh, and for
+    "sampling" the sampler {kind, supercell, n_samples, seed} (seed None: the fit's final evaluation used 0).
     """
 
     labels: list
@@ -67,6 +69,36 @@ class FitResult:
         if self.compton is not None:
             value = value + self.compton * np.asarray(self.compton_shape(np.asarray(q_norm, dtype=float)))
         return value
+
+    @classmethod
+    def from_dict(cls, saved: dict, symbols=None) -> FitResult:
+        """The FitResult of `to_dict()`'s content (e.g. a fit.json read back), for `calculated` and `table`.
+
+        symbols: the chemical symbols of the model's primitive cell, needed to rebuild the Compton shape of a
+        compton=True fit. A fit with a callable Compton shape cannot be rebuilt (ValueError). The covariance
+        comes back from the correlation and σ; the loss history is not saved and comes back empty.
+        """
+        params = saved["parameters"]
+        sigma = np.array([p["sigma"] for p in params], dtype=float)
+        correlation = np.array(saved["correlation"], dtype=float).reshape(len(params), len(params))
+        settings = dict(saved["settings"])
+        shape = None
+        if saved.get("compton") is not None:
+            if settings.get("compton") is not True:
+                raise ValueError("this fit used a callable Compton shape, which fit.json cannot hold; evaluate the "
+                                 "model in Python with that shape (FitResult.calculated of the fit itself)")
+            if symbols is None:
+                raise ValueError("the fit has a Compton term: give symbols= (the primitive cell's chemical symbols) "
+                                 "to rebuild its shape")
+            from .background import ComptonShape
+
+            shape = ComptonShape(list(symbols))
+        return cls(labels=[p["label"] for p in params], theta=np.array([p["value"] for p in params], dtype=float),
+                   sigma=sigma, covariance=correlation * np.outer(sigma, sigma), correlation=correlation,
+                   scale=float(saved["scale"]), background=float(saved["background"]), chi2=float(saved["chi2"]),
+                   chi2_red=float(saved["chi2_red"]), n_points=int(saved["n_points"]),
+                   iterations=int(saved["iterations"]), settings=settings, warnings=list(saved.get("warnings", [])),
+                   compton=saved.get("compton"), deviance=saved.get("deviance"), compton_shape=shape)
 
     def table(self) -> str:
         """Plain-text table: label, value and 1σ (eV/Å²) per parameter, then the nuisance values and χ²_red."""
@@ -215,6 +247,10 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
     settings = dict(method=method, statistics=statistics, temperature=temperature, scale=scale, background=background,
                     compton=compton if isinstance(compton, bool) else "callable", loss=loss, grid=list(tds.grid),
                     dw_mesh=tds.dw_mesh)
+    if method == "sampling":  # what redraws the fitted model (and what a checkpoint must match)
+        sampler = tds.sampler
+        settings["sampler"] = dict(kind=type(sampler).__name__, supercell=list(sampler.supercell),
+                                   n_samples=sampler.n_samples, seed=None if sampler.seed is None else int(sampler.seed))
     saver = Checkpoint(checkpoint, model.labels, settings) if checkpoint is not None else None
     state = saver.load() if saver is not None else None
     original = model.theta.detach().cpu().numpy().copy()
