@@ -507,6 +507,9 @@ def simulate(model, hkl, temperature: float, method: str = "gaussian", statistic
 
     hkl in r.l.u. of `cell` (default the model's unit cell); counts: Poisson noise with the mean
     intensity at that many counts (σ written alongside), None for noise-free data.
+    method "sampling" (give tds_options=dict(sampler=...)): σ holds the Monte-Carlo standard error of the
+    sampled mean (floored at 1e-9 of the largest |I|, for Q where every sample scatters alike, e.g. Q = 0),
+    added in quadrature to the counting σ when counts are given.
     """
     import torch
 
@@ -514,8 +517,19 @@ def simulate(model, hkl, temperature: float, method: str = "gaussian", statistic
 
     cell = np.array(model.unitcell.cell[:] if cell is None else cell, dtype=float)
     tds = TDSModel(model, temperature, method=method, statistics=statistics, **(tds_options or {}))
+    q = reciprocal_q(hkl, cell)
+    stderr = None
     with torch.no_grad():
-        intensity = tds(reciprocal_q(hkl, cell)).cpu().numpy()
-    data = TDSData.from_hkl(hkl, intensity, cell, temperature=temperature, units=ABSOLUTE_UNITS,
+        if method == "sampling":
+            intensity, stderr = (x.cpu().numpy() for x in tds.sampler.intensity(tds, q))
+            stderr = np.maximum(stderr, max(1e-9 * np.abs(intensity).max(), np.finfo(float).tiny))
+        else:
+            intensity = tds(q).cpu().numpy()
+    data = TDSData.from_hkl(hkl, intensity, cell, sigma=stderr, temperature=temperature, units=ABSOLUTE_UNITS,
                             source="simulated")
-    return data if counts is None else add_poisson_noise(data, counts, rng)
+    if counts is None:
+        return data
+    noisy = add_poisson_noise(data, counts, rng)
+    if stderr is None:
+        return noisy
+    return dataclasses.replace(noisy, sigma=np.hypot(noisy.sigma, stderr))
