@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 
 DEMO_POINTS = 1500
+SAMPLES = 64  # thermal configurations per evaluation of the sampling model (the samplers' default)
+FIT_SEED = 0  # the sampling model's seed in a fit: fixed noise, a smooth loss (common random numbers)
+MAX_REPEAT = 48  # the largest repetition searched for a supercell commensurate with the data
 
 
 def main(argv=None) -> int:
@@ -57,15 +60,34 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--shells", type=int, help="neighbour shells in the model (default 5)")
     group.add_argument("--cutoff", type=float, help="force-constant cutoff in Å")
     fit.add_argument("--temperature", type=float, help="K (overrides the file's)")
-    fit.add_argument("--model", default="gaussian", choices=["one-phonon", "gaussian"], help="forward model")
-    fit.add_argument("--statistics", default="quantum", choices=["classical", "quantum"])
-    fit.add_argument("--scale", default="free", choices=["free", "fixed"])
-    fit.add_argument("--background", default="free", choices=["free", "none"])
+    fit.add_argument("--model", default="gaussian", choices=["one-phonon", "gaussian", "sampling"],
+                     help="forward model: one-phonon, gaussian (all orders, exact for a harmonic crystal) or "
+                          "sampling (Monte Carlo on a periodic supercell, fitted by Adam; see --samples) "
+                          "(default: %(default)s)")
+    fit.add_argument("--statistics", default="quantum", choices=["classical", "quantum"],
+                     help="phonon occupations (default: %(default)s)")
+    fit.add_argument("--scale", default="free", choices=["free", "fixed"],
+                     help="intensity scale: free, or fixed to 1 for data in e.u./atom (default: %(default)s)")
+    fit.add_argument("--background", default="free", choices=["free", "none"],
+                     help="a constant background in data units, free or none (default: %(default)s)")
+    fit.add_argument("--compton", action="store_true",
+                     help="also fit the incoherent (Compton) scattering: Hubbell's S(|Q|) of the crystal's atoms "
+                          "(e.u./atom) times a free amplitude (1 = all of it, for data in e.u./atom)")
+    fit.add_argument("--loss", default="chi2", choices=["chi2", "poisson"],
+                     help="chi2: Σ((model − I)/σ)²; poisson: the Poisson deviance of the counts n = t·I, the "
+                          "exposure t (counts per unit of intensity) inferred per point as I/σ², so the data "
+                          "need intensities ≥ 0 and σ = √n/t (default: %(default)s)")
+    fit.add_argument("--checkpoint", metavar="FILE",
+                     help="JSON file rewritten after every iteration; if it exists, the fit resumes from it "
+                          "(same model and settings; --max-iter counts the iterations before it too)")
     fit.add_argument("--start", default="emt", help="emt | zero | a phonopy force-constant file")
     fit.add_argument("--reference", help="phonopy file drawn (as it is) in dispersion.png for comparison")
     fit.add_argument("--bragg-radius", type=float, default=0.1, help="r.l.u. masked around Bragg peaks")
-    fit.add_argument("--max-iter", type=int, default=200)
+    fit.add_argument("--max-iter", type=int, default=200, help="iterations of the optimiser (default: %(default)s)")
     fit.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    _add_sampling_arguments(fit, "the structure's cell",
+                            f"seed of the sampling model's displacements, fixed so that the loss is a smooth "
+                            f"function of the force constants (common random numbers) (default: {FIT_SEED})")
     fit.set_defaults(run=_run_fit)
 
     sim = sub.add_parser("simulate", help="TDS intensities from phonopy force constants (used as they are)",
@@ -76,12 +98,18 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--fc", required=True, help="phonopy.load-able file, or a folder holding phonopy_params.yaml")
     sim.add_argument("--hkl", required=True, help="HDF5 point list or .npz (its hkl), .npy or text file of hkl rows")
     sim.add_argument("--temperature", type=float, required=True, help="K")
-    sim.add_argument("--model", default="gaussian", choices=["one-phonon", "gaussian"], help="forward model")
-    sim.add_argument("--statistics", default="quantum", choices=["classical", "quantum"])
+    sim.add_argument("--model", default="gaussian", choices=["one-phonon", "gaussian", "sampling"],
+                     help="forward model (default: %(default)s); sampling takes the force constants into a "
+                          "symmetry-adapted model as `ase-tds export` does (exact for files ase_tds wrote) and "
+                          "writes its Monte-Carlo standard error as σ")
+    sim.add_argument("--statistics", default="quantum", choices=["classical", "quantum"],
+                     help="phonon occupations (default: %(default)s)")
     sim.add_argument("--counts", type=float, help="Poisson noise: counts at the mean intensity (default: none)")
-    sim.add_argument("--seed", type=int, help="random seed of the noise")
     sim.add_argument("--out", required=True, help="output HDF5 file")
     sim.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    _add_sampling_arguments(sim, "the force constants' unit cell",
+                            "random seed of the Poisson noise and of the sampling model's displacements "
+                            "(default: fresh randomness)", seed_outside=True)
     sim.set_defaults(run=_run_simulate)
 
     export = sub.add_parser("export", help="MLIP training data: thermal configurations with harmonic energies and forces",
@@ -112,6 +140,77 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     plot.set_defaults(run=_run_plot)
     return parser
+
+
+def _add_sampling_arguments(parser, cell: str, seed_help: str, seed_outside: bool = False) -> None:
+    """--samples, --supercell (repetitions of `cell`) and --seed of the sampling model."""
+    group = parser.add_argument_group("sampling model (--model sampling)")
+    group.add_argument("--samples", type=int, metavar="N",
+                       help=f"thermal configurations per evaluation; the Monte-Carlo error falls as 1/√N "
+                            f"(default: {SAMPLES})")
+    group.add_argument("--supercell", type=int, nargs=3, metavar=("A", "B", "C"),
+                       help=f"repetitions of {cell} in the periodic supercell sampled; it sees only Q with hkl·L "
+                            "integer (default: the smallest one holding every Q and the force-constant cutoff)")
+    (parser if seed_outside else group).add_argument("--seed", type=int, help=seed_help)
+
+
+def _check_sampling_arguments(args, seed_is_sampling: bool) -> None:
+    """Refuse --samples/--supercell (and, where they seed only the sampler, --seed) without --model sampling, and
+    values the sampling model cannot use; before anything is read."""
+    given = [name for name, value in (("--samples", args.samples), ("--supercell", args.supercell),
+                                      ("--seed", args.seed if seed_is_sampling else None)) if value is not None]
+    if args.model != "sampling":
+        if given:
+            raise ValueError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} the sampling model; "
+                             f"add --model sampling, or leave {'it' if len(given) == 1 else 'them'} out")
+        return
+    if args.samples is not None and args.samples < 2:
+        raise ValueError(f"--samples {args.samples}: the sampling model needs N ≥ 2 thermal configurations per "
+                         f"evaluation (its standard error); e.g. --samples {SAMPLES}")
+    if args.supercell is not None and min(args.supercell) < 1:
+        raise ValueError(f"--supercell {' '.join(map(str, args.supercell))}: give three positive repetitions A B C "
+                         "of the unit cell, e.g. --supercell 4 4 4")
+
+
+def _sampler(model, supercell, n_samples, seed, temperature, statistics, q, verbose=True):
+    """The q-space sampler of the sampling model on `model` (a ForceConstantModel) for Cartesian Q (N, 3) Å⁻¹:
+    `supercell` repetitions of model.unitcell (None: `_commensurate_supercell`), checked against every Q;
+    verbose: say which (and warn when the supercell is shorter than the cutoff needs)."""
+    from .sampling import QSpaceSampler
+    from .structure import holds_cutoff
+
+    q = np.asarray(q, dtype=float).reshape(-1, 3)
+    supercell = _commensurate_supercell(model, q) if supercell is None else tuple(supercell)
+    sampler = QSpaceSampler(model, supercell, temperature, statistics, n_samples=n_samples, seed=seed,
+                            progress=False)
+    sampler.check_q(q)
+    if not verbose:
+        return sampler
+    print(f"sampling model: {sampler!r}, {n_samples} samples per evaluation, seed {seed}")
+    if not holds_cutoff(sampler.cell, model.cutoff):
+        print(f"ase-tds: warning: the {'×'.join(map(str, supercell))} supercell is shorter than twice the "
+              f"force-constant cutoff ({2 * model.cutoff:.3f} Å): longer pairs wrap around it", file=sys.stderr)
+    return sampler
+
+
+def _commensurate_supercell(model, q) -> tuple[int, int, int]:
+    """The smallest L1×L2×L3 repetition of model.unitcell that has every Q (N, 3) Å⁻¹ on its reciprocal lattice
+    (hkl·L integer) and holds the force-constant cutoff."""
+    from .structure import diagonal_supercell_for
+
+    cell = np.array(model.unitcell.cell[:])
+    hkl = q @ cell.T / (2 * np.pi)
+    least = np.diag(diagonal_supercell_for(cell, model.cutoff))
+    reps = []
+    for h, name in zip(hkl.T, "hkl"):
+        step = next((L for L in range(1, MAX_REPEAT + 1) if np.abs(h * L - np.round(h * L)).max(initial=0.0) <= 1e-6),
+                    None)
+        if step is None:
+            raise ValueError(f"--model sampling: the points' {name} (r.l.u. of the unit cell) are not multiples of 1/L "
+                             f"for any L ≤ {MAX_REPEAT}, and a periodic L1×L2×L3 supercell sees only Q with hkl·L "
+                             "integer; give --supercell A B C matching the data's grid, or use --model gaussian (any Q)")
+        reps.append(int(step * -(-least[len(reps)] // step)))  # the least multiple of step holding the cutoff
+    return tuple(reps)
 
 
 def _device(name):
@@ -147,7 +246,7 @@ def _run_demo(args) -> int:
     result = fit(model, data, scale="fixed", tds_options=options, max_iter=60)
     model.cpu()
     ok = _report_recovery(truth, start, model, result)
-    _write_outputs(Path(args.out), model, result, data, options, start=start, reference=truth)
+    _write_outputs(Path(args.out), model, result, data, start=start, reference=truth)
     print(f"wrote {args.out}/ in {time.time() - t0:.0f} s")
     return 0 if ok else 1
 
@@ -190,21 +289,44 @@ def _run_fit(args) -> int:
     from .model import ForceConstantModel
     from .phonopy_source import PhonopyForceConstants
 
+    _check_sampling_arguments(args, seed_is_sampling=True)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    if checkpoint is not None and checkpoint.is_dir():
+        raise IsADirectoryError(f"--checkpoint {checkpoint} is a folder; give a file name, e.g. {checkpoint / 'fit.ckpt'}")
+    if checkpoint is not None and not checkpoint.parent.is_dir():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder {checkpoint.parent}; create it first")
     structure = read(args.structure)
     data = TDSData.read(args.data, structure=structure, temperature=args.temperature)
+    temperature = data.require_temperature(args.temperature)
     reference = PhonopyForceConstants(args.reference) if args.reference else None
     if reference is not None:
         _check_same_lattice(structure, args.structure, reference, args.reference)
     kwargs = {"cutoff": args.cutoff} if args.cutoff else {"shells": args.shells or 5}
-    start = _start_model(ForceConstantModel(structure, **kwargs), structure, args.start)
+    fresh = ForceConstantModel(structure, **kwargs)
+    data = data.mask_bragg(args.bragg_radius, fresh.primitive.cell[:])
+    if args.loss == "poisson":  # what fit() would refuse, before the (EMT) start
+        if data.sigma is None:
+            raise ValueError(f"--loss poisson needs the counts: {args.data} has no sigma, from which the exposure "
+                             "(counts per unit of intensity, I/σ²) is inferred; write σ = √n/exposure into the "
+                             "file, or use --loss chi2")
+        negative = int((data.intensity[data.mask] < 0).sum())
+        if negative:
+            raise ValueError(f"--loss poisson needs intensities ≥ 0 (counts/exposure): {negative} used points of "
+                             f"{args.data} are negative; use --loss chi2 for background-subtracted data")
+    sampling = {"n_samples": args.samples or SAMPLES, "seed": FIT_SEED if args.seed is None else args.seed,
+                "temperature": temperature, "statistics": args.statistics, "q": data.q[data.mask]}
+    if args.model == "sampling":  # refuse a supercell the data do not fit before the (EMT) start
+        sampling["supercell"] = _sampler(fresh, args.supercell, **sampling, verbose=False).supercell
+    start = _start_model(fresh, structure, args.start)
     model = copy.deepcopy(start)
-    data = data.mask_bragg(args.bragg_radius, model.primitive.cell[:])
     model.to(_device(args.device))
-    result = fit(model, data, temperature=args.temperature, method=args.model, statistics=args.statistics,
-                 scale=args.scale, background=args.background, max_iter=args.max_iter)
+    options = {"sampler": _sampler(model, **sampling)} if args.model == "sampling" else {}
+    result = fit(model, data, temperature=temperature, method=args.model, statistics=args.statistics,
+                 scale=args.scale, background=args.background, compton=args.compton, loss=args.loss,
+                 max_iter=args.max_iter, checkpoint=checkpoint, tds_options=options)
     model.cpu()
     print(result.table())
-    _write_outputs(Path(args.out), model, result, data, {}, start=start, reference=reference)
+    _write_outputs(Path(args.out), model, result, data, start=start, reference=reference)
     print(f"wrote {args.out}/")
     return 0
 
@@ -223,7 +345,7 @@ def _start_model(fresh, structure, start):
     return fresh.set_from_phonopy(start)
 
 
-def _write_outputs(out: Path, model, result, data, tds_options, start=None, reference=None) -> None:
+def _write_outputs(out: Path, model, result, data, start=None, reference=None) -> None:
     """Write every output into a temporary folder, then move the files into `out` (no half-written files)."""
     from .io.phonopy import write_phonopy_files
     from .plot import plot_dispersion
@@ -240,46 +362,76 @@ def _write_outputs(out: Path, model, result, data, tds_options, start=None, refe
         if reference is not None:
             curves["reference"] = reference
         plot_dispersion(curves, tmp / "dispersion.png")
-        _draw_tds_fit(model, result.settings, result.scale, result.background, data, tds_options, tmp / "tds_fit.png")
+        _draw_tds_fit(model, result, data, tmp / "tds_fit.png")
         for path in tmp.iterdir():
             os.replace(path, out / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _draw_tds_fit(model, settings, scale, background, data, tds_options, path) -> None:
-    """tds_fit.png: the used points of `data` against scale·I(Q) + background from `model` with the fit's settings."""
+def _draw_tds_fit(model, result, data, path) -> None:
+    """tds_fit.png: the used points of `data` against the fitted model of the data, `result.calculated` (scale,
+    background and Compton term) of I(Q) from `model` under the fit's settings (its sampler for "sampling")."""
     import torch
 
     from .plot import plot_tds_fit
     from .tds import TDSModel
 
+    settings = result.settings
     tds = TDSModel(model, settings["temperature"], method=settings["method"], statistics=settings["statistics"],
-                   **tds_options)
+                   **_tds_options(model, settings))
     used = np.asarray(data.mask, dtype=bool)
     with torch.no_grad():
-        calc = scale * tds(data.q[used]).cpu().numpy() + background
+        intensity = tds(data.q[used]).cpu().numpy()
+    calc = result.calculated(intensity, data.q_norm[used])
     sigma = data.sigma[used] if data.sigma is not None else np.sqrt(np.abs(data.intensity[used]))
     plot_tds_fit(data.q_norm[used], data.intensity[used], calc, sigma, path)
+
+
+def _tds_options(model, settings) -> dict:
+    """The TDSModel options a fit used, from its settings: grid, dw_mesh, and for "sampling" its sampler (kind,
+    supercell, samples, seed) rebuilt on `model` (a ForceConstantModel)."""
+    from . import sampling
+
+    options = {key: settings[key] for key in ("grid", "dw_mesh") if key in settings}
+    if settings["method"] == "sampling":
+        spec = settings.get("sampler") or {}
+        if spec.get("kind") not in ("DenseSampler", "QSpaceSampler"):
+            raise ValueError("the fit's settings do not name its sampler (kind, supercell, n_samples, seed): a "
+                             "fit.json of an older ase_tds; refit to redraw the sampling model")
+        seed = 0 if spec["seed"] is None else spec["seed"]  # an unseeded fit evaluates its result at seed 0
+        options["sampler"] = getattr(sampling, spec["kind"])(model, spec["supercell"], settings["temperature"],
+                                                             settings["statistics"], n_samples=spec["n_samples"],
+                                                             seed=seed, progress=False)
+    return options
 
 
 def _run_simulate(args) -> int:
     from ase.io import read
 
+    from .calculator import model_from_phonopy
     from .data import simulate
+    from .model import reciprocal_q
     from .phonopy_source import PhonopyForceConstants
 
+    _check_sampling_arguments(args, seed_is_sampling=False)
     out = Path(args.out)
     _check_output_file(out)
     structure = read(args.structure)
-    fc = PhonopyForceConstants(args.fc)
+    # the sampling model needs a ForceConstantModel (its pairs on a supercell); the others use phonopy's as they are
+    fc = model_from_phonopy(args.fc) if args.model == "sampling" else PhonopyForceConstants(args.fc)
     _check_same_lattice(structure, args.structure, fc, args.fc)
     hkl = _read_hkl(Path(args.hkl), structure)
     fc.to(_device(args.device))
+    options = {}
+    if args.model == "sampling":
+        options["sampler"] = _sampler(fc, args.supercell, args.samples or SAMPLES, args.seed, args.temperature,
+                                      args.statistics, reciprocal_q(hkl, structure.cell[:]))
     data = simulate(fc, hkl, args.temperature, method=args.model, statistics=args.statistics,
-                    cell=structure.cell[:], counts=args.counts, rng=args.seed)
+                    cell=structure.cell[:], counts=args.counts, rng=args.seed, tds_options=options)
     data.write(out)
-    print(f"wrote {len(data)} points ({args.model}, {args.statistics}, {args.temperature:g} K) to {out}")
+    error = ", σ = Monte-Carlo standard error" if args.model == "sampling" else ""
+    print(f"wrote {len(data)} points ({args.model}, {args.statistics}, {args.temperature:g} K{error}) to {out}")
     return 0
 
 
@@ -339,7 +491,9 @@ def _run_export(args) -> int:
 
 
 def _run_plot(args) -> int:
+    from .calculator import model_from_phonopy
     from .data import TDSData
+    from .fit import FitResult
     from .phonopy_source import PhonopyForceConstants
     from .plot import plot_dispersion
 
@@ -359,12 +513,13 @@ def _run_plot(args) -> int:
         _check_same_lattice(models[labels[0]].unitcell, args.sources[0], model, source)
     drawings = {"dispersion.png": lambda path: plot_dispersion(models, path)}
     if first.is_dir() and (first / "fit.json").is_file() and (first / "data.h5").is_file():
-        fitted = json.loads((first / "fit.json").read_text())
-        settings = fitted["settings"]
-        options = {key: settings[key] for key in ("grid", "dw_mesh") if key in settings}
+        fitted = models[labels[0]]
+        result = FitResult.from_dict(json.loads((first / "fit.json").read_text()),
+                                     symbols=fitted.primitive.get_chemical_symbols())
+        if result.settings["method"] == "sampling":  # the sampler needs the symmetry-adapted model
+            fitted = model_from_phonopy(first).to(device)
         data = TDSData.read(first / "data.h5")
-        drawings["tds_fit.png"] = lambda path: _draw_tds_fit(models[labels[0]], settings, fitted["scale"],
-                                                             fitted["background"], data, options, path)
+        drawings["tds_fit.png"] = lambda path: _draw_tds_fit(fitted, result, data, path)
     for name, draw in drawings.items():
         partial = out / f".{Path(name).stem}-{os.getpid()}.png"  # renamed when complete
         try:

@@ -1,5 +1,6 @@
 """The `ase-tds` command driven as a user would: a subprocess, real files, bad input."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,9 +14,14 @@ import phonopy
 import pytest
 from ase.io import read, write
 
-from ase_tds import ForceConstantModel, TDSData, simulate
+import ase_tds.plot as tds_plot
+from ase_tds import ForceConstantModel, TDSData, fit, simulate
+from ase_tds.background import ComptonShape
 from ase_tds.cli import main
+from ase_tds.fit import FitResult
 from ase_tds.io.phonopy import write_phonopy_files
+from ase_tds.sampling import QSpaceSampler
+from ase_tds.tds import TDSModel
 
 from conftest import ni_conventional
 
@@ -58,6 +64,42 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sampled(dataset, tmp_path_factory):
+    """`ase-tds simulate --model sampling` of the truth at 150 hkl on the 1/3 grid (the default supercell, then
+    3×3×3), 8 samples, seed 0: the fit's default seed, so a sampling fit's loss has its minimum at the truth."""
+    folder, structure, _ = dataset
+    out = tmp_path_factory.mktemp("sampled")
+    hkl = np.random.default_rng(5).integers(-9, 10, size=(150, 3)) / 3
+    np.savetxt(out / "grid.txt", hkl)
+    code = main([str(a) for a in ("simulate", structure, "--fc", folder / "truth", "--hkl", out / "grid.txt",
+                                  "--temperature", 300, "--model", "sampling", "--statistics", "classical",
+                                  "--samples", 8, "--seed", 0, "--out", out / "sampled.h5")])
+    assert code == 0
+    return out / "sampled.h5", hkl
+
+
+SAMPLING_FIT = ["--shells", 1, "--model", "sampling", "--statistics", "classical", "--scale", "fixed",
+                "--background", "none", "--samples", 8]
+
+
+def spy_on_tds_fit(monkeypatch) -> dict:
+    """What `plot_tds_fit` is given (q_norm, observed, model, sigma), for every call."""
+    calls = []
+    draw = tds_plot.plot_tds_fit
+
+    def spy(q_norm, observed, model, sigma, path, **kwargs):
+        calls.append({"q_norm": q_norm, "observed": observed, "model": model, "sigma": sigma})
+        draw(q_norm, observed, model, sigma, path, **kwargs)
+
+    monkeypatch.setattr(tds_plot, "plot_tds_fit", spy)
+    return calls
+
+
+def parameters(folder) -> np.ndarray:
+    return np.array([p["value"] for p in json.loads((folder / "fit.json").read_text())["parameters"]])
+
+
+@pytest.fixture(scope="module")
 def fitted(dataset, tmp_path_factory):
     """An `ase-tds fit` output folder, with the truth's phonopy file as --reference."""
     folder, structure, _ = dataset
@@ -78,8 +120,10 @@ def test_help_lists_the_commands():
 
 @pytest.mark.parametrize("command, options", [
     ("demo", ["--out", "--points"]),
-    ("fit", ["--reference", "--shells", "--start"]),
-    ("simulate", ["--fc", "--hkl", "--temperature", "--model", "--statistics", "--counts", "--out"]),
+    ("fit", ["--reference", "--shells", "--start", "--compton", "--loss", "poisson", "--checkpoint", "sampling",
+             "--samples", "--supercell", "--seed"]),
+    ("simulate", ["--fc", "--hkl", "--temperature", "--model", "--statistics", "--counts", "--out", "sampling",
+                  "--samples", "--supercell", "--seed"]),
     ("export", ["--supercell", "--temperature", "--samples", "--out", "--statistics", "--seed", "--energy-key",
                 "--forces-key"]),
     ("plot", ["SOURCE", "--label", "--out"]),
@@ -105,6 +149,110 @@ def test_fit_writes_every_output_and_recovers(dataset, fitted):
     q = truth.q_from_hkl([[1, 0, 0]])
     ph.run_qpoints([[0, 0.5, 0.5]])  # X in the fcc primitive reciprocal basis
     np.testing.assert_allclose(ph.qpoints.frequencies[0], truth.frequencies(q)[0], atol=1e-3)
+
+
+def test_fit_compton_recovers_the_amplitude_and_draws_it(dataset, tmp_path, capsys, monkeypatch):
+    """Hubbell's incoherent scattering × 0.8 added to exact one-phonon data: --compton finds 0.8 and the truth,
+    and tds_fit.png draws the whole fitted model (s·I + b + A·c), which here is the data; `plot` redraws it."""
+    folder, structure, truth = dataset
+    data = TDSData.read(folder / "data.h5", structure=read(structure))
+    incoherent = 0.8 * ComptonShape(["Ni"])(data.q_norm)
+    assert np.median(incoherent / data.intensity) > 0.05  # a term the drawing cannot leave out unseen
+    dataclasses.replace(data, intensity=data.intensity + incoherent).write(tmp_path / "compton.h5")
+    drawn = spy_on_tds_fit(monkeypatch)
+    out = tmp_path / "out"
+    code, err = in_process(capsys, "fit", structure, tmp_path / "compton.h5", "--out", out, "--shells", 1,
+                           "--model", "one-phonon", "--statistics", "classical", "--scale", "fixed",
+                           "--background", "none", "--compton")
+    assert code == 0, err
+    saved = json.loads((out / "fit.json").read_text())
+    assert saved["settings"]["compton"] is True and saved["compton"] == pytest.approx(0.8, rel=1e-6)
+    np.testing.assert_allclose(parameters(out), truth.theta.detach().numpy(), atol=1e-5)
+    (call,) = drawn
+    np.testing.assert_allclose(call["model"], call["observed"], rtol=1e-6)
+    # the drawn curve is FitResult.calculated of the fitted model's I(Q), Compton term included
+    result = FitResult.from_dict(saved, symbols=["Ni"])
+    model = ForceConstantModel(read(structure), shells=1).set_parameters(result.theta)
+    intensity = TDSModel(model, 300.0, method="one-phonon", statistics="classical").forward(
+        model.q_from_hkl(TDSData.read(out / "data.h5").hkl)).detach().numpy()
+    used = TDSData.read(out / "data.h5").mask
+    np.testing.assert_allclose(call["model"], result.calculated(intensity[used], call["q_norm"]), rtol=1e-10)
+    assert np.abs(call["model"] - (intensity[used] * result.scale + result.background)).min() > 0.01
+    code, err = in_process(capsys, "plot", out, "--out", tmp_path)
+    assert code == 0, err
+    np.testing.assert_allclose(drawn[1]["model"], call["model"], rtol=1e-9)
+    np.testing.assert_array_equal(matplotlib.image.imread(tmp_path / "tds_fit.png"),
+                                  matplotlib.image.imread(out / "tds_fit.png"))
+
+
+def test_fit_poisson_loss_is_the_api_fit(dataset, tmp_path, capsys):
+    """--loss poisson on counting data (σ = √n/t): the θ, scale and deviance of fit(..., loss="poisson")."""
+    folder, structure, truth = dataset
+    atoms = read(structure)
+    hkl = np.random.default_rng(4).uniform(-3, 3, size=(200, 3))
+    simulate(truth, hkl, 300.0, method="one-phonon", statistics="classical", counts=1e4,
+             rng=4).write(tmp_path / "counts.h5")
+    out = tmp_path / "out"
+    code, err = in_process(capsys, "fit", structure, tmp_path / "counts.h5", "--out", out, "--shells", 1,
+                           "--model", "one-phonon", "--statistics", "classical", "--background", "none",
+                           "--loss", "poisson", "--start", folder / "truth" / "phonopy_params.yaml")
+    assert code == 0, err
+    saved = json.loads((out / "fit.json").read_text())
+    model = ForceConstantModel(atoms, shells=1).set_from_phonopy(folder / "truth" / "phonopy_params.yaml")
+    data = TDSData.read(tmp_path / "counts.h5", structure=atoms).mask_bragg(0.1, model.primitive.cell[:])
+    expected = fit(model, data, method="one-phonon", statistics="classical", background="none", loss="poisson",
+                   progress=False)
+    assert saved["settings"]["loss"] == "poisson" and saved["deviance"] == pytest.approx(expected.deviance, rel=1e-9)
+    np.testing.assert_allclose(parameters(out), expected.theta, rtol=1e-9)
+    assert saved["scale"] == pytest.approx(expected.scale, rel=1e-9)
+    assert np.all(np.abs(expected.theta - truth.theta.detach().numpy()) < 4 * expected.sigma)
+
+
+def test_simulate_sampling_writes_the_monte_carlo_error(dataset, sampled):
+    """The sampling model's mean and standard error (3×3×3 supercell: the least holding the 1/3 grid) as I and σ."""
+    _, structure, truth = dataset
+    path, hkl = sampled
+    data = TDSData.read(path, structure=read(structure))
+    sampler = QSpaceSampler(truth, (3, 3, 3), 300.0, "classical", n_samples=8, seed=0, progress=False)
+    tds = TDSModel(truth, 300.0, method="sampling", statistics="classical", sampler=sampler)
+    mean, stderr = (x.detach().numpy() for x in sampler.intensity(tds, truth.q_from_hkl(hkl)))
+    np.testing.assert_allclose(data.intensity, mean, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(data.sigma, stderr, rtol=1e-8)
+    assert data.absolute and 0.1 < np.median(data.sigma / data.intensity) < 1  # 8 samples: ≈ 1/√8
+
+
+def test_sampling_fit_resumes_from_a_checkpoint_and_draws_its_own_sampler(dataset, sampled, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Adam with the default seed (that of the data): 30 iterations recover the truth; 10 with --checkpoint, then
+    resumed to 30, give the same θ to the last bit; the drawing uses the fit's sampler (drawn = data, not
+    another draw of the Monte-Carlo noise, ≈ 35 % off). A checkpoint of other settings is refused."""
+    _, structure, truth = dataset
+    path, _ = sampled
+    drawn = spy_on_tds_fit(monkeypatch)
+    run = lambda out, *extra: in_process(capsys, "fit", structure, path, "--out", tmp_path / out,
+                                         *SAMPLING_FIT, *extra)
+    code, err = run("whole", "--max-iter", 30)
+    assert code == 0, err
+    whole = parameters(tmp_path / "whole")
+    true = truth.theta.detach().numpy()
+    assert np.abs(whole - true).max() < 1e-3 * np.abs(true).max()
+    settings = json.loads((tmp_path / "whole" / "fit.json").read_text())["settings"]
+    assert settings["sampler"] == {"kind": "QSpaceSampler", "supercell": [3, 3, 3], "n_samples": 8, "seed": 0}
+    np.testing.assert_allclose(drawn[0]["model"], drawn[0]["observed"], rtol=1e-2)
+
+    checkpoint = tmp_path / "fit.ckpt"
+    code, err = run("part", "--max-iter", 10, "--checkpoint", checkpoint)
+    assert code == 0 and checkpoint.is_file(), err
+    assert json.loads(checkpoint.read_text())["iterations"] == 10
+    code, err = run("resumed", "--max-iter", 30, "--checkpoint", checkpoint)
+    assert code == 0, err
+    np.testing.assert_allclose(parameters(tmp_path / "resumed"), whole, rtol=0, atol=1e-12)
+    assert json.loads((tmp_path / "resumed" / "fit.json").read_text())["iterations"] == 30
+
+    code, err = run("other", "--max-iter", 30, "--checkpoint", checkpoint, "--seed", 1)
+    last = err.strip().splitlines()[-1]  # after the progress bar of the EMT start
+    assert code == 2 and "Traceback" not in err and last.startswith("ase-tds: error:")
+    assert "other settings" in last and "'seed': 1" in last and not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -211,15 +359,43 @@ def test_export_writes_training_data(fitted, tmp_path):
     (["plot", "missing.yaml"], "no phonopy file at missing.yaml"),
     (["plot", "{truth}", "--label", "a", "--label", "b"], "2 --label for 1 SOURCE"),
     (["plot", "{truth}", "{truth}"], "repeat; give each SOURCE its own --label"),
+    (["fit", "{structure}", "{data}", "--out", "x", "--model", "sampling", "--samples", 0],
+     "--samples 0: the sampling model needs N ≥ 2"),
+    (["fit", "{structure}", "{data}", "--out", "x", "--model", "sampling", "--supercell", 3, 0, 3],
+     "--supercell 3 0 3: give three positive repetitions"),
+    (["fit", "{structure}", "{data}", "--out", "x", "--samples", 8, "--seed", 1],
+     "--samples and --seed set the sampling model; add --model sampling"),
+    (["fit", "{structure}", "{data}", "--out", "x", "--model", "sampling", "--shells", 1],
+     "are not multiples of 1/L for any L ≤ 48"),
+    (["fit", "{structure}", "{data}", "--out", "x", "--model", "sampling", "--shells", 1, "--supercell", 2, 2, 2],
+     "is not on the reciprocal lattice of the 2×2×2 supercell"),
+    (["fit", "{structure}", "{data}", "--out", "x", "--loss", "poisson"], "--loss poisson needs the counts"),
+    (["fit", "{structure}", "{negative}", "--out", "x", "--loss", "poisson", "--shells", 1, "--model", "one-phonon"],
+     "--loss poisson needs intensities ≥ 0 (counts/exposure): 1 used points"),
+    (["fit", "{structure}", "{data}", "--out", "x", "--checkpoint", "."], "--checkpoint . is a folder"),
+    (["fit", "{structure}", "{data}", "--out", "x", "--checkpoint", "no/fit.ckpt"], "no such folder no"),
+    (["simulate", "{structure}", "--fc", "{truth}", "--hkl", "{hkl}", "--temperature", 300, "--out", "x.h5",
+      "--model", "sampling", "--samples", 1], "--samples 1: the sampling model needs N ≥ 2"),
+    (["simulate", "{structure}", "--fc", "{truth}", "--hkl", "{hkl}", "--temperature", 300, "--out", "x.h5",
+      "--model", "sampling", "--supercell", -1, 2, 2], "--supercell -1 2 2: give three positive repetitions"),
+    (["simulate", "{structure}", "--fc", "{truth}", "--hkl", "{off_grid}", "--temperature", 300, "--out", "x.h5",
+      "--model", "sampling"], "the points' h (r.l.u. of the unit cell) are not multiples of 1/L"),
+    (["simulate", "{structure}", "--fc", "{truth}", "--hkl", "{hkl}", "--temperature", 300, "--out", "x.h5",
+      "--supercell", 2, 2, 2], "--supercell sets the sampling model; add --model sampling"),
 ])
 def test_new_commands_refuse_bad_input_in_one_line(dataset, tmp_path, capsys, monkeypatch, args, message):
     folder, structure, truth = dataset
     np.savetxt(tmp_path / "bad_hkl.txt", np.ones((4, 2)))
     np.savetxt(tmp_path / "hkl.txt", np.ones((4, 3)))
+    np.savetxt(tmp_path / "off_grid.txt", np.full((4, 3), 0.37))
     other = tmp_path / "other.cif"
     write(other, _strained_ni())
+    data = TDSData.read(folder / "data.h5", structure=read(structure))
+    negative = data.intensity * np.where(np.arange(len(data)) == 7, -1, 1)  # one point below zero, σ given
+    dataclasses.replace(data, intensity=negative, sigma=0.01 * np.abs(negative)).write(tmp_path / "negative.h5")
     names = dict(structure=structure, truth=folder / "truth", hkl=tmp_path / "hkl.txt",
-                 bad_hkl=tmp_path / "bad_hkl.txt", other=other)
+                 bad_hkl=tmp_path / "bad_hkl.txt", other=other, data=folder / "data.h5",
+                 negative=tmp_path / "negative.h5", off_grid=tmp_path / "off_grid.txt")
     args = [a.format(**{k: str(v) for k, v in names.items()}) if isinstance(a, str) else a for a in args]
     monkeypatch.chdir(tmp_path)
     before = set(tmp_path.iterdir())
