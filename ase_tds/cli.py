@@ -206,9 +206,10 @@ def _commensurate_supercell(model, q) -> tuple[int, int, int]:
         step = next((L for L in range(1, MAX_REPEAT + 1) if np.abs(h * L - np.round(h * L)).max(initial=0.0) <= 1e-6),
                     None)
         if step is None:
-            raise ValueError(f"--model sampling: the points' {name} (r.l.u. of the unit cell) are not multiples of 1/L "
-                             f"for any L ≤ {MAX_REPEAT}, and a periodic L1×L2×L3 supercell sees only Q with hkl·L "
-                             "integer; give --supercell A B C matching the data's grid, or use --model gaussian (any Q)")
+            raise ValueError(f"--model sampling: the points' {name} (r.l.u. of the unit cell) are not multiples of "
+                             f"1/L for any L ≤ {MAX_REPEAT}, and a periodic L1×L2×L3 supercell sees only Q with hkl·L "
+                             "integer; give --supercell A B C matching the data's grid, or use --model gaussian "
+                             "(any Q)")
         reps.append(int(step * -(-least[len(reps)] // step)))  # the least multiple of step holding the cutoff
     return tuple(reps)
 
@@ -292,7 +293,8 @@ def _run_fit(args) -> int:
     _check_sampling_arguments(args, seed_is_sampling=True)
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     if checkpoint is not None and checkpoint.is_dir():
-        raise IsADirectoryError(f"--checkpoint {checkpoint} is a folder; give a file name, e.g. {checkpoint / 'fit.ckpt'}")
+        raise IsADirectoryError(f"--checkpoint {checkpoint} is a folder; give a file name, e.g. "
+                                f"{checkpoint / 'fit.ckpt'}")
     if checkpoint is not None and not checkpoint.parent.is_dir():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder {checkpoint.parent}; create it first")
     structure = read(args.structure)

@@ -249,8 +249,9 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
                     dw_mesh=tds.dw_mesh)
     if method == "sampling":  # what redraws the fitted model (and what a checkpoint must match)
         sampler = tds.sampler
+        seed = None if sampler.seed is None else int(sampler.seed)
         settings["sampler"] = dict(kind=type(sampler).__name__, supercell=list(sampler.supercell),
-                                   n_samples=sampler.n_samples, seed=None if sampler.seed is None else int(sampler.seed))
+                                   n_samples=sampler.n_samples, seed=seed)
     saver = Checkpoint(checkpoint, model.labels, settings) if checkpoint is not None else None
     state = saver.load() if saver is not None else None
     original = model.theta.detach().cpu().numpy().copy()
