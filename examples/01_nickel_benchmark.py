@@ -93,7 +93,7 @@ plot_dispersion({"EMT truth": truth, "start": start, "fitted": model}, args.out 
 used = data.mask
 tds = TDSModel(model, 300.0, method="gaussian", statistics="quantum", **options)
 with torch.no_grad():
-    calculated = result.calculated(tds(data.q[used]).numpy(), data.q_norm[used])  # s·I + b
+    calculated = result.calculated(tds(data.q[used]).numpy(), data.q_norm[used])  # s·I + b (+ A·c(|Q|) when fitted)
 plot_tds_fit(data.q_norm[used], data.intensity[used], calculated, data.sigma[used], args.out / "tds_fit.png")
 write_phonopy_files(model, args.out / "fitted")
 result.write_json(args.out / "fitted" / "fit.json")

@@ -118,7 +118,7 @@ for name, f_true, f_fit in zip(points, truth.frequencies(q), model.frequencies(q
 # Maps of the plane: data, model and normalised residual (masked points blank).
 tds = TDSModel(model, 300.0, **options)
 with torch.no_grad():
-    calculated = result.calculated(tds(plane.q).numpy(), plane.q_norm)  # s·I + b
+    calculated = result.calculated(tds(plane.q).numpy(), plane.q_norm)  # s·I + b (+ A·c(|Q|) when fitted)
 residual = np.where(plane.mask, (plane.intensity - calculated) / plane.sigma, np.nan)
 fig, axes = plt.subplots(1, 3, figsize=(14, 4.4), sharey=True)
 panels = [("data (counts)", np.where(plane.mask, plane.intensity, np.nan), "viridis", True),
