@@ -14,8 +14,8 @@ import xraydb
 
 from .covariance import (
     KB,
+    InverseForm,
     covariance_from_routes,
-    positive_cholesky,
     quantum_series_form,
     thermal_routes,
 )
@@ -76,9 +76,7 @@ def one_phonon_intensity(model, q: torch.Tensor, amplitude: torch.Tensor, temper
         cov = covariance_from_routes(routes, temperature, statistics)
         vc = v.to(cov.dtype)
         return torch.einsum("bi,bij,bj->b", vc.conj(), cov, vc).real / n
-    chol = positive_cholesky(dyn, "Q")
-    y = torch.linalg.solve_triangular(chol, v.to(chol.dtype)[..., None], upper=False)[..., 0]
-    value = KB * temperature * (y.abs() ** 2).sum(-1)
+    value = KB * temperature * InverseForm.apply(dyn, v, "Q")
     if proj is not None:  # the lifted translations: subtract k_BT/c · v†Pv
         vc = v.to(proj.dtype)
         value = value - KB * temperature / c * torch.einsum("bi,bij,bj->b", vc.conj(), proj, vc).real

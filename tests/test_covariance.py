@@ -7,7 +7,8 @@
   ThermalDisplacementMatrices; `converged_mean_square_displacement` against a phonopy fine-mesh
   extrapolation.
 - `HermitianFunction`: finite differences (gradcheck) at an exactly degenerate pair, and
-  torch.linalg.inv's autograd where f(λ) = 1/λ.
+  torch.linalg.inv's autograd where f(λ) = 1/λ. `HermitianInverse`, `InverseForm`: gradcheck and
+  numpy's inverse; the series by moments / Paterson–Stockmeyer against plain powers of D.
 
 Units are ase.units (CODATA 2014) as in the package; where phonopy's or euphonic's own constants enter,
 the tolerance says so. The helpers here (crystals, dense supercells, mode weights) are reused by
@@ -32,6 +33,8 @@ from ase_tds import ForceConstantModel
 from ase_tds import covariance, scattering
 from ase_tds.covariance import (
     HermitianFunction,
+    HermitianInverse,
+    InverseForm,
     UnstableError,
     converged_mean_square_displacement,
     mean_square_displacement,
@@ -575,3 +578,53 @@ def test_unstable_force_constants_raise(models, statistics):
                            T_ROOM, statistics)
     with pytest.raises(UnstableError):
         mean_square_displacement(model, T_ROOM, statistics, (4, 4, 4))
+
+
+def _hermitian_path(rng, m=7):
+    """A(t) = A₀ + Σ t_k E_k: A₀ Hermitian positive definite (m, m), E_k (5 random Hermitian directions)."""
+    z = rng.normal(size=(m, m)) + 1j * rng.normal(size=(m, m))
+    a0 = torch.as_tensor(z @ z.conj().T + m * np.eye(m))
+    e = rng.normal(size=(5, m, m)) + 1j * rng.normal(size=(5, m, m))
+    dirs = torch.as_tensor(0.5 * (e + e.conj().transpose(0, 2, 1)))
+    return lambda t: a0 + torch.einsum("k,kij->ij", t.to(dirs.dtype), dirs)
+
+
+def test_explicit_inverse_backwards_match_finite_differences(rng):
+    """HermitianInverse (−D⁻¹GD⁻¹) and InverseForm (−ww†, 2 Re w) against gradcheck, a batch of two D."""
+    paths = [_hermitian_path(rng), _hermitian_path(rng)]
+    v0 = torch.as_tensor(rng.normal(size=(2, 7)))
+    dv = torch.as_tensor(rng.normal(size=(5, 2, 7)))
+
+    def batch(t):
+        return torch.stack([path(t) for path in paths])
+
+    def inverse(t):
+        return torch.view_as_real(HermitianInverse.apply(batch(t), "test"))
+
+    def form(t):
+        return InverseForm.apply(batch(t), v0 + torch.einsum("k,kbi->bi", t, dv), "test")
+
+    t0 = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(inverse, (t0,), eps=1e-6, atol=1e-9, rtol=1e-6)
+    assert torch.autograd.gradcheck(form, (t0,), eps=1e-6, atol=1e-9, rtol=1e-6)
+    a = batch(t0.detach()).numpy()
+    expected = np.einsum("bi,bij,bj->b", v0.numpy(), np.linalg.inv(a), v0.numpy()).real
+    assert np.abs(form(t0.detach()).numpy() / expected - 1).max() < 1e-13
+    assert np.abs(HermitianInverse.apply(batch(t0.detach()), "test").numpy() - np.linalg.inv(a)).max() < 1e-14
+    with pytest.raises(UnstableError, match="1 of 2 test"):
+        InverseForm.apply(torch.stack([paths[0](t0.detach()), -paths[1](t0.detach())]), v0, "test")
+
+
+@pytest.mark.parametrize("terms", [1, 2, 5, 9, 16])
+def test_series_by_moments_and_paterson_stockmeyer_equal_plain_powers(rng, terms):
+    """quantum_series_form (moments from ⌈(K−1)/2⌉ products) and quantum_series_matrix (Paterson–Stockmeyer)
+    against Σ b_k D^{k−1} by explicit powers, for K terms."""
+    dyn = torch.stack([_hermitian_path(rng, 6)(torch.zeros(5)) for _ in range(3)])
+    dyn = 0.7 * dyn / torch.linalg.eigvalsh(dyn).max()  # spectrum in (0, 0.7], as where the series is used
+    b = rng.normal(size=terms)
+    v = torch.as_tensor(rng.normal(size=(3, 6)))
+    powers = [torch.linalg.matrix_power(dyn, k) for k in range(terms)]
+    plain = sum(bk * p for bk, p in zip(b, powers))
+    assert torch.abs(covariance.quantum_series_matrix(dyn, b, None) - plain).max() < 1e-13
+    expected = torch.einsum("bi,bij,bj->b", v.to(dyn.dtype), plain, v.to(dyn.dtype)).real
+    assert torch.abs(covariance.quantum_series_form(dyn, v, b, None) - expected).max() < 1e-12
