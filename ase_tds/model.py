@@ -62,7 +62,12 @@ class ForceConstantModel(torch.nn.Module):
         self.theta = torch.nn.Parameter(torch.zeros(self.basis.n_params, dtype=dtype))
         masses = self.primitive.get_masses()
         self.register_buffer("masses", torch.tensor(masses, dtype=dtype))
-        self.register_buffer("tensors", torch.tensor(self.basis.tensors, dtype=dtype))
+        # Φ = Σ_k θ_k T_k from the non-zero entries of T (k, P·9) only (under 1 % of them for low symmetry)
+        tensors = self.basis.tensors.reshape(self.basis.n_params, 9 * len(self.basis.atom0))
+        param, entry = np.nonzero(tensors)
+        self.register_buffer("tensor_param", torch.tensor(param))
+        self.register_buffer("tensor_entry", torch.tensor(entry))
+        self.register_buffer("tensor_value", torch.tensor(tensors[param, entry], dtype=dtype))
         # D(q) assembly: pairs grouped by atom block κ·n + κ', padded with zero-weight pairs
         n = len(self.primitive)
         slots, filled = group_by_block(self.basis.atom0 * n + self.basis.atom1, n)
@@ -103,7 +108,9 @@ class ForceConstantModel(torch.nn.Module):
     # ------------------------------------------------------------------ θ → Φ → D(q)
     def pair_force_constants(self) -> torch.Tensor:
         """Φ(κ0; κ'l') per pair of the basis, (P, 3, 3) eV/Å²."""
-        return torch.einsum("k,kpab->pab", self.theta, self.tensors)
+        flat = torch.zeros(9 * len(self.basis.atom0), dtype=self.theta.dtype, device=self.theta.device)
+        flat = flat.index_add(0, self.tensor_entry, self.theta[self.tensor_param] * self.tensor_value)
+        return flat.reshape(-1, 3, 3)
 
     def dynamical_matrix(self, q) -> torch.Tensor:
         """D(q) (B, 3n, 3n) complex, eV/Å²/amu, for Cartesian q (B, 3) in Å⁻¹ (phases from atomic positions)."""
@@ -285,8 +292,9 @@ def assemble_dynamical_matrix(angle: torch.Tensor, weighted: torch.Tensor, n: in
     w = weighted.reshape(n * n, -1, 9)
     real = torch.einsum("bkm,kme->bke", torch.cos(angle), w)
     imag = torch.einsum("bkm,kme->bke", torch.sin(angle), w)
-    blocks = torch.complex(real, imag)
-    return blocks.reshape(-1, n, n, 3, 3).permute(0, 1, 3, 2, 4).reshape(-1, 3 * n, 3 * n)
+    # one pass from the block layout (B, κ, κ', α, β) to (B, κα, κ'β)
+    real, imag = (part.reshape(-1, n, n, 3, 3).permute(0, 1, 3, 2, 4) for part in (real, imag))
+    return torch.complex(real, imag).reshape(-1, 3 * n, 3 * n)
 
 
 def row_sum_bound(weighted: torch.Tensor, n: int) -> float:
