@@ -18,6 +18,8 @@ import torch
 from ase import units
 from scipy.special import zeta
 
+from .chunks import map_chunks, matrix_chunk
+
 KB = units.kB  # eV/K
 # ħω in eV for ω² = 1 eV/Å²/amu
 HBAR_OMEGA_UNIT = units._hbar * np.sqrt(units._e / (1e-20 * units._amu)) / units._e
@@ -310,19 +312,17 @@ def mesh_q(model, mesh, shift: bool = False) -> torch.Tensor:
 
 
 def mean_square_displacement(model, temperature: float, statistics: str = "classical",
-                             mesh=(16, 16, 16), chunk: int = 4096) -> torch.Tensor:
+                             mesh=(16, 16, 16), chunk: int | None = None) -> torch.Tensor:
     """C_{κ0,κ0} (n, 3, 3) Å²: the Brillouin-zone average of C̃_κκ(q) on a Γ-centred `mesh`.
 
     The Γ point contributes its optical modes only; the missing long-wave part falls as 1/mesh
     (see `debye_waller` for the extrapolated value).
     """
     q = mesh_q(model, mesh)
-    total = 0
-    for start in range(0, len(q), chunk):
-        cov = thermal_covariance(model, q[start:start + chunk], temperature, statistics)
-        total = total + cov.sum(dim=0)
+    chunk = chunk or matrix_chunk(model.n_atoms, 4096)
+    sums = map_chunks(lambda qc: thermal_covariance(model, qc, temperature, statistics).sum(dim=0), (q,), chunk)
     n = model.n_atoms
-    blocks = (total / len(q)).real.reshape(n, 3, n, 3)
+    blocks = (sum(sums) / len(q)).real.reshape(n, 3, n, 3)
     return torch.stack([blocks[k, :, k, :] for k in range(n)])
 
 
@@ -339,7 +339,7 @@ def converged_mean_square_displacement(model, temperature: float, statistics: st
 
 
 def real_space_covariance(model, temperature: float, statistics: str = "classical", grid=(15, 15, 15),
-                          chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                          chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """C_{κ0,κ'l} on a periodic grid of primitive cells, by FFT of C̃(q) on the commensurate q mesh.
 
     Returns (separations (G, n, n, 3) Å: r_κ'l − r_κ0, correlation (G, n, n, 3, 3) Å²), G = L1·L2·L3,
@@ -350,14 +350,14 @@ def real_space_covariance(model, temperature: float, statistics: str = "classica
     q = mesh_q(model, grid)
     n = model.n_atoms
     pos = torch.as_tensor(model.primitive.positions, dtype=q.dtype, device=q.device)
-    blocks = []
-    for start in range(0, len(q), chunk):
-        qc = q[start:start + chunk]
+
+    def origin_convention(qc):
         cov = thermal_covariance(model, qc, temperature, statistics).reshape(-1, n, 3, n, 3)
         # to the cell-origin phase convention: × e^{−iq·(r_κ' − r_κ)}
         shift = torch.exp(-1j * (qc @ pos.T))  # (b, n): e^{−iq·r_κ}
-        blocks.append(cov * shift.conj()[:, :, None, None, None] * shift[:, None, None, :, None])
-    cov = torch.cat(blocks).reshape(*grid, n, 3, n, 3)
+        return cov * shift.conj()[:, :, None, None, None] * shift[:, None, None, :, None]
+
+    cov = torch.cat(map_chunks(origin_convention, (q,), chunk or matrix_chunk(n, 4096))).reshape(*grid, n, 3, n, 3)
     corr = torch.fft.fftn(cov, dim=(0, 1, 2)).real / len(q)
     index = np.stack(np.meshgrid(*[np.arange(m) for m in grid], indexing="ij"), -1).reshape(-1, 3)
     index = index - np.array(grid) * (index >= (np.array(grid) + 1) // 2)

@@ -21,6 +21,7 @@ from .covariance import (
     mean_square_displacement,
     real_space_covariance,
 )
+from .chunks import map_chunks, matrix_chunk
 from .scattering import FormFactors, debye_waller_exponent, multi_phonon_intensity, one_phonon_intensity
 
 METHODS = ("one-phonon", "gaussian", "sampling")
@@ -57,7 +58,7 @@ class TDSModel(torch.nn.Module):
         self.sampler = sampler
         n = force_constants.n_atoms
         terms = np.prod(self.grid) * n * n if method == "gaussian" else 1
-        self.chunk = int(chunk) if chunk else int(np.clip(min(2**19 // (9 * n * n), 2**22 // terms), 16, 8192))
+        self.chunk = int(chunk) if chunk else int(min(matrix_chunk(n), max(2**22 // terms, 16)))
         self._cache = {}
 
     def _at_fixed_theta(self, name: str, compute):
@@ -96,15 +97,13 @@ class TDSModel(torch.nn.Module):
             return self.sampler.intensity(self, q)[0]
         msd = self.mean_square_displacement()
         correlation = self.correlation() if self.method == "gaussian" else None
-        out = []
-        for start in range(0, len(q), self.chunk):
-            qc = q[start:start + self.chunk]
-            amp = self.amplitude(qc, msd)
+        amplitude = self.amplitude(q, msd)  # here, not in the workers: form factors may call xraydb
+
+        def intensity(qc, amp):
             value = one_phonon_intensity(fc, qc, amp, self.temperature, self.statistics)
-            if correlation is not None:
-                value = value + multi_phonon_intensity(qc, amp, *correlation)
-            out.append(value)
-        return torch.cat(out)
+            return value if correlation is None else value + multi_phonon_intensity(qc, amp, *correlation)
+
+        return torch.cat(map_chunks(intensity, (q, amplitude), self.chunk))
 
     def intensity_hkl(self, hkl, cell=None) -> torch.Tensor:
         """I (N,) e.u./atom at hkl (N, 3) in r.l.u. of `cell` (3, 3) Å (default: the force constants' unit cell)."""

@@ -22,7 +22,7 @@ import xraydb
 from ase import units
 
 from ase_tds import TDSModel
-from ase_tds.covariance import UnstableError, real_space_covariance
+from ase_tds.covariance import UnstableError, mean_square_displacement, real_space_covariance
 from ase_tds.scattering import multi_phonon_intensity, one_phonon_intensity
 
 from test_covariance import (  # noqa: F401  (models: a module fixture re-used here)
@@ -479,3 +479,39 @@ def test_fixed_theta_cache_follows_theta(models, rng):  # noqa: F811
     model.theta.grad = None
     reference(q).sum().backward()
     assert torch.allclose(grad, model.theta.grad, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("statistics", ["classical", "quantum"])
+def test_chunks_in_worker_threads_equal_one_block(models, rng, statistics):  # noqa: F811
+    """AuCu3 gaussian in chunks of 3 Q (several worker threads) against one block in the calling thread:
+    same values and θ-gradient; no graph where the caller has none; an unstable θ raised from a worker;
+    the caller's torch thread count untouched. Likewise the mesh sums (Debye–Waller, real-space grid)."""
+    model = copy.deepcopy(models["AuCu3"])
+    q = torch.as_tensor(5.0 * random_directions(rng, 11))
+    options = dict(method="gaussian", statistics=statistics, dw_mesh=2, grid=(3, 3, 3))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        values, grads = [], []
+        for chunk in (3, 64):
+            model.theta.grad = None
+            value = TDSModel(model, T_ROOM, chunk=chunk, **options)(q)
+            value.sum().backward()
+            values.append(value.detach())
+            grads.append(model.theta.grad.clone())
+        with torch.no_grad():
+            assert not TDSModel(model, T_ROOM, chunk=3, **options)(q).requires_grad
+            meshes = [(mean_square_displacement(model, T_ROOM, statistics, (3, 3, 3), chunk=chunk),
+                       real_space_covariance(model, T_ROOM, statistics, (3, 3, 3), chunk=chunk)[1])
+                      for chunk in (5, None)]
+        assert torch.get_num_threads() == 2
+        with torch.no_grad():
+            model.theta.mul_(-1)
+        with pytest.raises(UnstableError):
+            TDSModel(model, T_ROOM, chunk=3, **options)(q)
+    finally:
+        torch.set_num_threads(threads)
+    assert relative_error(values[0], values[1]) < 1e-14
+    for chunked, whole in zip(*meshes):
+        assert torch.abs(chunked - whole).max() < 1e-14 * torch.abs(whole).max()
+    assert torch.allclose(grads[0], grads[1], rtol=1e-12, atol=1e-12 * grads[1].abs().max())

@@ -1,0 +1,36 @@
+"""Evaluation over chunks of a batch of q, in parallel CPU threads.
+
+Batched small linear algebra (a Cholesky factorisation per q) runs one matrix at a time inside torch on
+the CPU, so one Python thread leaves cores idle. Here each chunk goes to one of torch.get_num_threads()
+worker threads, each single-threaded (the GIL is released inside torch ops). The caller's grad mode
+holds in the workers; results come back in order, so sums over them are deterministic. On other devices,
+and for a single chunk, the chunks run in the calling thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+
+def matrix_chunk(n_atoms: int, limit: int = 8192) -> int:
+    """q per chunk for (3n × 3n) matrices: about 2¹⁹ entries (cache-sized), between 16 and `limit`."""
+    return int(min(max(2**19 // (9 * n_atoms**2), 16), limit))
+
+
+def map_chunks(func: Callable, tensors: tuple[torch.Tensor, ...], chunk: int) -> list:
+    """[func(*pieces) for each run of `chunk` rows of `tensors` (same leading length)], in order."""
+    pieces = list(zip(*(t.split(int(chunk)) for t in tensors)))
+    workers = min(torch.get_num_threads(), len(pieces))
+    if workers <= 1 or tensors[0].device.type != "cpu":
+        return [func(*piece) for piece in pieces]
+    grad = torch.is_grad_enabled()
+
+    def run(piece):
+        with torch.set_grad_enabled(grad):
+            return func(*piece)
+
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return list(pool.map(run, pieces))
