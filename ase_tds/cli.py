@@ -62,8 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--temperature", type=float, help="K (overrides the file's)")
     fit.add_argument("--model", default="gaussian", choices=["one-phonon", "gaussian", "sampling"],
                      help="forward model: one-phonon, gaussian (all orders, exact for a harmonic crystal) or "
-                          "sampling (Monte Carlo on a periodic supercell, fitted by Adam; see --samples) "
-                          "(default: %(default)s)")
+                          "sampling (Monte Carlo on a periodic supercell, fitted by Adam unless --optimizer lbfgs; "
+                          "see --samples) (default: %(default)s)")
+    fit.add_argument("--optimizer", choices=["lbfgs", "adam"],
+                     help="default: lbfgs, adam for --model sampling (whose loss is deterministic with its fixed "
+                          "--seed, so lbfgs converges in fewer evaluations there too)")
     fit.add_argument("--statistics", default="quantum", choices=["classical", "quantum"],
                      help="phonon occupations (default: %(default)s)")
     fit.add_argument("--scale", default="free", choices=["free", "fixed"],
@@ -325,7 +328,7 @@ def _run_fit(args) -> int:
     options = {"sampler": _sampler(model, **sampling)} if args.model == "sampling" else {}
     result = fit(model, data, temperature=temperature, method=args.model, statistics=args.statistics,
                  scale=args.scale, background=args.background, compton=args.compton, loss=args.loss,
-                 max_iter=args.max_iter, checkpoint=checkpoint, tds_options=options)
+                 max_iter=args.max_iter, checkpoint=checkpoint, tds_options=options, optimizer=args.optimizer)
     model.cpu()
     print(result.table())
     _write_outputs(Path(args.out), model, result, data, start=start, reference=reference)

@@ -120,7 +120,7 @@ def test_help_lists_the_commands():
 
 @pytest.mark.parametrize("command, options", [
     ("demo", ["--out", "--points"]),
-    ("fit", ["--reference", "--shells", "--start", "--compton", "--loss", "poisson", "--checkpoint", "sampling",
+    ("fit", ["--reference", "--shells", "--start", "--compton", "--loss", "poisson", "--checkpoint", "sampling", "--optimizer",
              "--samples", "--supercell", "--seed"]),
     ("simulate", ["--fc", "--hkl", "--temperature", "--model", "--statistics", "--counts", "--out", "sampling",
                   "--samples", "--supercell", "--seed"]),
