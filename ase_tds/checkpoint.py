@@ -1,7 +1,8 @@
 """Checkpoints of a fit: a JSON file rewritten atomically after every iteration, and resumed from.
 
 Content: format tag, the model's parameter labels, the fit settings, θ (eV/Å²), iterations done, loss history,
-the whitening matrix R (n, n) the optimiser works in, and Adam's state (x, moments, step size, best point).
+the whitening matrix R (n, n) the optimiser works in, Adam's state (x, moments, step size, best point), and for
+the sampling model the θ its Monte-Carlo weights were measured at (the first start).
 A checkpoint resumes only the fit it was written by (same labels and settings); a file holding just
 {"theta": [...]} (an older format, or written by hand) is taken as a starting θ.
 """
@@ -31,9 +32,10 @@ class Checkpoint:
         self.path = Path(path)
         self.labels = list(labels)
         self.settings = json.loads(json.dumps(settings))
+        self.monte_carlo_theta = None  # θ (n,) of the sampling model's Monte-Carlo weights, saved with each write
 
     def load(self) -> dict | None:
-        """The saved state (theta, iterations, history, whitening, adam), or None when there is no file.
+        """The saved state (theta, iterations, history, whitening, adam, monte_carlo_theta), or None without a file.
 
         Raises ValueError when the file belongs to another fit or cannot be read.
         """
@@ -49,7 +51,8 @@ class Checkpoint:
             if theta.shape != (len(self.labels),):
                 raise ValueError(f"{self.path}: holds {theta.size} values of θ for a model with {len(self.labels)} "
                                  "parameters; delete it or give another checkpoint path")
-            return {"theta": theta, "iterations": 0, "history": None, "whitening": None, "adam": None}
+            return {"theta": theta, "iterations": 0, "history": None, "whitening": None, "adam": None,
+                    "monte_carlo_theta": None}
         if saved["labels"] != self.labels:
             raise ValueError(f"{self.path}: a checkpoint of a model with parameters {saved['labels']}, not "
                              f"{self.labels}; delete it or give another checkpoint path")
@@ -59,7 +62,8 @@ class Checkpoint:
             raise ValueError(f"{self.path}: a checkpoint of a fit with other settings ({detail}); resume with the "
                              "same settings, or delete it / give another checkpoint path")
         return {"theta": theta, "iterations": int(saved["iterations"]), "history": list(saved["history"]),
-                "whitening": np.asarray(saved["whitening"], dtype=float), "adam": saved.get("adam")}
+                "whitening": np.asarray(saved["whitening"], dtype=float), "adam": saved.get("adam"),
+                "monte_carlo_theta": saved.get("monte_carlo_theta")}
 
     def write(self, theta, iterations: int, history, whitening, adam: dict | None = None) -> None:
         def plain(value):
@@ -68,5 +72,6 @@ class Checkpoint:
         payload = {"format": FORMAT, "labels": self.labels, "settings": self.settings,
                    "theta": np.asarray(theta, dtype=float).tolist(), "iterations": int(iterations),
                    "history": [float(h) for h in history], "whitening": np.asarray(whitening).tolist(),
-                   "adam": None if adam is None else {k: plain(v) for k, v in adam.items()}}
+                   "adam": None if adam is None else {k: plain(v) for k, v in adam.items()},
+                   "monte_carlo_theta": plain(self.monte_carlo_theta)}
         write_atomic(self.path, json.dumps(payload))

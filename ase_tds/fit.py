@@ -155,8 +155,20 @@ class _Objective:
         else:
             sigma = data.sigma if data.sigma is not None else np.sqrt(np.maximum(np.abs(data.intensity), 1e-12))
             self.w = 1.0 / as_t(sigma[used]) ** 2
+        self.data_w = self.w  # 1/σ² of the data; w may add the sampling model's variance
         self.n_theta = fc.n_params
         self._beta = None
+
+    def add_monte_carlo_variance(self, theta: np.ndarray) -> None:
+        """"sampling" with χ²: weights 1/(σ² + (r·I_obs)²), r (N,) the relative Monte-Carlo standard error of the
+        fixed-seed estimate at θ (the start): the speckle of S samples, ≈ 1/√S per point, which θ hardly
+        changes. With the data's σ alone, the fit would chase the fixed samples' speckle where σ is smallest."""
+        with torch.no_grad():
+            self.tds.force_constants.theta.copy_(torch.as_tensor(theta))
+            mean, stderr = self.tds.sampler.intensity(self.tds, self.q)
+        positive = mean > 0
+        relative = torch.where(positive, stderr / torch.where(positive, mean, 1.0), (stderr / mean.abs()).median())
+        self.w = 1.0 / (1.0 / self.w + (relative * self.y) ** 2)
 
     def profile(self, intensity: torch.Tensor) -> torch.Tensor:
         """The best nuisance values β (k,) at a model intensity (N,): differentiable for χ², not for Poisson."""
@@ -264,6 +276,12 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
     original = model.theta.detach().cpu().numpy().copy()
     start = state["theta"] if state else original
     try:
+        if method == "sampling" and loss == "chi2":
+            at = state.get("monte_carlo_theta") if state else None
+            at = np.asarray(start if at is None else at, dtype=float)
+            objective.add_monte_carlo_variance(at)
+            if saver is not None:
+                saver.monte_carlo_theta = at
         value0 = objective.evaluate(start)[0]
     except UnstableError as err:
         with torch.no_grad():
@@ -420,8 +438,9 @@ def _whitening(objective, theta: np.ndarray, n_points: int = 256) -> np.ndarray:
 def _result(model, tds, objective, theta, iterations, history, settings, compton) -> FitResult:
     """Final evaluation; Gauss–Newton covariance from a central-difference Jacobian of I(Q; θ) and the nuisance.
 
-    For "sampling" the fixed-seed estimate's Monte-Carlo variance (s·stderr)² is added to the data's: in χ²,
-    and in the covariance as a sandwich (JᵀWJ)⁻¹ JᵀW(V + V_MC)WJ (JᵀWJ)⁻¹, W = V⁻¹ the fit's weights.
+    Covariance as a sandwich (JᵀWJ)⁻¹ JᵀWVWJ (JᵀWJ)⁻¹, W the fit's weights and V the variance of the residuals:
+    the data's, plus for "sampling" the fixed-seed estimate's Monte-Carlo variance (s·stderr)² (also in χ²).
+    Where W = V⁻¹ this is (JᵀWJ)⁻¹.
     """
     fc, nuisance = model, objective.nuisance
     with torch.no_grad():
@@ -436,15 +455,16 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
         deviance = None
         if objective.loss == "poisson":
             deviance = float(objective.value(calc))
-            variance = torch.clamp(calc, min=1e-300) / objective.exposure  # Poisson: var(I_obs) = m/t
+            fit_variance = variance = torch.clamp(calc, min=1e-300) / objective.exposure  # Poisson: var(I_obs) = m/t
         else:
-            variance = 1.0 / objective.w
-        inflation = 1.0 if stderr is None else 1.0 + (values["scale"] * stderr) ** 2 / variance
-        chi2 = float(((calc - objective.y) ** 2 / (variance * inflation)).sum())
+            fit_variance, variance = 1.0 / objective.w, 1.0 / objective.data_w
+        if stderr is not None:
+            variance = variance + (values["scale"] * stderr) ** 2
+        chi2 = float(((calc - objective.y) ** 2 / variance).sum())
         jac = torch.cat([values["scale"] * _jacobian(tds, objective.q, theta), nuisance.design(intensity)[1]], dim=1)
-        jac = jac / torch.sqrt(variance)[:, None]
-        normal = (jac.T @ jac).cpu().numpy()
-        middle = (jac.T @ (jac * inflation[:, None])).cpu().numpy() if stderr is not None else normal
+        weighted = jac / fit_variance[:, None]
+        normal = (jac.T @ weighted).cpu().numpy()
+        middle = (weighted.T @ (weighted * variance[:, None])).cpu().numpy()
     n_free = jac.shape[1]
     n_points = len(objective.y)
     inverse = np.linalg.pinv(normal)
@@ -452,6 +472,13 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
     sigma = np.sqrt(np.clip(np.diag(cov), 0, None))
     corr = cov / np.outer(np.where(sigma > 0, sigma, 1), np.where(sigma > 0, sigma, 1))
     notes = _identifiability(fc.labels, corr, normal, objective.scale_mode)
+    if tds.method == "sampling":
+        distinct = tds.sampler.distinct_q(objective.q)
+        if distinct < n_points:
+            notes.append(f"sampling: the {n_points} points probe only {distinct} distinct q of the supercell, and points "
+                         "with one q share its sampled modes; 1σ takes their Monte-Carlo errors as independent, so it "
+                         "understates the error of θ (several-fold when many points share a q under common random "
+                         "numbers): use more samples, or a larger supercell")
     for note in notes:
         warnings.warn(note, stacklevel=3)
     shape = None

@@ -247,7 +247,8 @@ def test_sampling_fit_resumes_from_a_checkpoint_and_draws_its_own_sampler(datase
     code, err = run("resumed", "--max-iter", 30, "--checkpoint", checkpoint)
     assert code == 0, err
     np.testing.assert_allclose(parameters(tmp_path / "resumed"), whole, rtol=0, atol=1e-12)
-    assert json.loads((tmp_path / "resumed" / "fit.json").read_text())["iterations"] == 30
+    iterations = [json.loads((tmp_path / out / "fit.json").read_text())["iterations"] for out in ("whole", "resumed")]
+    assert iterations[0] == iterations[1] > 10
 
     code, err = run("other", "--max-iter", 30, "--checkpoint", checkpoint, "--seed", 1)
     last = err.strip().splitlines()[-1]  # after the progress bar of the EMT start

@@ -213,6 +213,14 @@ def test_q_off_the_supercell_lattice_is_refused(emt_models):
                           q[:1])
 
 
+def test_distinct_q_counts_q_modulo_the_reciprocal_lattice(emt_models):
+    """½00, 3/2 00, −½00 and 1½0 share q (mod G of the conventional cell, hence mod its supercell); 0¼0 another."""
+    model = emt_models["Ni conventional"]
+    sampler = QSpaceSampler(model, (2, 4, 2), T, progress=False)
+    q = model.q_from_hkl([[0.5, 0, 0], [1.5, 0, 0], [-0.5, 0, 0], [0.5, 1, 0], [0, 0.25, 0], [2, 1.25, 1]])
+    assert sampler.distinct_q(q) == 2
+
+
 # ----------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("sampler_class, statistics", [(DenseSampler, "classical"), (QSpaceSampler, "classical"),
                                                        (QSpaceSampler, "quantum")])
