@@ -15,13 +15,17 @@ Cases (all with a free constant background):
   3000 points): expected to miss 2 % for lack of information, which the record's max 1σ shows;
 - gaussian_slice_hk¼:   one (h k ¼) plane, otherwise the same: off the mirror planes, one slice pins all 16;
 - sampling:             the published Monte-Carlo model (QSpaceSampler, quantum, a fixed seed: common random
-  numbers), fitted with Adam. Stated reductions: Q on the L×L×L supercell's grid (hkl ∈ Z³/L), fewer points,
-  fewer iterations; data still from the gaussian model (the infinite crystal), so the supercell's missing long
-  waves bias it (its mean-square displacement is reported against the converged one). Looser tolerance.
-  Expect the Monte-Carlo error to dominate: one sample's |F(Q)|² is speckle (relative std ≈ 1 per point,
-  measured), so S samples give 1/√S per point against the data's 0.3 %, and θ's 1σ falls only as 1/√(S·N).
-  The fit reports that 1σ (data + Monte-Carlo, `max_sigma_rel_1XX`); the defaults (6³ cells = 864 atoms,
-  S = 32, N = 2000) predict a few % of |θ_1XX|; cost grows as S·N·atoms.
+  numbers), fitted by L-BFGS (the seeded loss is deterministic). The model is built on the primitive cell, and the
+  sampler's supercell is L×L×L primitive cells, so that its exact expectation is the gaussian model of the same
+  periodic supercell (dw_mesh="grid", grid=L³; tests/test_sampling.py checks the two agree): the data come from
+  that, on Q of the supercell's grid (hkl ∈ Z³/L, primitive r.l.u.), so the run tests the sampling fit itself.
+  Against data of the infinite crystal the supercell's missing long waves bias θ: its mean-square displacement is
+  reported against the converged one (`msd_supercell_over_converged`). The Monte-Carlo error dominates, and it
+  is not independent per point: every Q = G + q with one q of the supercell sees the same sampled modes, so
+  under common random numbers the fit can match the fixed samples' speckle by moving θ, and it ends several
+  of its (independent-error) 1σ away — what the fit now warns of. More points add no independent Monte-Carlo
+  information; more samples, or fresh samples every step (stochastic optimisation, as in the paper), are the
+  untried next steps. Looser tolerance.
 
 Per case: wall time of the fit, iterations, χ²_red, max |Δθ|/|θ_1XX| and max |Δν| over all branches at X, L, W, K
 (THz), pass/fail against 2 % and 0.05 THz (sampling: 5 % and 0.10 THz).
@@ -57,8 +61,8 @@ BRAGG_RADIUS = 0.1  # r.l.u.
 ARBITRARY = (250.0, 40.0)  # scale, background of the arbitrary-unit data
 TOLERANCE = {"gaussian": (0.02, 0.05), "sampling": (0.05, 0.10)}  # (of |θ_1XX|, THz)
 SPECIAL_POINTS = {"X": [1, 0, 0], "L": [0.5, 0.5, 0.5], "W": [1, 0.5, 0], "K": [0.75, 0.75, 0]}  # conventional r.l.u.
-FULL = dict(points=10000, max_iter=200, supercell=6, sampling_points=2000, samples=32, sampling_iter=40)
-QUICK = dict(points=1500, max_iter=60, supercell=4, sampling_points=300, samples=8, sampling_iter=8)
+FULL = dict(points=10000, max_iter=200, supercell=6, sampling_points=8000, samples=64, sampling_iter=60)
+QUICK = dict(points=1500, max_iter=60, supercell=4, sampling_points=600, samples=8, sampling_iter=8)
 
 
 def points_in_ball(cell, n, rng) -> np.ndarray:
@@ -84,17 +88,28 @@ def points_on_grid(cell, repeat, n, rng) -> np.ndarray:
     return hkl[rng.choice(len(hkl), min(n, len(hkl)), replace=False)]
 
 
-def make_data(truth, hkl, seed, arbitrary: bool):
+def make_data(truth, hkl, seed, arbitrary: bool, options=OPTIONS):
     """Gaussian quantum 300 K data at hkl, Poisson noise, Bragg masked; in arbitrary units if asked."""
     from ase_tds import simulate
 
-    data = simulate(truth, hkl, T_ROOM, counts=COUNTS, rng=np.random.default_rng(seed), tds_options=OPTIONS)
+    data = simulate(truth, hkl, T_ROOM, counts=COUNTS, rng=np.random.default_rng(seed), tds_options=options)
     data = data.mask_bragg(BRAGG_RADIUS, truth.primitive.cell[:])
     if arbitrary:
         scale, background = ARBITRARY
         data = dataclasses.replace(data, intensity=scale * data.intensity + background, sigma=scale * data.sigma,
                                    units=None)
     return data
+
+
+def primitive_nickel(truth):
+    """The truth's θ on the 1-atom primitive cell (the sampling case's model: supercells of primitive cells)."""
+    from ase.build import bulk
+
+    from ase_tds.model import ForceConstantModel
+
+    primitive = ForceConstantModel(bulk("Ni", "fcc", a=3.52), shells=5)
+    assert primitive.labels == truth.labels, (primitive.labels, truth.labels)
+    return primitive.set_from_bvk(truth.parameter_dict())
 
 
 def bad_start(truth):
@@ -107,7 +122,7 @@ def compare(truth, fitted) -> dict:
     """max |Δθ|/|θ_1XX| and max |Δν| (THz) over the branches at X, L, W, K."""
     true, got = truth.parameter_dict(), fitted.parameter_dict()
     theta_error = max(abs(got[k] - v) for k, v in true.items()) / abs(true["1XX"])
-    q = truth.q_from_hkl(np.array(list(SPECIAL_POINTS.values()), dtype=float))
+    q = truth.q_from_hkl(np.array(list(SPECIAL_POINTS.values()), dtype=float), cell=3.52 * np.eye(3))
     df = np.abs(fitted.frequencies(q) - truth.frequencies(q)).max(axis=1)
     return {"max_theta_error_rel_1XX": float(theta_error),
             "max_freq_error_THz": float(df.max()),
@@ -128,7 +143,8 @@ def run_case(name, truth, data, sizes, progress) -> dict:
         repeat = sizes["supercell"]
         sampler = QSpaceSampler(model, (repeat,) * 3, T_ROOM, statistics="quantum", n_samples=sizes["samples"],
                                 seed=0, progress=False)
-        kwargs = dict(method="sampling", tds_options=dict(OPTIONS, sampler=sampler), max_iter=sizes["sampling_iter"])
+        kwargs = dict(method="sampling", tds_options=dict(OPTIONS, sampler=sampler), max_iter=sizes["sampling_iter"],
+                      optimizer="lbfgs")
         reference = QSpaceSampler(truth, (repeat,) * 3, T_ROOM, statistics="quantum").mean_square_displacement()
         converged = converged_mean_square_displacement(truth, T_ROOM, "quantum", OPTIONS["dw_mesh"])
         extra = {"supercell": [repeat] * 3, "atoms": sampler.n_atoms, "n_samples": sizes["samples"],
@@ -202,10 +218,13 @@ def main() -> None:
             data = make_data(truth, points_in_disc(cell, sizes["points"], rng, l), 2, arbitrary=True)
             data = data.slice(normal=(0, 0, 1), offset=l)
         else:
-            data = make_data(truth, points_on_grid(cell, sizes["supercell"], sizes["sampling_points"], rng), 3,
-                             arbitrary=False)
+            L = sizes["supercell"]
+            primitive = primitive_nickel(truth)
+            hkl = points_on_grid(primitive.unitcell.cell[:], L, sizes["sampling_points"], rng)
+            data = make_data(primitive, hkl, 3, arbitrary=False, options=dict(grid=(L, L, L), dw_mesh="grid"))
         simulate_seconds = time.perf_counter() - t0
-        records[name] = run_case(name, truth, data, sizes, args.progress)
+        model_truth = primitive if name == "sampling" else truth
+        records[name] = run_case(name, model_truth, data, sizes, args.progress)
         records[name]["simulate_seconds"] = simulate_seconds
     summary = {name: r["passed"] for name, r in records.items()}
     print("passed:", summary)
