@@ -236,7 +236,9 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
     checkpoint: a JSON file written after every iteration; if it exists, the fit resumes from it (same model
     labels and settings, else ValueError): L-BFGS restarts its memory there, Adam continues exactly.
     tds_options: extra TDSModel arguments (grid, dw_mesh, form_factors, sampler, ...); for "sampling" give a
-    sampler with a seed (common random numbers make the loss a smooth function of θ).
+    sampler with a seed (common random numbers make the loss a smooth function of θ), and many samples rather than
+    many points: points with one q of the supercell share its sampled modes (χ² weights then add the Monte-Carlo
+    variance, and a warning says 1σ takes the points' errors as independent).
     learning_rate: Adam's first step in whitened units (≈ standard deviations); None = from the first gradient.
     optimizer: "lbfgs" | "adam" | None (L-BFGS, or Adam for "sampling"). With a seeded sampler the sampling loss
     is a smooth deterministic function of θ, and "lbfgs" converges in far fewer evaluations than Adam.
