@@ -13,7 +13,9 @@ C̃(q) = M^{-1/2} Σ_ν e_ν e_ν† ε(ω_ν)/ω_ν² M^{-1/2} from torch.linal
 (no file is changed).
 
 Reported: time per loss+gradient evaluation of each route and the ratio baseline/ours (for Ni, and for the
-32-atom Ni31Cu cell of one_phonon_vs_euphonic.py: 300 points, grid 3³, dw_mesh 2); gradient agreement;
+32-atom Ni31Cu cell of one_phonon_vs_euphonic.py: 300 points, grid 3³, dw_mesh 2), and for the sampling model
+(classical, 32 samples, 1500 Q, 108 and 864 atoms) the q-space sampler against one that diagonalises the
+supercell Hessian with torch.linalg.eigh at every evaluation; gradient agreement;
 the full fit of ours (wall time, iterations); and the baseline's full fit with the same optimiser if its
 gradients are finite (autograd through eigh divides by eigenvalue gaps: degenerate modes give inf/NaN).
 
@@ -74,6 +76,60 @@ def eigh_baseline():
         cov.quantum_series = saved_series
 
 
+def eigh_sampler_class():
+    """Baseline for the sampling model: the supercell's normal modes by torch.linalg.eigh at every evaluation
+    (as a diagonalising sampler, phonopy's for one, draws them), u = √(k_BT) M^{-1/2} V Λ^{-1/2} z, autograd
+    through eigh. Same interface as DenseSampler (whose Cholesky it replaces); classical statistics."""
+    from ase_tds.covariance import KB
+    from ase_tds.sampling import DenseSampler
+
+    class EighSampler(DenseSampler):
+        def _factor(self):
+            inv_sqrt_m = (1.0 / torch.sqrt(self._masses())).repeat_interleave(3)
+            lam, vec = torch.linalg.eigh(self.hessian() * inv_sqrt_m[:, None] * inv_sqrt_m[None, :])
+            return lam[3:], vec[:, 3:]  # the three translations (λ = 0) dropped
+
+        def _transform(self, factor, z):
+            lam, vec = factor
+            y = (vec * torch.sqrt(KB * self.temperature / lam)) @ z.reshape(len(z), -1)[:, :len(lam)].T
+            return y.T.reshape(len(z), self.n_atoms, 3) / torch.sqrt(self._masses())[:, None]
+
+        def _msd(self, factor):
+            lam, vec = factor
+            masses = self._masses()[:len(self.unit_sites)]
+            k = 3 * len(masses)
+            cov = (vec[:k] / lam) @ vec[:k].T
+            blocks = torch.diagonal(cov.reshape(len(masses), 3, len(masses), 3), dim1=0, dim2=2).permute(2, 0, 1)
+            return KB * self.temperature * blocks / masses[:, None, None]
+
+    return EighSampler
+
+
+def time_sampling(truth, supercell, n_samples, n_points, repeat) -> dict:
+    """Loss + gradient (Σ_Q I(Q) backward) of the sampling model per evaluation: QSpaceSampler against the eigh
+    baseline, classical, on `supercell` conventional cells; both with fixed noise."""
+    from ase_tds import TDSModel
+    from ase_tds.sampling import QSpaceSampler
+
+    rng = np.random.default_rng(1)
+    hkl = rng.integers(-3 * supercell, 3 * supercell + 1, size=(n_points, 3)) / supercell
+    q = torch.as_tensor(truth.q_from_hkl(hkl))
+    out = {}
+    for name, cls in (("ours_qspace", QSpaceSampler), ("baseline_eigh", eigh_sampler_class())):
+        model = copy.deepcopy(truth)
+        sampler = cls(model, (supercell,) * 3, T_ROOM, "classical", n_samples=n_samples, seed=0, progress=False)
+        tds = TDSModel(model, T_ROOM, method="sampling", statistics="classical", sampler=sampler)
+        best = np.inf
+        for _ in range(repeat):
+            model.theta.grad = None
+            t0 = time.perf_counter()
+            tds(q).sum().backward()
+            best = min(best, time.perf_counter() - t0)
+        out[name] = {"seconds_per_eval": best, "grad_finite": bool(torch.isfinite(model.theta.grad).all())}
+    out["baseline_over_ours_per_eval"] = out["baseline_eigh"]["seconds_per_eval"] / out["ours_qspace"]["seconds_per_eval"]
+    return out
+
+
 def make_data(truth, n_points, options=OPTIONS):
     from ase_tds import simulate
     from ase_tds.cli import _points_in_sphere
@@ -113,12 +169,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--points", type=int, default=1500)
     parser.add_argument("--points-32", type=int, default=300, help="points of the 32-atom Ni31Cu comparison")
+    parser.add_argument("--sampling-supercells", type=int, nargs="+", default=[3, 6],
+                        help="conventional-cell repetitions L of the sampling comparison (4L³ atoms)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--max-iter", type=int, default=60)
     parser.add_argument("--no-baseline-fit", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.points, args.points_32, args.repeat = 500, 50, 1
+        args.points, args.points_32, args.repeat, args.sampling_supercells = 500, 50, 1, [2]
     from ase_tds import ForceConstantModel, fit
 
     print(machine())
@@ -161,6 +219,16 @@ def main() -> None:
     print(f"Ni31Cu (32 atoms), {out['ni31cu']['n_points']} points, quantum: ours {seconds['ours_quantum']:.2f} s, "
           f"baseline {seconds['baseline_eigh_autograd_quantum']:.2f} s per loss+gradient: "
           f"{out['ni31cu']['baseline_over_ours_per_eval']:.2f}×")
+
+    # --- the sampling model (the published method): q-space Cholesky sampler against eigh of the supercell Hessian
+    out["sampling"] = {}
+    for supercell in args.sampling_supercells:
+        row = time_sampling(truth, supercell, 32, 1500, args.repeat)
+        out["sampling"][f"{supercell}x{supercell}x{supercell}"] = row
+        print(f"sampling, {4 * supercell**3} atoms, 32 samples, 1500 Q, classical: ours "
+              f"{row['ours_qspace']['seconds_per_eval']:.2f} s, eigh baseline {row['baseline_eigh']['seconds_per_eval']:.2f} s"
+              f" per loss+gradient ({row['baseline_over_ours_per_eval']:.1f}×; baseline gradient finite: "
+              f"{row['baseline_eigh']['grad_finite']})")
 
     # --- full fits with the same optimiser
     def full_fit(ctx):
