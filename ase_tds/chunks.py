@@ -10,7 +10,7 @@ and for a single chunk, the chunks run in the calling thread.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 import torch
 
@@ -21,16 +21,34 @@ def matrix_chunk(n_atoms: int, limit: int = 8192) -> int:
 
 
 def map_chunks(func: Callable, tensors: tuple[torch.Tensor, ...], chunk: int) -> list:
-    """[func(*pieces) for each run of `chunk` rows of `tensors` (same leading length)], in order."""
+    """[func(*pieces) for each run of `chunk` rows of `tensors` (same leading length)], in order.
+
+    Worker w takes chunks w, w + W, w + 2W, …: a fixed assignment, so the autograd graph (whose node order
+    follows each thread's creation order) and hence the gradient's rounding are the same on every call.
+    The error of the first failing chunk is raised after all workers stop.
+    """
     pieces = list(zip(*(t.split(int(chunk)) for t in tensors)))
     workers = min(torch.get_num_threads(), len(pieces))
     if workers <= 1 or tensors[0].device.type != "cpu":
         return [func(*piece) for piece in pieces]
     grad = torch.is_grad_enabled()
+    results, errors = [None] * len(pieces), {}
 
-    def run(piece):
+    def work(first):
+        torch.set_num_threads(1)
         with torch.set_grad_enabled(grad):
-            return func(*piece)
+            for i in range(first, len(pieces), workers):
+                try:
+                    results[i] = func(*pieces[i])
+                except Exception as err:  # noqa: BLE001 - raised in the caller below
+                    errors[i] = err
+                    return
 
-    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        return list(pool.map(run, pieces))
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[min(errors)]
+    return results

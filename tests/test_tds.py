@@ -485,7 +485,8 @@ def test_fixed_theta_cache_follows_theta(models, rng):  # noqa: F811
 def test_chunks_in_worker_threads_equal_one_block(models, rng, statistics):  # noqa: F811
     """AuCu3 gaussian in chunks of 3 Q (several worker threads) against one block in the calling thread:
     same values and θ-gradient; no graph where the caller has none; an unstable θ raised from a worker;
-    the caller's torch thread count untouched. Likewise the mesh sums (Debye–Waller, real-space grid)."""
+    the caller's torch thread count untouched; the gradient bitwise the same on every call. Likewise the mesh
+    sums (Debye–Waller, real-space grid)."""
     model = copy.deepcopy(models["AuCu3"])
     q = torch.as_tensor(5.0 * random_directions(rng, 11))
     options = dict(method="gaussian", statistics=statistics, dw_mesh=2, grid=(3, 3, 3))
@@ -499,6 +500,11 @@ def test_chunks_in_worker_threads_equal_one_block(models, rng, statistics):  # n
             value.sum().backward()
             values.append(value.detach())
             grads.append(model.theta.grad.clone())
+        chunked = TDSModel(model, T_ROOM, chunk=3, **options)
+        for _ in range(4):  # the same gradient to the last bit on every call (a fixed chunk-to-thread assignment)
+            model.theta.grad = None
+            chunked(q).sum().backward()
+            assert torch.equal(model.theta.grad, grads[0])
         with torch.no_grad():
             assert not TDSModel(model, T_ROOM, chunk=3, **options)(q).requires_grad
             meshes = [(mean_square_displacement(model, T_ROOM, statistics, (3, 3, 3), chunk=chunk),
