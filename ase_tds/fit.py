@@ -477,10 +477,10 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
     if tds.method == "sampling":
         distinct = tds.sampler.distinct_q(objective.q)
         if distinct < n_points:
-            notes.append(f"sampling: the {n_points} points probe only {distinct} distinct q of the supercell, and points "
-                         "with one q share its sampled modes; 1σ takes their Monte-Carlo errors as independent, so it "
-                         "understates the error of θ (several-fold when many points share a q under common random "
-                         "numbers): use more samples, or a larger supercell")
+            notes.append(f"sampling: {n_points} points on {distinct} distinct q of the supercell "
+                         f"({n_points / distinct:.1f} per q); points with one q share its sampled modes, which 1σ "
+                         "treats as independent, so 1σ can understate the error of θ: many points per q need many "
+                         "samples")
     for note in notes:
         warnings.warn(note, stacklevel=3)
     shape = None

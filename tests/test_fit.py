@@ -268,7 +268,7 @@ def test_sampling_fit_by_lbfgs_reaches_the_exact_minimum(truth, sampled):
     result = _fit_sampled(_start(truth), sampled, max_iter=40, progress=False, optimizer="lbfgs")
     assert result.settings["optimizer"] == "lbfgs" and result.iterations < 20
     note = [n for n in result.warnings if "distinct q of the supercell" in n]  # 80 points, a 3×3×3 supercell
-    assert len(note) == 1 and int(note[0].split("probe only ")[1].split()[0]) < 27
+    assert len(note) == 1 and int(note[0].split(" points on ")[1].split()[0]) < 27
     assert np.abs(result.theta - true).max() < 1e-6 * np.abs(true).max()
     with pytest.raises(ValueError, match="optimizer must be one of"):
         _fit_sampled(_start(truth), sampled, optimizer="newton")
