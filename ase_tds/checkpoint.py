@@ -56,7 +56,9 @@ class Checkpoint:
         if saved["labels"] != self.labels:
             raise ValueError(f"{self.path}: a checkpoint of a model with parameters {saved['labels']}, not "
                              f"{self.labels}; delete it or give another checkpoint path")
-        changed = {k: (saved["settings"].get(k), v) for k, v in self.settings.items() if saved["settings"].get(k) != v}
+        # a setting the file lacks was added after it was written: its default then, not a conflict
+        changed = {k: (saved["settings"][k], v) for k, v in self.settings.items()
+                   if k in saved["settings"] and saved["settings"][k] != v}
         if changed:
             detail = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in changed.items())
             raise ValueError(f"{self.path}: a checkpoint of a fit with other settings ({detail}); resume with the "

@@ -23,32 +23,42 @@ def matrix_chunk(n_atoms: int, limit: int = 8192) -> int:
 def map_chunks(func: Callable, tensors: tuple[torch.Tensor, ...], chunk: int) -> list:
     """[func(*pieces) for each run of `chunk` rows of `tensors` (same leading length)], in order.
 
-    Worker w takes chunks w, w + W, w + 2W, …: a fixed assignment, so the autograd graph (whose node order
-    follows each thread's creation order) and hence the gradient's rounding are the same on every call.
-    The error of the first failing chunk is raised after all workers stop.
+    Worker w of W takes chunks w, w + W, w + 2W, … with torch.get_num_threads() // W threads: a fixed
+    assignment, so the autograd graph (whose node order follows each thread's creation order) and hence
+    the gradient's rounding are the same on every call. A failing chunk stops the later ones, and the error
+    of the first failing chunk is raised; the caller's thread count is restored for the process.
     """
+    if len({len(t) for t in tensors}) != 1 or int(chunk) < 1:
+        raise ValueError(f"map_chunks: tensors of one leading length and chunk ≥ 1, got "
+                         f"{[len(t) for t in tensors]} and {chunk}")
     pieces = list(zip(*(t.split(int(chunk)) for t in tensors)))
-    workers = min(torch.get_num_threads(), len(pieces))
+    threads = torch.get_num_threads()
+    workers = min(threads, len(pieces))
     if workers <= 1 or tensors[0].device.type != "cpu":
         return [func(*piece) for piece in pieces]
     grad = torch.is_grad_enabled()
-    results, errors = [None] * len(pieces), {}
+    results, errors = [None] * len(pieces), []  # errors: (chunk, exception), appended by the workers
 
     def work(first):
-        torch.set_num_threads(1)
+        torch.set_num_threads(max(1, threads // workers))
         with torch.set_grad_enabled(grad):
             for i in range(first, len(pieces), workers):
+                if any(j < i for j, _ in errors[:]):  # an earlier chunk failed: this one's result is not wanted
+                    return
                 try:
                     results[i] = func(*pieces[i])
-                except Exception as err:  # noqa: BLE001 - raised in the caller below
-                    errors[i] = err
+                except BaseException as err:  # noqa: BLE001 - raised in the caller below
+                    errors.append((i, err))
                     return
 
-    threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    pool = [threading.Thread(target=work, args=(w,), daemon=True) for w in range(workers)]
+    try:
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+    finally:
+        torch.set_num_threads(threads)  # set_num_threads in a worker also sets the default of new threads
     if errors:
-        raise errors[min(errors)]
+        raise min(errors, key=lambda item: item[0])[1]
     return results

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from ase import units
 from scipy.special import zeta
+from torch.autograd.function import once_differentiable
 
 from .chunks import map_chunks, matrix_chunk
 
@@ -86,7 +87,7 @@ def quantum_series_matrix(dyn: torch.Tensor, coefficients: np.ndarray, proj) -> 
     """
     eye = torch.eye(dyn.shape[-1], dtype=dyn.dtype, device=dyn.device)
     first = coefficients[0] * (eye if proj is None else eye - proj)
-    return first + matrix_polynomial(dyn, coefficients[1:]) if len(coefficients) > 1 else first
+    return (first + matrix_polynomial(dyn, coefficients[1:])) if len(coefficients) > 1 else first
 
 
 def matrix_polynomial(dyn: torch.Tensor, coefficients) -> torch.Tensor:
@@ -156,6 +157,7 @@ class HermitianFunction(torch.autograd.Function):
         return (vec * f.to(vec.dtype)[..., None, :]) @ vec.mH
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         lam, vec, f, fprime = ctx.saved_tensors
         dlam = lam[..., :, None] - lam[..., None, :]
@@ -238,17 +240,20 @@ class InverseForm(torch.autograd.Function):
     """v†D⁻¹v (B,) for Hermitian positive-definite D (B, m, m) and real v (B, m), by D = LL† and y = L⁻¹v.
 
     Backward with w = D⁻¹v (one more triangular solve): −g·ww† for D and 2g·Re w for v, instead of
-    autograd through the factorisation.
+    autograd through the factorisation. First derivatives only (a second backward raises).
     """
 
     @staticmethod
     def forward(ctx, dyn, v, where: str):
+        if v.is_complex():
+            raise TypeError("InverseForm takes a real v (its backward 2g·Re w holds for real v only)")
         chol = positive_cholesky(dyn, where)
         y = torch.linalg.solve_triangular(chol, v.to(chol.dtype)[..., None], upper=False)
         ctx.save_for_backward(chol, y)
         return (y.abs() ** 2).sum((-2, -1))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         chol, y = ctx.saved_tensors
         w = torch.linalg.solve_triangular(chol.mH, y, upper=True)  # (B, m, 1)

@@ -117,11 +117,14 @@ class _Sampler:
                 "supercell whose repetitions are multiples of the hkl denominators.")
 
     def distinct_q(self, q) -> int:
-        """How many distinct q = Q mod the unit cell's reciprocal lattice the Q (B, 3) Å⁻¹ on this supercell's
-        lattice probe: Q with one q see the same sampled modes, so their Monte-Carlo errors are correlated."""
+        """How many distinct ±q, q = Q mod the unit cell's reciprocal lattice, the Q (B, 3) Å⁻¹ on this
+        supercell's lattice probe: Q with one q see the same sampled modes (and with −q the same intensity,
+        real form factors), so their Monte-Carlo errors are correlated."""
         hkl = np.asarray(torch.as_tensor(q).detach().cpu(), dtype=float).reshape(-1, 3) @ self.unit_cell.T / (2 * np.pi)
-        steps = np.round(hkl * np.array(self.supercell)).astype(int) % np.array(self.supercell)
-        return len(np.unique(steps, axis=0))
+        size = np.array(self.supercell)
+        steps = np.round(hkl * size).astype(int) % size
+        keys = np.stack([steps @ size ** np.arange(3), (-steps % size) @ size ** np.arange(3)])
+        return len(np.unique(keys.min(axis=0)))
 
     def _check_tds_model(self, tds_model) -> None:
         if tds_model.force_constants is not self.model:

@@ -57,3 +57,19 @@ def test_matrix_chunk_keeps_about_half_a_million_entries():
     assert matrix_chunk(1) == 8192 and matrix_chunk(1, 4096) == 4096
     assert matrix_chunk(32) == 2**19 // (9 * 32**2)
     assert matrix_chunk(400) == 16
+
+
+def test_threads_started_later_keep_the_callers_thread_count(two_threads):
+    map_chunks(lambda p: p, (torch.zeros(10),), 3)
+    seen = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == [2]
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="one leading length"):
+        map_chunks(lambda a, b: a, (torch.zeros(4), torch.zeros(5)), 2)
+    with pytest.raises(ValueError, match="chunk ≥ 1"):
+        map_chunks(lambda a: a, (torch.zeros(4),), 0)

@@ -613,6 +613,12 @@ def test_explicit_inverse_backwards_match_finite_differences(rng):
     assert np.abs(HermitianInverse.apply(batch(t0.detach()), "test").numpy() - np.linalg.inv(a)).max() < 1e-14
     with pytest.raises(UnstableError, match="1 of 2 test"):
         InverseForm.apply(torch.stack([paths[0](t0.detach()), -paths[1](t0.detach())]), v0, "test")
+    with pytest.raises(TypeError, match="real v"):
+        InverseForm.apply(batch(t0.detach()), v0.to(torch.complex128), "test")
+    # first derivatives only: a second one raises instead of silently dropping terms
+    (first,) = torch.autograd.grad(form(t0).sum(), t0, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(first.sum(), t0)
 
 
 @pytest.mark.parametrize("terms", [1, 2, 5, 9, 16])

@@ -214,6 +214,12 @@ def test_interrupted_fit_resumes_to_the_same_theta(truth, tmp_path):
     with pytest.raises(ValueError, match="a checkpoint of a model with parameters"):
         fit(ForceConstantModel(ni_conventional(), shells=1).set_from_bvk({"1XX": 1.5, "1XY": 1.6}), data,
             checkpoint=checkpoint, **kwargs)
+    # a checkpoint written before a setting existed (here "optimizer") resumes: the setting had its default
+    saved = json.loads(checkpoint.read_text())
+    del saved["settings"]["optimizer"]
+    checkpoint.write_text(json.dumps(saved))
+    again = fit(_start(truth, 1.1), data, checkpoint=checkpoint, **kwargs)
+    np.testing.assert_allclose(again.theta, resumed.theta, rtol=0, atol=1e-12)
 
 
 # ---- the sampling model (Adam) -----------------------------------------------------------------------------
@@ -272,3 +278,21 @@ def test_sampling_fit_by_lbfgs_reaches_the_exact_minimum(truth, sampled):
     assert np.abs(result.theta - true).max() < 1e-6 * np.abs(true).max()
     with pytest.raises(ValueError, match="optimizer must be one of"):
         _fit_sampled(_start(truth), sampled, optimizer="newton")
+
+
+def test_monte_carlo_weights_add_the_sampled_variance(truth):
+    """add_monte_carlo_variance: w = 1/(σ² + (s₀·stderr)²) from the sampler at θ, finite also at Q = 0 (where
+    every sample scatters alike: mean and standard error exactly 0), with s₀ the scale profiled there."""
+    sampler = DenseSampler(truth, (3, 3, 3), 300.0, n_samples=8, seed=0, progress=False)
+    hkl = np.vstack([[[0, 0, 0]], _grid_points(3, 20)])
+    data = simulate(truth, hkl, 300.0, method="sampling", statistics="classical", tds_options=dict(sampler=sampler))
+    data = dataclasses.replace(data, intensity=3.0 * data.intensity, sigma=3.0 * data.sigma + 1e-3, units=None)
+    tds = TDSModel(truth, 300.0, method="sampling", statistics="classical", sampler=sampler)
+    objective = _Objective(tds, data, "free", "none", "chi2")
+    objective.add_monte_carlo_variance(truth.theta.detach().numpy())
+    with torch.no_grad():
+        mean, stderr = sampler.intensity(tds, objective.q)
+    assert mean[0] == 0 and stderr[0] == 0 and torch.all(stderr[1:] > 0)
+    expected = 1.0 / (data.sigma**2 + (3.0 * stderr.numpy()) ** 2)  # s₀ = 3: the data are 3 × the sampled mean
+    np.testing.assert_allclose(objective.w.numpy(), expected, rtol=1e-9)
+    assert np.isfinite(objective.evaluate(truth.theta.detach().numpy())[0])

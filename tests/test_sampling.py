@@ -214,11 +214,14 @@ def test_q_off_the_supercell_lattice_is_refused(emt_models):
 
 
 def test_distinct_q_counts_q_modulo_the_reciprocal_lattice(emt_models):
-    """½00, 3/2 00, −½00 and 1½0 share q (mod G of the conventional cell, hence mod its supercell); 0¼0 another."""
+    """½00, 3/2 00, −½00 and 1½0 share q (mod G of the conventional cell); 0¼0, 2 1¼ 1 and 0¾0 (= −q) another;
+    0 ¼ ½ a third."""
     model = emt_models["Ni conventional"]
     sampler = QSpaceSampler(model, (2, 4, 2), T, progress=False)
-    q = model.q_from_hkl([[0.5, 0, 0], [1.5, 0, 0], [-0.5, 0, 0], [0.5, 1, 0], [0, 0.25, 0], [2, 1.25, 1]])
+    q = model.q_from_hkl([[0.5, 0, 0], [1.5, 0, 0], [-0.5, 0, 0], [0.5, 1, 0], [0, 0.25, 0], [2, 1.25, 1],
+                          [0, 0.75, 0]])
     assert sampler.distinct_q(q) == 2
+    assert sampler.distinct_q(np.vstack([q, model.q_from_hkl([[0, 0.25, 0.5]])])) == 3
 
 
 # ----------------------------------------------------------------------------- gradients
