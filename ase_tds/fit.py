@@ -160,14 +160,19 @@ class _Objective:
         self._beta = None
 
     def add_monte_carlo_variance(self, theta: np.ndarray) -> None:
-        """"sampling" with χ²: weights 1/(σ² + (s₀·stderr)²), stderr (N,) the Monte-Carlo standard error of the
-        fixed-seed estimate at θ (the start) and s₀ the scale profiled there. With the data's σ alone the fit
-        would chase the fixed samples' speckle where σ is smallest."""
+        """"sampling" with χ²: weights 1/(σ² + (r·I_obs)²), r (N,) the relative Monte-Carlo standard error of the
+        fixed-seed estimate at θ (the start): the speckle of S samples, ≈ 1/√S per point, which θ hardly
+        changes (unlike the standard error itself, which follows I(θ)). Where the sampled mean is not positive
+        (near Bragg peaks) r is the median of the others; r = 0 where the error is exactly 0 (Q = 0). With the
+        data's σ alone the fit would chase the fixed samples' speckle where σ is smallest."""
         with torch.no_grad():
             self.tds.force_constants.theta.copy_(torch.as_tensor(theta))
             mean, stderr = self.tds.sampler.intensity(self.tds, self.q)
-            scale = self.nuisance.values(self.profile(mean))["scale"]
-        self.w = 1.0 / (1.0 / self.w + (scale * stderr) ** 2)
+        positive = mean > 0
+        relative = torch.where(positive, stderr / torch.where(positive, mean, 1.0), 0.0)
+        typical = relative[positive].median() if positive.any() else relative.new_zeros(())
+        relative = torch.where(positive | (stderr == 0), relative, typical)
+        self.w = 1.0 / (1.0 / self.w + (relative * self.y) ** 2)
 
     def profile(self, intensity: torch.Tensor) -> torch.Tensor:
         """The best nuisance values β (k,) at a model intensity (N,): differentiable for χ², not for Poisson."""

@@ -281,18 +281,24 @@ def test_sampling_fit_by_lbfgs_reaches_the_exact_minimum(truth, sampled):
 
 
 def test_monte_carlo_weights_add_the_sampled_variance(truth):
-    """add_monte_carlo_variance: w = 1/(σ² + (s₀·stderr)²) from the sampler at θ, finite also at Q = 0 (where
-    every sample scatters alike: mean and standard error exactly 0), with s₀ the scale profiled there."""
+    """add_monte_carlo_variance: w = 1/(σ² + (r·I_obs)²), r = stderr/mean of the sampler at θ; finite at Q = 0
+    (every sample scatters alike there: mean and standard error exactly 0, r = 0) and where the mean is ≤ 0
+    (r = the median of the others)."""
     sampler = DenseSampler(truth, (3, 3, 3), 300.0, n_samples=8, seed=0, progress=False)
     hkl = np.vstack([[[0, 0, 0]], _grid_points(3, 20)])
     data = simulate(truth, hkl, 300.0, method="sampling", statistics="classical", tds_options=dict(sampler=sampler))
-    data = dataclasses.replace(data, intensity=3.0 * data.intensity, sigma=3.0 * data.sigma + 1e-3, units=None)
+    data = dataclasses.replace(data, sigma=data.sigma + 1e-3)
     tds = TDSModel(truth, 300.0, method="sampling", statistics="classical", sampler=sampler)
     objective = _Objective(tds, data, "free", "none", "chi2")
-    objective.add_monte_carlo_variance(truth.theta.detach().numpy())
     with torch.no_grad():
-        mean, stderr = sampler.intensity(tds, objective.q)
-    assert mean[0] == 0 and stderr[0] == 0 and torch.all(stderr[1:] > 0)
-    expected = 1.0 / (data.sigma**2 + (3.0 * stderr.numpy()) ** 2)  # s₀ = 3: the data are 3 × the sampled mean
-    np.testing.assert_allclose(objective.w.numpy(), expected, rtol=1e-9)
+        mean, stderr = (x.numpy() for x in sampler.intensity(tds, objective.q))
+    assert mean[0] == 0 and stderr[0] == 0 and np.all(mean[1:] > 0)
+    mean[1] = -mean[1]  # a point whose sampled mean came out negative (Bragg part subtracted)
+    sampler.intensity = lambda *args, **kwargs: (torch.as_tensor(mean), torch.as_tensor(stderr))
+    objective.add_monte_carlo_variance(truth.theta.detach().numpy())
+    relative = stderr / np.abs(mean)
+    relative[0], relative[1] = 0.0, np.median(relative[2:])
+    expected = 1.0 / (data.sigma**2 + (relative * data.intensity) ** 2)
+    np.testing.assert_allclose(objective.w.numpy(), expected, rtol=1e-12)
+    del sampler.intensity  # the sampler's own again
     assert np.isfinite(objective.evaluate(truth.theta.detach().numpy())[0])
