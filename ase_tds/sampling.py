@@ -102,9 +102,13 @@ class _Sampler:
         return self._msd(self._factor())
 
     # ------------------------------------------------------------------ the estimator
+    def _hkl(self, q) -> np.ndarray:
+        """hkl (B, 3) in r.l.u. of the unit cell for Cartesian Q (B, 3) Å⁻¹ (array or tensor)."""
+        return np.asarray(torch.as_tensor(q).detach().cpu(), dtype=float).reshape(-1, 3) @ self.unit_cell.T / (2 * np.pi)
+
     def check_q(self, q) -> None:
         """Refuse Q (B, 3) Å⁻¹ off this supercell's reciprocal lattice (hkl·L not integer, to 1e-6)."""
-        hkl = np.asarray(torch.as_tensor(q).detach().cpu(), dtype=float).reshape(-1, 3) @ self.unit_cell.T / (2 * np.pi)
+        hkl = self._hkl(q)
         scaled = hkl * np.array(self.supercell)
         bad = np.nonzero(np.abs(scaled - np.round(scaled)).max(axis=1) > 1e-6)[0]
         if len(bad):
@@ -120,7 +124,7 @@ class _Sampler:
         """How many distinct ±q, q = Q mod the unit cell's reciprocal lattice, the Q (B, 3) Å⁻¹ on this
         supercell's lattice probe: Q with one q see the same sampled modes (and with −q the same intensity,
         real form factors), so their Monte-Carlo errors are correlated."""
-        hkl = np.asarray(torch.as_tensor(q).detach().cpu(), dtype=float).reshape(-1, 3) @ self.unit_cell.T / (2 * np.pi)
+        hkl = self._hkl(q)
         size = np.array(self.supercell)
         steps = np.round(hkl * size).astype(int) % size
         keys = np.stack([steps @ size ** np.arange(3), (-steps % size) @ size ** np.arange(3)])
