@@ -7,10 +7,12 @@ Shapes: B scattering vectors, n atoms in the primitive cell, G lattice vectors o
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import threading
 
 import numpy as np
 import torch
 import xraydb
+from torch.autograd.function import once_differentiable
 
 from .covariance import (
     KB,
@@ -19,6 +21,9 @@ from .covariance import (
     quantum_series_form,
     thermal_routes,
 )
+
+# (a, b) of the partition of unity over the lattice: w = 1 within a·L, 0 beyond b·L (a + b = 1)
+TRANSITION = (0.3, 0.7)
 
 
 class FormFactors:
@@ -37,6 +42,7 @@ class FormFactors:
         if unknown:
             raise ValueError(f"form factors given for {unknown}, which are not in the crystal ({sorted(set(symbols))})")
         self.symbols = list(symbols)
+        self.source = source
         self._per_symbol: dict[str, Callable] = {}
         for symbol in set(symbols):
             value = table.get(symbol)
@@ -87,9 +93,11 @@ def one_phonon_intensity(model, q: torch.Tensor, amplitude: torch.Tensor, temper
 
 def multi_phonon_intensity(q: torch.Tensor, amplitude: torch.Tensor, separations: torch.Tensor,
                            correlation: torch.Tensor) -> torch.Tensor:
-    """Σ orders ≥ 2: (1/n) Σ_κκ' A_κ A_κ' Σ_l cos(Q·d) [e^X − 1 − X], X = Q·C_{κ0,κ'l}·Q; (B,) e.u.
+    """Σ orders ≥ 2 with a sharp sum over the grid: (1/n) Σ_κκ' A_κ A_κ' Σ_l cos(Q·d) [e^X − 1 − X], (B,) e.u.
 
-    separations (G, n, n, 3) Å: d = r_κ'l − r_κ0; correlation (G, n, n, 3, 3) Å²: C_{κ0,κ'l}.
+    X = Q·C_{κ0,κ'l}·Q; separations (G, n, n, 3) Å: d = r_κ'l − r_κ0; correlation (G, n, n, 3, 3) Å²:
+    C_{κ0,κ'l}. Exact for the periodic grid at Q on its reciprocal lattice; elsewhere `LatticeWindow`
+    (a smooth partition of unity over the lattice) is the interpolation the models use.
     """
     n = amplitude.shape[-1]
     qq = (q[:, :, None] * q[:, None, :]).reshape(len(q), 9)
@@ -97,3 +105,136 @@ def multi_phonon_intensity(q: torch.Tensor, amplitude: torch.Tensor, separations
     phase = torch.cos(q @ separations.reshape(-1, 3).T)
     terms = (phase * (torch.expm1(x) - x)).reshape(len(q), -1, n, n).sum(1)
     return torch.einsum("bk,bkl,bl->b", amplitude, terms, amplitude) / n
+
+
+def partition_of_unity(x: np.ndarray, transition=TRANSITION) -> np.ndarray:
+    """w(x) (same shape) with Σ_m w(x + m) = 1 for every x, m over the integers: 1 for |x| ≤ a, 0 for
+    |x| ≥ b, cos²(π/2·(|x| − a)/(b − a)) between, with (a, b) = `transition` (a + b = 1)."""
+    ax = np.abs(np.asarray(x, dtype=float))
+    a, b = transition
+    ramp = np.cos(0.5 * np.pi * np.clip((ax - a) / (b - a), 0.0, 1.0)) ** 2
+    return np.where(ax <= a, 1.0, np.where(ax >= b, 0.0, ramp))
+
+
+class LatticeWindow:
+    """The lattice sum of the higher orders on a periodic grid of L1×L2×L3 primitive cells, for any Q.
+
+    A periodic crystal's correlation C_{κ0,κ'l} is periodic in l; its exact diffuse intensity exists only
+    on the grid's reciprocal lattice. For any other Q the sum runs over l in (−bL, bL) with the weight
+    w(l1/L1)·w(l2/L2)·w(l3/L3) of `partition_of_unity`: at Q on that lattice it equals the sharp sum
+    over one period exactly (the images of each l sum to one), elsewhere it interpolates smoothly
+    instead of ringing as the sharp sum's Dirichlet kernel does. Terms (κ, κ', l) and (κ', κ, −l) are
+    equal (same X, cos(Q·d) even) and are stored once with weight 2.
+
+    Geometry only (no θ): source (n², m) indices into correlation.reshape(G·n², 9) of the
+    `real_space_covariance` grid (FFT order), separation (n², m, 3) Å, weight (n², m) (0 = padding),
+    for pairs p = κ·n + κ'.
+    """
+
+    def __init__(self, primitive, grid, dtype=torch.float64, device=None, transition=TRANSITION):
+        grid = np.array([int(x) for x in grid])
+        n = len(primitive)
+        reach = np.floor(transition[1] * grid - 1e-9).astype(int)
+        lattice = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1).reshape(-1, 3)
+        weight = np.prod(partition_of_unity(lattice / grid, transition), axis=1)
+        # one of each ±l: l = 0, or its first non-zero component positive (weight × 2)
+        first = np.take_along_axis(lattice, np.argmax(lattice != 0, axis=1)[:, None], axis=1)[:, 0]
+        keep = (weight > 0) & (first >= 0)
+        lattice, weight = lattice[keep], weight[keep]
+        origin = ~lattice.any(axis=1)
+        folded = lattice % grid
+        cell_index = (folded[:, 0] * grid[1] + folded[:, 1]) * grid[2] + folded[:, 2]
+        positions = np.asarray(primitive.positions)
+        vectors = lattice @ np.array(primitive.cell[:])
+        rows = []
+        for k in range(n):
+            for k2 in range(n):
+                # at l = 0 the pair (κ, κ') stands for (κ', κ) too: keep κ ≤ κ'
+                use = ~origin | (k <= k2)
+                mult = np.where(origin, 1.0 if k == k2 else 2.0, 2.0)[use]
+                rows.append((cell_index[use] * n * n + k * n + k2, vectors[use] + positions[k2] - positions[k],
+                             weight[use] * mult))
+        m = max(len(r[0]) for r in rows)
+        pad = lambda a, value: np.concatenate([a, np.full((m - len(a),) + a.shape[1:], value)])  # noqa: E731
+        as_t = lambda a, dt: torch.as_tensor(np.stack(a), dtype=dt, device=device)  # noqa: E731
+        self.grid = tuple(int(x) for x in grid)
+        self.n_atoms = n
+        self.source = as_t([pad(r[0], 0) for r in rows], torch.long)
+        self.separation = as_t([pad(r[1], 0.0) for r in rows], dtype)
+        self.weight = as_t([pad(r[2], 0.0) for r in rows], dtype)
+
+    @property
+    def n_terms(self) -> int:
+        """Stored terms (padding included), n² · m."""
+        return self.weight.numel()
+
+    def gather(self, correlation: torch.Tensor) -> torch.Tensor:
+        """C of each term, (n², m, 9) Å², from the grid's correlation (G, n, n, 3, 3)."""
+        return correlation.reshape(-1, 9)[self.source]
+
+    def intensity(self, q: torch.Tensor, amplitude: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
+        """Σ orders ≥ 2: (1/n) Σ_κκ' A_κ A_κ' Σ_l w(l) cos(Q·d) [e^X − 1 − X], (B,) e.u., X = Q·C_{κ0,κ'l}·Q.
+
+        q (B, 3) Å⁻¹, amplitude (B, n) e.u., terms = `gather(correlation)`. Memory O(B·n²·m): chunk q.
+        """
+        return _HigherOrders.apply(q, amplitude, terms, self.separation, self.weight)
+
+
+_local = threading.local()
+
+
+def _buffers(shape, dtype, device) -> tuple[torch.Tensor, ...]:
+    """Three arrays of `shape` for this thread, reused between calls: a fresh allocation of this size costs
+    more in page faults than the arithmetic done in it."""
+    key = (tuple(shape), dtype, device)
+    if getattr(_local, "key", None) != key:
+        _local.key, _local.arrays = key, tuple(torch.empty(shape, dtype=dtype, device=device) for _ in range(3))
+    return _local.arrays
+
+
+class _HigherOrders(torch.autograd.Function):
+    """(1/n) Σ_p A_κ A_κ' S_p with S_p = Σ_j w cos(Q·d) (e^X − 1 − X), X = QQ:C (see LatticeWindow.intensity).
+
+    Arrays (n², B, m), pair-major, so that every product is one batched matrix product over the pairs. The
+    backward recomputes X and the phases instead of keeping them (memory O(B·n²) between passes):
+    ∂I/∂C_pj = Σ_b g A_κ A_κ'/n · w cos(Q·d) (e^X − 1) QQ, ∂I/∂A from S.
+    """
+
+    @staticmethod
+    def _parts(q, terms, separation):
+        """(QQ (B, 9), X (n², B, m), cos(Q·d) (n², B, m)), the two large arrays in this thread's reused buffers."""
+        qq = (q[:, :, None] * q[:, None, :]).reshape(len(q), 9)
+        pairs = terms.shape[0]
+        x, phase, _ = _buffers((pairs, len(q), terms.shape[1]), q.dtype, q.device)
+        torch.bmm(qq.expand(pairs, -1, -1), terms.transpose(1, 2), out=x)
+        torch.bmm(q.expand(pairs, -1, -1), separation.transpose(1, 2), out=phase)
+        return qq, x, phase.cos_()
+
+    @staticmethod
+    def forward(ctx, q, amplitude, terms, separation, weight):
+        _, x, phase = _HigherOrders._parts(q, terms, separation)
+        higher = _buffers(x.shape, x.dtype, x.device)[2]
+        torch.expm1(x, out=higher)
+        sums = higher.sub_(x).mul_(phase.mul_(weight[:, None, :])).sum(-1).T  # Σ_j w cos (e^X − 1 − X), (B, n²)
+        n = amplitude.shape[-1]
+        pair = (amplitude[:, :, None] * amplitude[:, None, :]).reshape(len(q), n * n)
+        ctx.save_for_backward(q, amplitude, terms, separation, weight, sums)
+        return (pair * sums).sum(-1) / n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        q, amplitude, terms, separation, weight, sums = ctx.saved_tensors
+        n = amplitude.shape[-1]
+        grad_amp = grad_terms = None
+        if ctx.needs_input_grad[1]:
+            s = sums.reshape(-1, n, n)
+            grad_amp = grad[:, None] * (torch.einsum("bkl,bl->bk", s, amplitude)
+                                        + torch.einsum("blk,bl->bk", s, amplitude)) / n
+        if ctx.needs_input_grad[2]:
+            qq, x, phase = _HigherOrders._parts(q, terms, separation)
+            slope = x.expm1_().mul_(phase)  # (e^X − 1) cos(Q·d), (n², B, m)
+            pair = (amplitude[:, :, None] * amplitude[:, None, :]).reshape(len(q), n * n)
+            coefficient = (grad[:, None] * pair / n).T[:, :, None] * qq[None]  # (n², B, 9)
+            grad_terms = torch.bmm(slope.transpose(1, 2), coefficient) * weight[..., None]
+        return None, grad_amp, grad_terms, None, None

@@ -1,12 +1,20 @@
-"""TDSModel: diffuse intensity I(Q) in e.u. per atom from a ForceConstantModel (DESIGN §3).
+"""TDSModel: diffuse intensity I(Q) in e.u. per atom from a force-constant source (docs/theory.md).
 
 One interface, three methods:
-- "one-phonon": I₁(Q), per-Q Cholesky solves (classical) or a degeneracy-safe matrix function (quantum);
-- "gaussian":  all orders, exact for a harmonic crystal: I₁ in q-space + the higher orders from the
-  real-space covariance on a periodic grid of primitive cells (`grid`);
+- "one-phonon": I₁(Q), per-Q Cholesky solves (classical) or a degeneracy-safe matrix function (quantum), with the
+  converged Debye–Waller factor (a Brillouin-zone mesh extrapolated in its size, `dw_mesh`);
+- "gaussian":  all orders, exact for a harmonic crystal, converged by default: the diffuse intensity of a periodic
+  crystal of L1×L2×L3 primitive cells, consistent in itself (its Debye–Waller factor, first order and higher
+  orders all from its own q mesh), evaluated at any Q by a smooth window over the lattice (`LatticeWindow`);
+  points near Bragg peaks use crystals two or three times as large. The grid is chosen for the crystal at construction
+  (`converged_grid`) unless given;
 - "sampling":  the published Monte-Carlo route, see `ase_tds.sampling`.
-Debye–Waller factors come from a Brillouin-zone mesh extrapolated to convergence (`dw_mesh`), or from
-the grid itself with dw_mesh="grid" (the exact finite periodic supercell).
+
+Why a periodic crystal's own Debye–Waller factor: its q mesh lacks the longest waves (the cell around Γ). An
+infinite crystal has them, but a wave much longer than the range of the pair correlations moves neighbouring
+atoms together: it lowers e^{−2W} and raises every e^{X} by the same factor, and the two cancel away from Bragg
+peaks. Mixing a converged W with the grid's X breaks that cancellation (−1.6 % for Ni at L = 9); keeping both from
+one grid makes the intensity converge fast in L (docs/theory.md, "Convergence").
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .chunks import map_chunks, matrix_chunk
 from .covariance import (
     check_statistics,
     check_temperature,
@@ -21,26 +30,43 @@ from .covariance import (
     mean_square_displacement,
     real_space_covariance,
 )
-from .chunks import map_chunks, matrix_chunk
-from .scattering import FormFactors, debye_waller_exponent, multi_phonon_intensity, one_phonon_intensity
+from .scattering import FormFactors, LatticeWindow, debye_waller_exponent, one_phonon_intensity
 
 METHODS = ("one-phonon", "gaussian", "sampling")
+# Grid selection (converged_grid): starting mesh spacing (Å⁻¹), the factor between candidates, the largest
+# grid, and the relative change between a grid and one 1.5× larger that counts as converged.
+START_SPACING = 0.45
+GRID_STEP = 1.25
+MAX_CELLS = 40
+ACCURACY = 1e-3
+# Near Bragg peaks the diffuse intensity varies on the scale of the mesh: a point closer to one than
+# NEAR_BRAGG[k] mesh spacings uses the grid GRID_FACTORS[k + 1] times as large.
+NEAR_BRAGG = (2.5, 1.25)
+GRID_FACTORS = (1, 2, 3)
+# |Q| range of the probe points that choose the grid, Å⁻¹ (|Q| ≤ Q_MAX, or the data's largest |Q|)
+Q_MAX = 8.0
 
 
 class TDSModel(torch.nn.Module):
     """I(Q) (B,) e.u./atom at Cartesian Q (B, 3) Å⁻¹; differentiable in the force constants' θ.
 
-    force_constants: ForceConstantModel (its θ is this module's only parameter).
+    force_constants: a ForceConstantModel (its θ is this module's only parameter) or PhonopyForceConstants.
     temperature: K. method: "one-phonon" | "gaussian" | "sampling". statistics: "classical" | "quantum".
-    form_factors: "xraydb" or {symbol: constant or f(|Q|)}. dw_mesh: int m (meshes m³ and (2m)³,
-    Richardson-extrapolated) or "grid". grid: (L1, L2, L3) primitive cells for the gaussian higher orders.
-    sampler: an `ase_tds.sampling` sampler, for method="sampling". chunk: Q per block; by default about
-    2¹⁹ dynamical-matrix entries (cache-sized for large cells) and 2²² higher-order terms per block.
+    form_factors: "xraydb" or {symbol: constant or f(|Q|)}.
+    dw_mesh: the one-phonon model's Debye–Waller mesh: int m (meshes m³ and (2m)³, Richardson-extrapolated) or
+    "grid" (the grid's own mesh).
+    grid: (L1, L2, L3) primitive cells of the gaussian model's periodic crystal; None chooses it
+    (`converged_grid`: the smallest grid whose intensities change by less than `accuracy` on a 1.5× larger
+    one, at probe points with |Q| ≤ q_max). refine: points within NEAR_BRAGG mesh spacings of a Bragg peak use
+    grids 2 or 3 times as large (False: one grid, the exact periodic crystal at Q on its reciprocal lattice).
+    sampler: an `ase_tds.sampling` sampler, for method="sampling". chunk: Q per block (default by matrix
+    entries and terms per Q).
     """
 
     def __init__(self, force_constants, temperature: float, method: str = "gaussian",
-                 statistics: str = "quantum", form_factors="xraydb", dw_mesh=12, grid=(15, 15, 15),
-                 sampler=None, chunk: int | None = None):
+                 statistics: str = "quantum", form_factors="xraydb", dw_mesh=12, grid=None,
+                 sampler=None, chunk: int | None = None, refine: bool = True, accuracy: float = ACCURACY,
+                 q_max: float = Q_MAX):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -48,20 +74,27 @@ class TDSModel(torch.nn.Module):
         check_temperature(temperature, statistics)
         if method == "sampling" and sampler is None:
             raise ValueError("method='sampling' needs a sampler (ase_tds.sampling.DenseSampler or QSpaceSampler)")
+        if not (dw_mesh == "grid" or (isinstance(dw_mesh, (int, np.integer)) and dw_mesh >= 1)):
+            raise ValueError(f"dw_mesh must be a positive integer or 'grid', got {dw_mesh!r}")
+        if not (np.isfinite(accuracy) and 0 < accuracy < 1):
+            raise ValueError(f"accuracy must be a relative error in (0, 1), e.g. 1e-3; got {accuracy!r}")
         self.force_constants = force_constants
         self.temperature = float(temperature)
         self.method = method
         self.statistics = statistics
         self.form_factors = FormFactors(force_constants.primitive.get_chemical_symbols(), form_factors)
         self.dw_mesh = dw_mesh
-        self.grid = tuple(int(x) for x in grid)
         self.sampler = sampler
-        n = force_constants.n_atoms
-        terms = np.prod(self.grid) * n * n if method == "gaussian" else 1
-        self.chunk = int(chunk) if chunk else int(min(matrix_chunk(n), max(2**22 // terms, 16)))
-        self._cache = {}
+        self.refine = bool(refine)
+        self.accuracy = float(accuracy)
+        self._chunk = None if chunk is None else int(chunk)
+        self._cache, self._windows = {}, {}
+        if grid is None:
+            grid = converged_grid(self, q_max) if method == "gaussian" else (1, 1, 1)
+        self.grid = _check_grid(grid)
 
-    def _at_fixed_theta(self, name: str, compute):
+    # ------------------------------------------------------------------ pieces
+    def _at_fixed_theta(self, name, compute):
         """compute() once per θ where no gradient is wanted (repeated evaluations at fixed force
         constants); recomputed in the graph whenever θ needs a gradient."""
         theta = self.force_constants.theta
@@ -74,37 +107,174 @@ class TDSModel(torch.nn.Module):
         return value
 
     def mean_square_displacement(self) -> torch.Tensor:
-        """C_{κ0,κ0} (n, 3, 3) Å² used in the Debye–Waller factors."""
+        """C_{κ0,κ0} (n, 3, 3) Å², converged in the Brillouin-zone mesh (`dw_mesh`): the crystal's Debye–Waller
+        factor, used by the one-phonon model (the gaussian model uses its grid's own, `grid_covariance`)."""
         fc, t, s = self.force_constants, self.temperature, self.statistics
         if self.dw_mesh == "grid":
             return self._at_fixed_theta("msd", lambda: mean_square_displacement(fc, t, s, self.grid))
         return self._at_fixed_theta("msd", lambda: converged_mean_square_displacement(fc, t, s, int(self.dw_mesh)))
 
-    def correlation(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(separations (G, n, n, 3) Å, C_{κ0,κ'l} (G, n, n, 3, 3) Å²) on `grid`, for the higher orders."""
+    def grid_covariance(self, level: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C_{κ0,κ'l} (G, n, n, 3, 3) Å² on the grid·2^level in FFT order, its self covariance (n, 3, 3) Å²)."""
         fc, t, s = self.force_constants, self.temperature, self.statistics
-        return self._at_fixed_theta("correlation", lambda: real_space_covariance(fc, t, s, self.grid))
+        grid = self.level_grid(level)
+
+        def compute():
+            correlation = real_space_covariance(fc, t, s, grid)[1]
+            return correlation, torch.stack([correlation[0, k, k] for k in range(fc.n_atoms)])
+
+        return self._at_fixed_theta(f"grid{level}", compute)
+
+    def level_grid(self, level: int) -> tuple[int, int, int]:
+        """The periodic crystal of `level`: `grid` × GRID_FACTORS[level] (levels > 0 near Bragg peaks)."""
+        return tuple(int(x) * GRID_FACTORS[level] for x in self.grid)
+
+    def _window(self, level: int) -> LatticeWindow:
+        fc = self.force_constants
+        key = (level, fc.theta.dtype, fc.theta.device)
+        if key not in self._windows:
+            self._windows[key] = LatticeWindow(fc.primitive, self.level_grid(level), fc.theta.dtype, fc.theta.device)
+        return self._windows[key]
+
+    def levels(self, q: torch.Tensor) -> torch.Tensor:
+        """(B,) the level each Q uses: k within NEAR_BRAGG[k − 1] mesh spacings of a Bragg peak (if `refine`), else 0."""
+        level = torch.zeros(len(q), dtype=torch.long, device=q.device)
+        if self.refine:
+            distance = bragg_distance(self.force_constants.primitive, q) / self.mesh_spacing
+            for k, near in enumerate(NEAR_BRAGG, start=1):
+                level = torch.where(distance < near, k, level)
+        return level
+
+    @property
+    def mesh_spacing(self) -> float:
+        """The largest spacing of the grid's q mesh, Å⁻¹: |b_i| / L_i."""
+        recip = np.linalg.norm(2 * np.pi * np.linalg.inv(np.array(self.force_constants.primitive.cell[:])), axis=0)
+        return float(np.max(recip / np.array(self.grid)))
 
     def amplitude(self, q: torch.Tensor, msd: torch.Tensor) -> torch.Tensor:
         """A_κ(Q) = f_κ(|Q|) e^{−W_κ(Q)}, (B, n) e.u., for q (B, 3) Å⁻¹ and msd (n, 3, 3) Å²."""
         return self.form_factors(torch.linalg.norm(q, dim=-1)) * torch.exp(-debye_waller_exponent(q, msd))
 
+    def settings(self) -> dict:
+        """What fixes this model's numbers (for records: fit.json, simulated files)."""
+        out = dict(method=self.method, statistics=self.statistics, temperature=self.temperature)
+        if self.method == "gaussian":
+            out.update(grid=list(self.grid), refine=self.refine, accuracy=self.accuracy,
+                       near_bragg_grids=[list(self.level_grid(k)) for k in range(1, len(GRID_FACTORS))]
+                       if self.refine else [])
+        if self.method == "one-phonon":
+            out.update(dw_mesh=self.dw_mesh)
+        return out
+
+    # ------------------------------------------------------------------ intensities
     def forward(self, q) -> torch.Tensor:
         """I(Q) (B,) in e.u./atom at Cartesian q (B, 3) Å⁻¹ (array or tensor; reshaped to (-1, 3))."""
         fc = self.force_constants
         q = torch.as_tensor(q, dtype=fc.theta.dtype, device=fc.theta.device).reshape(-1, 3)
         if self.method == "sampling":
             return self.sampler.intensity(self, q)[0]
-        msd = self.mean_square_displacement()
-        correlation = self.correlation() if self.method == "gaussian" else None
-        amplitude = self.amplitude(q, msd)  # here, not in the workers: form factors may call xraydb
+        if self.method == "one-phonon":
+            amplitude = self.amplitude(q, self.mean_square_displacement())  # here: form factors may call xraydb
+            return torch.cat(map_chunks(lambda qc, amp: one_phonon_intensity(fc, qc, amp, self.temperature,
+                                                                             self.statistics),
+                                        (q, amplitude), self._chunk or matrix_chunk(fc.n_atoms)))
+        levels = self.levels(q)
+        out = torch.zeros(len(q), dtype=q.dtype, device=q.device)
+        for level in range(len(GRID_FACTORS)):
+            pick = torch.nonzero(levels == level)[:, 0]
+            if len(pick):
+                out = out.index_put((pick,), self._all_orders(q[pick], level))
+        return out
 
-        def intensity(qc, amp):
-            value = one_phonon_intensity(fc, qc, amp, self.temperature, self.statistics)
-            return value if correlation is None else value + multi_phonon_intensity(qc, amp, *correlation)
-
-        return torch.cat(map_chunks(intensity, (q, amplitude), self.chunk))
+    def _all_orders(self, q: torch.Tensor, level: int) -> torch.Tensor:
+        """The periodic crystal of `level`: I₁ with its own W, plus its windowed higher orders."""
+        fc = self.force_constants
+        correlation, self_cov = self.grid_covariance(level)
+        window = self._window(level)
+        terms = window.gather(correlation)
+        amplitude = self.amplitude(q, self_cov)
+        first = map_chunks(lambda qc, amp: one_phonon_intensity(fc, qc, amp, self.temperature, self.statistics),
+                           (q, amplitude), self._chunk or matrix_chunk(fc.n_atoms))
+        higher = map_chunks(lambda qc, amp: window.intensity(qc, amp, terms), (q, amplitude),
+                            self._chunk or max(2**21 // window.n_terms, 8))
+        return torch.cat(first) + torch.cat(higher)
 
     def intensity_hkl(self, hkl, cell=None) -> torch.Tensor:
         """I (N,) e.u./atom at hkl (N, 3) in r.l.u. of `cell` (3, 3) Å (default: the force constants' unit cell)."""
         return self(self.force_constants.q_from_hkl(np.asarray(hkl, dtype=float), cell))
+
+    @torch.no_grad()
+    def discretisation_error(self, q) -> torch.Tensor:
+        """Estimated error (B,) e.u./atom of I(Q) from the finite grid: |I − I'| with I' from grids 1.5× larger
+        (zero for the one-phonon model, whose Debye–Waller mesh is extrapolated, and for sampling)."""
+        fc = self.force_constants
+        q = torch.as_tensor(q, dtype=fc.theta.dtype, device=fc.theta.device).reshape(-1, 3)
+        if self.method != "gaussian":
+            return torch.zeros(len(q), dtype=q.dtype, device=q.device)
+        finer = self.with_grid(tuple(int(np.ceil(1.5 * x)) for x in self.grid))
+        return torch.abs(self(q) - finer(q))
+
+    def with_grid(self, grid) -> TDSModel:
+        """This model with another grid (same force constants, temperature, statistics and options)."""
+        return TDSModel(self.force_constants, self.temperature, self.method, self.statistics,
+                        self.form_factors.source, self.dw_mesh, grid, self.sampler, self._chunk, self.refine,
+                        self.accuracy)
+
+
+def _check_grid(grid) -> tuple[int, int, int]:
+    try:
+        grid = tuple(int(x) for x in np.ravel(grid))
+    except (TypeError, ValueError):
+        grid = ()
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"grid must be three positive numbers of primitive cells (L1, L2, L3), got {grid!r}")
+    return grid
+
+
+def bragg_distance(primitive, q: torch.Tensor) -> torch.Tensor:
+    """|Q − G| (B,) Å⁻¹ to the nearest reciprocal-lattice vector G of the primitive cell, for q (B, 3) Å⁻¹."""
+    cell = torch.as_tensor(np.array(primitive.cell[:]), dtype=q.dtype, device=q.device)
+    recip = 2 * np.pi * torch.linalg.inv(cell).T
+    nearest = torch.round(q @ cell.T / (2 * np.pi))
+    offsets = torch.as_tensor(np.array(np.meshgrid(*3 * [[-1, 0, 1]], indexing="ij")).reshape(3, -1).T,
+                              dtype=q.dtype, device=q.device)
+    g = (nearest[:, None, :] + offsets[None]) @ recip
+    return torch.linalg.norm(q[:, None, :] - g, dim=-1).min(dim=1).values
+
+
+def probe_q(primitive, q_max: float, count: int = 192, seed: int = 0) -> np.ndarray:
+    """Cartesian Q (count, 3) Å⁻¹, uniform in the ball |Q| ≤ q_max, at least a quarter of the shortest reciprocal
+    vector from any Bragg peak: where the grid alone (no refinement) must be converged."""
+    rng = np.random.default_rng(seed)
+    recip = 2 * np.pi * np.linalg.inv(np.array(primitive.cell[:])).T
+    far = 0.25 * np.linalg.norm(recip, axis=1).min()
+    out = np.zeros((0, 3))
+    while len(out) < count:
+        x = rng.normal(size=(4 * count, 3))
+        x *= (q_max * rng.uniform(0.2, 1.0, size=len(x)) ** (1 / 3) / np.linalg.norm(x, axis=1))[:, None]
+        keep = bragg_distance(primitive, torch.as_tensor(x)).numpy() > far
+        out = np.concatenate([out, x[keep]])
+    return out[:count]
+
+
+@torch.no_grad()
+def converged_grid(tds: TDSModel, q_max: float = Q_MAX) -> tuple[int, int, int]:
+    """The smallest grid (mesh spacing START_SPACING Å⁻¹, then ÷ GRID_STEP) whose intensities at the probe points
+    (`probe_q`) change by at most `tds.accuracy` (relative, largest) on a grid 1.5× larger; at most MAX_CELLS
+    cells per axis. Uses the force constants as they are at the call (a fit: its start)."""
+    fc = tds.force_constants
+    recip = np.linalg.norm(2 * np.pi * np.linalg.inv(np.array(fc.primitive.cell[:])), axis=0)
+    q = torch.as_tensor(probe_q(fc.primitive, q_max), dtype=fc.theta.dtype, device=fc.theta.device)
+    spacing = START_SPACING
+    while True:
+        grid = tuple(int(x) for x in np.minimum(np.ceil(recip / spacing), MAX_CELLS))
+        if max(grid) >= MAX_CELLS:
+            return grid
+        single = tds.with_grid(grid)
+        single.refine = False
+        coarse = single(q)
+        single = single.with_grid(tuple(int(np.ceil(1.5 * x)) for x in grid))
+        change = torch.abs(coarse / single(q) - 1).max().item()
+        if change <= tds.accuracy:
+            return grid
+        spacing /= GRID_STEP

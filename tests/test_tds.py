@@ -3,9 +3,10 @@
 - one-phonon: euphonic's one-phonon structure factor (its own dynamical matrix and eigen-solve from the
   phonopy_params.yaml we export), weighted with coth(ħω/2k_BT) or 2k_BT/ħω; and euphonic's eigenvectors
   summed here with xraydb f₀(|Q|) for a compound.
-- gaussian: its first order is the one-phonon model; at Q commensurate with its grid it equals a
-  brute-force sum over a dense periodic supercell whose covariance is the pseudo-inverse of its
-  Hessian (numpy eigh); it converges with the grid, and carries the DESIGN's multi-phonon share.
+- gaussian: its first order is the one-phonon model with the grid's own Debye–Waller factor; at Q commensurate
+  with its grid it equals a brute-force sum over a dense periodic supercell whose covariance is the
+  pseudo-inverse of its Hessian (numpy eigh); it carries the DESIGN's multi-phonon share. Its convergence to
+  the infinite crystal is in test_convergence.py.
 - limits in temperature, gradients (gradcheck in θ, including degenerate high-symmetry Q) and errors.
 
 The same Debye–Waller W enters both sides of every comparison: the point is C̃ and the intensity sum.
@@ -23,7 +24,7 @@ from ase import units
 
 from ase_tds import TDSModel
 from ase_tds.covariance import UnstableError, mean_square_displacement, real_space_covariance
-from ase_tds.scattering import multi_phonon_intensity, one_phonon_intensity
+from ase_tds.scattering import LatticeWindow, multi_phonon_intensity, one_phonon_intensity, partition_of_unity
 
 from test_covariance import (  # noqa: F401  (models: a module fixture re-used here)
     STATISTICS,
@@ -197,22 +198,51 @@ def test_one_phonon_at_reciprocal_lattice_vectors(models, euphonic_fc, name, hkl
 @pytest.mark.parametrize("statistics", STATISTICS)
 @pytest.mark.parametrize("name", ["Ni", "AuCu3"])
 def test_gaussian_first_order_is_the_one_phonon_model(models, name, statistics, rng):  # noqa: F811
-    """gaussian − (its orders ≥ 2, from multi_phonon_intensity on the same real-space covariance) equals
-    TDSModel(method="one-phonon") with the same Debye–Waller mesh, to round-off."""
+    """gaussian − (its orders ≥ 2: LatticeWindow.intensity on the same grid's correlation) equals
+    TDSModel(method="one-phonon") with the grid's own Debye–Waller factor (dw_mesh="grid"), to round-off: the
+    gaussian model is one periodic crystal, its W, first order and higher orders from one q mesh."""
     model = models[name]
     grid = (5, 5, 5)
-    kw = dict(statistics=statistics, dw_mesh=4)
-    gauss = TDSModel(model, T_ROOM, method="gaussian", grid=grid, **kw)
-    one = TDSModel(model, T_ROOM, method="one-phonon", **kw)
+    gauss = TDSModel(model, T_ROOM, method="gaussian", statistics=statistics, grid=grid, refine=False)
+    one = TDSModel(model, T_ROOM, method="one-phonon", statistics=statistics, dw_mesh="grid", grid=grid)
     q = torch.as_tensor(model.q_from_hkl(rng.uniform(-3, 3, size=(30, 3))))
     with torch.no_grad():
-        amp = gauss.amplitude(q, gauss.mean_square_displacement())
-        multi = multi_phonon_intensity(q, amp, *real_space_covariance(model, T_ROOM, statistics, grid))
+        correlation, self_cov = gauss.grid_covariance()
+        amp = gauss.amplitude(q, self_cov)
+        window = LatticeWindow(model.primitive, grid)
+        multi = window.intensity(q, amp, window.gather(correlation))
         total, first = gauss(q), one(q)
     err = (torch.abs(total - multi - first) / first).max().item()
     print(f"{name} {statistics}: |gaussian − multi − one-phonon| / one-phonon ≤ {err:.1e}; "
           f"multi-phonon share {(multi / total).min():.3f}–{(multi / total).max():.3f}")
     assert err < 1e-12 and (multi > 0).all()
+
+
+def test_windowed_sum_equals_the_sharp_sum_on_the_grid_lattice(models, rng):  # noqa: F811
+    """At Q on the grid's reciprocal lattice the partition of unity makes the windowed lattice sum (each ±l once,
+    weight 2) the sharp sum over one period; off it the two differ (the window interpolates)."""
+    for name, grid in (("Ni", (5, 5, 5)), ("AuCu3", (3, 4, 5))):
+        model = models[name]
+        separations, correlation = real_space_covariance(model, T_ROOM, "quantum", grid)
+        window = LatticeWindow(model.primitive, grid)
+        recip = 2 * np.pi * np.linalg.inv(np.array(model.primitive.cell[:])).T
+        on = torch.as_tensor((rng.integers(-12, 13, size=(20, 3)) / np.array(grid)) @ recip)
+        off = on + torch.as_tensor(rng.uniform(0.1, 0.4, size=(20, 3)) / np.array(grid) @ recip)
+        amp = torch.as_tensor(rng.uniform(5, 30, size=(20, model.n_atoms)))
+        with torch.no_grad():
+            for q, same in ((on, True), (off, False)):
+                windowed = window.intensity(q, amp, window.gather(correlation))
+                sharp = multi_phonon_intensity(q, amp, separations, correlation)
+                err = (torch.abs(windowed - sharp) / torch.abs(sharp)).max().item()
+                print(f"{name} {grid} {'on' if same else 'off'} the lattice: windowed vs sharp {err:.1e}")
+                assert (err < 1e-10) if same else (err > 1e-6)
+
+
+def test_lattice_window_is_a_partition_of_unity():
+    x = np.linspace(-2, 2, 4001)
+    total = sum(partition_of_unity(x + m) for m in range(-3, 4))
+    np.testing.assert_allclose(total, 1.0, atol=1e-14)
+    assert partition_of_unity(np.array([0.0]))[0] == 1 and partition_of_unity(np.array([0.75]))[0] == 0
 
 
 @pytest.mark.parametrize("statistics", STATISTICS)
@@ -267,7 +297,7 @@ def dense_intensity(dense, cov, q, symbols):
 def _gaussian_vs_dense(models, name, L, statistics, q):  # noqa: F811
     model = models[name]
     dense = dense_supercell(model, L)
-    tds = TDSModel(model, T_ROOM, method="gaussian", statistics=statistics, dw_mesh="grid", grid=(L, L, L))
+    tds = TDSModel(model, T_ROOM, method="gaussian", statistics=statistics, grid=(L, L, L), refine=False)
     with torch.no_grad():
         ours = tds(q).numpy()
     symbols = sorted(set(dense.symbols))
@@ -288,7 +318,7 @@ BRAGG_HKL = {"Ni": [(2, 0, 0), (1, 1, 1)], "NaCl": [(1, 1, 1), (2, 0, 0), (1, 0,
 @pytest.mark.parametrize("name, L", [("Ni", 5), ("NaCl", 4), ("AuCu3", 3)])
 def test_gaussian_equals_dense_supercell_sum(models, name, L, statistics, rng):  # noqa: F811
     """All orders, Q commensurate with the grid and Bragg positions G (including superstructure
-    reflections), dw_mesh="grid": the gaussian model is then the exact periodic L×L×L supercell, so it
+    reflections), one grid (refine=False): the gaussian model is then the exact periodic L×L×L supercell, so it
     must equal the brute-force double sum over its atoms with C = k_BT M^{-1/2} D⁺ M^{-1/2} (or the
     quantum mode sum), translations removed."""
     model = models[name]
@@ -302,23 +332,6 @@ def test_gaussian_equals_dense_supercell_sum(models, name, L, statistics, rng): 
 def random_directions(rng, count):
     d = rng.normal(size=(count, 3))
     return d / np.linalg.norm(d, axis=1, keepdims=True)
-
-
-def test_gaussian_converges_with_the_grid(models, rng):  # noqa: F811
-    """Ni, 300 K, |Q| = 6 Å⁻¹: the change of I between grids 7 → 11 → 15 shrinks (the higher orders of a
-    finite periodic grid miss its longest waves; the Debye–Waller mesh is held fixed)."""
-    model = models["Ni"]
-    q = 6.0 * random_directions(rng, 20)
-    values = {}
-    for L in (7, 11, 15):
-        with torch.no_grad():
-            values[L] = TDSModel(model, T_ROOM, method="gaussian", statistics="quantum", dw_mesh=6,
-                                 grid=(L, L, L))(q).numpy()
-    d1 = np.abs(values[11] / values[7] - 1)
-    d2 = np.abs(values[15] / values[11] - 1)
-    print(f"median |ΔI|/I: 7→11 {np.median(d1):.2e}, 11→15 {np.median(d2):.2e}")
-    assert np.median(d2) < 0.8 * np.median(d1)
-    assert np.mean(d2 < d1) >= 0.9 and d2.max() < 0.02
 
 
 def test_multi_phonon_share_for_nickel(models, rng):  # noqa: F811
