@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="ase_tds_demo", help="output folder (default: %(default)s)")
     demo.add_argument("--points", type=int, default=DEMO_POINTS, help="number of Q points (default: %(default)s)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    _add_accuracy_argument(demo)
     demo.set_defaults(run=_run_demo)
 
     fit = sub.add_parser("fit", help="fit force constants to a TDS data file")
@@ -69,8 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                           "--seed, so lbfgs converges in fewer evaluations there too)")
     fit.add_argument("--statistics", default="quantum", choices=["classical", "quantum"],
                      help="phonon occupations (default: %(default)s)")
-    fit.add_argument("--scale", default="free", choices=["free", "fixed"],
-                     help="intensity scale: free, or fixed to 1 for data in e.u./atom (default: %(default)s)")
+    fit.add_argument("--scale", choices=["free", "fixed"],
+                     help="intensity scale: free, or fixed to 1 for data in e.u./atom (default: fixed when the data "
+                          "file's units are e.u./atom, else free)")
     fit.add_argument("--background", default="free", choices=["free", "none"],
                      help="a constant background in data units, free or none (default: %(default)s)")
     fit.add_argument("--compton", action="store_true",
@@ -88,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--bragg-radius", type=float, default=0.1, help="r.l.u. masked around Bragg peaks")
     fit.add_argument("--max-iter", type=int, default=200, help="iterations of the optimiser (default: %(default)s)")
     fit.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    _add_accuracy_argument(fit)
     _add_sampling_arguments(fit, "the structure's cell",
                             f"seed of the sampling model's displacements, fixed so that the loss is a smooth "
                             f"function of the force constants (common random numbers) (default: {FIT_SEED})")
@@ -110,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--counts", type=float, help="Poisson noise: counts at the mean intensity (default: none)")
     sim.add_argument("--out", required=True, help="output HDF5 file")
     sim.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    _add_accuracy_argument(sim)
     _add_sampling_arguments(sim, "the force constants' unit cell",
                             "random seed of the Poisson noise and of the sampling model's displacements "
                             "(default: fresh randomness)", seed_outside=True)
@@ -143,6 +147,26 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     plot.set_defaults(run=_run_plot)
     return parser
+
+
+def _add_accuracy_argument(parser) -> None:
+    parser.add_argument("--accuracy", type=float,
+                        help="relative error of the gaussian (all-order) model that its grid is chosen for: the "
+                             "intensities change by less than this on a grid 1.5× larger (default: 1e-3); "
+                             "--grid L1 L2 L3 sets the grid instead")
+    parser.add_argument("--grid", type=int, nargs=3, metavar=("L1", "L2", "L3"),
+                        help="the gaussian model's periodic crystal, in primitive cells (default: chosen for --accuracy)")
+
+
+def _accuracy_options(args) -> dict:
+    """TDSModel options from --accuracy / --grid."""
+    if args.accuracy is None:
+        return {"grid": tuple(args.grid) if args.grid else None}
+    if not (0 < args.accuracy < 1):
+        raise ValueError(f"--accuracy must be a relative error between 0 and 1, e.g. 1e-3; got {args.accuracy}")
+    if args.grid is not None and min(args.grid) < 1:
+        raise ValueError(f"--grid needs three positive numbers of primitive cells, got {args.grid}")
+    return {"accuracy": args.accuracy, "grid": tuple(args.grid) if args.grid else None}
 
 
 def _add_sampling_arguments(parser, cell: str, seed_help: str, seed_outside: bool = False) -> None:
@@ -239,7 +263,7 @@ def _run_demo(args) -> int:
     truth = ForceConstantModel(atoms, shells=5).set_from_calculator(EMT())
     rng = np.random.default_rng(2026)
     hkl = _points_in_sphere(truth, args.points, q_max=8.0, rng=rng)
-    options = dict(grid=(9, 9, 9), dw_mesh=8)
+    options = _accuracy_options(args)
     print(f"simulating {len(hkl)} points, |Q| ≤ 8 Å⁻¹, 300 K, quantum, all orders, Poisson noise 0.3 %")
     data = simulate(truth, hkl, 300.0, counts=1.1e5, rng=rng, tds_options=options)
     data = data.mask_bragg(0.1, truth.primitive.cell[:])
@@ -247,7 +271,7 @@ def _run_demo(args) -> int:
     print("start: nearest-neighbour constants only, scaled by 0.7")
     model = copy.deepcopy(start)
     model.to(_device(args.device))
-    result = fit(model, data, scale="fixed", tds_options=options, max_iter=60)
+    result = fit(model, data, tds_options=options, max_iter=60)
     model.cpu()
     ok = _report_recovery(truth, start, model, result)
     _write_outputs(Path(args.out), model, result, data, start=start, reference=truth)
@@ -325,7 +349,7 @@ def _run_fit(args) -> int:
     start = _start_model(fresh, structure, args.start)
     model = copy.deepcopy(start)
     model.to(_device(args.device))
-    options = {"sampler": _sampler(model, **sampling)} if args.model == "sampling" else {}
+    options = {"sampler": _sampler(model, **sampling)} if args.model == "sampling" else _accuracy_options(args)
     result = fit(model, data, temperature=temperature, method=args.model, statistics=args.statistics,
                  scale=args.scale, background=args.background, compton=args.compton, loss=args.loss,
                  max_iter=args.max_iter, checkpoint=checkpoint, tds_options=options, optimizer=args.optimizer)
@@ -398,7 +422,7 @@ def _tds_options(model, settings) -> dict:
     supercell, samples, seed) rebuilt on `model` (a ForceConstantModel)."""
     from . import sampling
 
-    options = {key: settings[key] for key in ("grid", "dw_mesh") if key in settings}
+    options = {key: settings[key] for key in ("grid", "dw_mesh", "refine", "accuracy") if settings.get(key) is not None}
     if settings["method"] == "sampling":
         spec = settings.get("sampler") or {}
         if spec.get("kind") not in ("DenseSampler", "QSpaceSampler"):
@@ -428,7 +452,7 @@ def _run_simulate(args) -> int:
     _check_same_lattice(structure, args.structure, fc, args.fc)
     hkl = _read_hkl(Path(args.hkl), structure)
     fc.to(_device(args.device))
-    options = {}
+    options = _accuracy_options(args) if args.model == "gaussian" else {}
     if args.model == "sampling":
         options["sampler"] = _sampler(fc, args.supercell, args.samples or SAMPLES, args.seed, args.temperature,
                                       args.statistics, reciprocal_q(hkl, structure.cell[:]))

@@ -9,6 +9,7 @@ point-list keys. Every problem with user data raises `TDSError` naming the file,
 from __future__ import annotations
 
 import dataclasses
+import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,8 @@ class TDSData:
     q (N, 3) Å⁻¹ Cartesian; intensity (N,) in `units` ("e.u./atom" = absolute, DESIGN §2; anything else
     or None = arbitrary); hkl (N, 3) r.l.u. of `cell` (3, 3) Å, or None for Q-only data; sigma (N,) > 0
     or None; mask (N,) bool, True = use (None = all); temperature in K or None; source names the file
-    (or "TDSData") in error messages. Build with `from_hkl`, `from_q` or `read`; methods return new objects.
+    (or "TDSData") in error messages; provenance: how simulated data were made (the model's settings and its
+    own error estimate), written to and read from the file's `provenance` attribute (JSON). Build with `from_hkl`, `from_q` or `read`; methods return new objects.
     """
 
     q: np.ndarray
@@ -48,6 +50,7 @@ class TDSData:
     units: str | None = None
     cell: np.ndarray | None = None
     source: str = "TDSData"
+    provenance: dict | None = None
 
     def __post_init__(self):
         self.source = str(self.source)
@@ -86,14 +89,14 @@ class TDSData:
 
     @classmethod
     def from_hkl(cls, hkl, intensity, cell, sigma=None, mask=None, temperature=None, units=None,
-                 source="TDSData") -> TDSData:
+                 source="TDSData", provenance=None) -> TDSData:
         """Points at hkl (N, 3) r.l.u. of `cell` (3, 3) Å (or ase.Atoms / ase.cell.Cell); Q is computed."""
         cell = _as_cell(cell)
         hkl = np.asarray(hkl)
         numeric = hkl.dtype.kind in "iuf" and hkl.ndim == 2 and hkl.shape[1] == 3 and np.isfinite(hkl).all()
         q = reciprocal_q(hkl, cell) if numeric else hkl  # a malformed hkl is reported by the validation
         return cls(q=q, intensity=intensity, hkl=hkl, sigma=sigma, mask=mask, temperature=temperature,
-                   units=units, cell=cell, source=source)
+                   units=units, cell=cell, source=source, provenance=provenance)
 
     @classmethod
     def from_q(cls, q, intensity, sigma=None, mask=None, temperature=None, units=None, cell=None,
@@ -271,6 +274,8 @@ class TDSData:
                 f.attrs["temperature"] = self.temperature
             if self.units is not None:
                 f.attrs["units"] = self.units
+            if self.provenance is not None:
+                f.attrs["provenance"] = json.dumps(self.provenance, ensure_ascii=False)
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -355,8 +360,14 @@ def _read_point_list(f: h5py.File, path: Path) -> dict:
     def optional(name):
         return f[name][()] if name in f else None
 
+    provenance = _text(f.attrs.get("provenance"))
+    try:
+        provenance = json.loads(provenance) if provenance else None
+    except json.JSONDecodeError:
+        provenance = None  # another program's attribute of that name: not ours to read
     return dict(hkl=f["hkl"][()], intensity=f["intensity"][()], sigma=optional("sigma"), mask=optional("mask"),
-                temperature=f.attrs.get("temperature"), units=_text(f.attrs.get("units")), cell=optional("cell"))
+                temperature=f.attrs.get("temperature"), units=_text(f.attrs.get("units")), cell=optional("cell"),
+                provenance=provenance if isinstance(provenance, dict) else None)
 
 
 def _read_npz(path: Path) -> dict:
@@ -507,6 +518,8 @@ def simulate(model, hkl, temperature: float, method: str = "gaussian", statistic
 
     hkl in r.l.u. of `cell` (default the model's unit cell); counts: Poisson noise with the mean
     intensity at that many counts (σ written alongside), None for noise-free data.
+    The gaussian model chooses its grid for the largest |Q| (`TDSModel`, `converged_grid`); `provenance` records
+    the model's settings and its own error estimate (`TDSModel.discretisation_error`: median and largest relative).
     method "sampling" (give tds_options=dict(sampler=...)): σ holds the Monte-Carlo standard error of the
     sampled mean (floored at 1e-9 of the largest |I|, for Q where every sample scatters alike, e.g. Q = 0),
     added in quadrature to the counting σ when counts are given.
@@ -516,8 +529,11 @@ def simulate(model, hkl, temperature: float, method: str = "gaussian", statistic
     from .tds import TDSModel
 
     cell = np.array(model.unitcell.cell[:] if cell is None else cell, dtype=float)
-    tds = TDSModel(model, temperature, method=method, statistics=statistics, **(tds_options or {}))
     q = reciprocal_q(hkl, cell)
+    options = dict(tds_options or {})
+    if method == "gaussian":
+        options.setdefault("q_max", float(np.linalg.norm(q, axis=1).max()))
+    tds = TDSModel(model, temperature, method=method, statistics=statistics, **options)
     stderr = None
     with torch.no_grad():
         if method == "sampling":
@@ -525,8 +541,14 @@ def simulate(model, hkl, temperature: float, method: str = "gaussian", statistic
             stderr = np.maximum(stderr, max(1e-9 * np.abs(intensity).max(), np.finfo(float).tiny))
         else:
             intensity = tds(q).cpu().numpy()
+        delta = tds.discretisation_error(q).cpu().numpy()
+    relative = delta / np.maximum(np.abs(intensity), np.finfo(float).tiny)
+    provenance = {"model": tds.settings(), "force_constants": repr(model),
+                  "model_error": {"estimate": "|I(grid) − I(1.5 × grid)|" if method == "gaussian" else "none",
+                                  "median_relative": float(np.median(relative)),
+                                  "max_relative": float(relative.max())}}
     data = TDSData.from_hkl(hkl, intensity, cell, sigma=stderr, temperature=temperature, units=ABSOLUTE_UNITS,
-                            source="simulated")
+                            source="simulated", provenance=provenance)
     if counts is None:
         return data
     noisy = add_poisson_noise(data, counts, rng)

@@ -43,8 +43,12 @@ class FitResult:
     chi2: Σ (m − I_obs)²/var with var = σ² (loss "chi2") or the Poisson variance m/exposure (loss "poisson"),
     plus for "sampling" the Monte-Carlo variance of its fixed-seed estimate (also in sigma);
     chi2_red = χ²/(N_used − n_free); deviance: the Poisson deviance (loss "poisson" only).
-    settings: method, statistics, temperature (K), scale, background, compton, loss, grid, dw_mesh, and for
-    "sampling" the sampler {kind, supercell, n_samples, seed} (seed None: the fit's final evaluation used 0).
+    settings: method, statistics, temperature (K), the model's grid (gaussian: grid, refine, accuracy,
+    near_bragg_grid; one-phonon: dw_mesh), scale, background, compton, loss, optimizer, and for "sampling" the
+    sampler {kind, supercell, n_samples, seed} (seed None: the fit's final evaluation used 0).
+    model_error: the gaussian model's own error estimate |I(grid) − I(1.5 × grid)| at the fitted θ (median and
+    largest relative, largest in units of σ, the share of points above σ/5) and `at_start`, where it was added
+    to the variance of every point (see `fit`).
     """
 
     labels: list
@@ -64,6 +68,7 @@ class FitResult:
     compton: float | None = None
     deviance: float | None = None
     compton_shape: Callable | None = field(default=None, repr=False)
+    model_error: dict = field(default_factory=dict)
 
     def calculated(self, intensity, q_norm) -> np.ndarray:
         """The fitted model of the data, s·I + b + A·c(|Q|), (N,) from I (N,) e.u./atom and |Q| (N,) Å⁻¹."""
@@ -100,7 +105,8 @@ class FitResult:
                    scale=float(saved["scale"]), background=float(saved["background"]), chi2=float(saved["chi2"]),
                    chi2_red=float(saved["chi2_red"]), n_points=int(saved["n_points"]),
                    iterations=int(saved["iterations"]), settings=settings, warnings=list(saved.get("warnings", [])),
-                   compton=saved.get("compton"), deviance=saved.get("deviance"), compton_shape=shape)
+                   compton=saved.get("compton"), deviance=saved.get("deviance"), compton_shape=shape,
+                   model_error=dict(saved.get("model_error") or {}))
 
     def table(self) -> str:
         """Plain-text table: label, value and 1σ (eV/Å²) per parameter, then the nuisance values and χ²_red."""
@@ -124,7 +130,8 @@ class FitResult:
             "correlation": self.correlation.tolist(),
             "scale": self.scale, "background": self.background, "compton": self.compton,
             "chi2": self.chi2, "chi2_red": self.chi2_red, "deviance": self.deviance, "n_points": self.n_points,
-            "iterations": self.iterations, "settings": self.settings, "warnings": self.warnings,
+            "iterations": self.iterations, "settings": self.settings, "model_error": self.model_error,
+            "warnings": self.warnings,
             "versions": {"ase_tds": __version__, "torch": torch.__version__, "ase": ase.__version__,
                          "phonopy": phonopy.__version__, "numpy": np.__version__, "python": platform.python_version()},
         }
@@ -155,7 +162,8 @@ class _Objective:
         else:
             sigma = data.sigma if data.sigma is not None else np.sqrt(np.maximum(np.abs(data.intensity), 1e-12))
             self.w = 1.0 / as_t(sigma[used]) ** 2
-        self.data_w = self.w  # 1/σ² of the data; w may add the sampling model's variance
+        self.data_w = self.w  # 1/σ² of the data; w may add the model's own error and the sampling model's variance
+        self.model_variance = torch.zeros_like(self.w)
         self.n_theta = fc.n_params
         self._beta = None
 
@@ -222,13 +230,14 @@ def _exposure(data: TDSData, exposure, used) -> np.ndarray:
 
 
 def fit(model, data: TDSData, temperature: float | None = None, method: str = "gaussian",
-        statistics: str = "quantum", scale: str = "free", background: str = "free", compton=False,
+        statistics: str = "quantum", scale: str | None = None, background: str = "free", compton=False,
         loss: str = "chi2", exposure=None, max_iter: int = 200, rtol: float = 1e-9, gtol: float = 1e-6,
         progress: bool = True, checkpoint=None, tds_options: dict | None = None,
         learning_rate: float | None = None, optimizer: str | None = None) -> FitResult:
     """Fit `model` (a ForceConstantModel, fitted in place from its current θ) to `data`.
 
-    scale: "free" | "fixed" (fixed needs absolute data, units "e.u./atom"); background: "free" (a constant) |
+    scale: "free" | "fixed" (fixed needs absolute data, units "e.u./atom") | None: fixed for absolute data, free
+    otherwise; background: "free" (a constant) |
     "none"; compton: False | True (Hubbell's incoherent scattering of the crystal's atoms, `ComptonShape`, with a
     free amplitude) | callable(|Q| Å⁻¹ ndarray) → e.u./atom (e.g. `ComptonShape(symbols, energy_kev=20)`).
     loss: "chi2" | "poisson". The Poisson deviance needs the counts n = t·I_obs: `exposure` t (counts per unit of
@@ -239,7 +248,11 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
     max_iter counts all iterations, those before a resumed checkpoint included.
     checkpoint: a JSON file written after every iteration; if it exists, the fit resumes from it (same model
     labels and settings, else ValueError): L-BFGS restarts its memory there, Adam continues exactly.
-    tds_options: extra TDSModel arguments (grid, dw_mesh, form_factors, sampler, ...); for "sampling" give a
+    tds_options: extra TDSModel arguments (grid, accuracy, dw_mesh, form_factors, sampler, ...). The gaussian model
+    chooses its grid for the data's largest |Q| (`converged_grid`) and estimates its own error on every point
+    (`TDSModel.discretisation_error`); where that exceeds a fifth of σ on more than 1 % of the points the grid is
+    enlarged (1.5×, at most twice), and what remains is added to the variance of every point (a warning says so;
+    `FitResult.model_error` records it). For "sampling" give a
     sampler with a seed (common random numbers make the loss a smooth function of θ), and many samples rather than
     many points: points with one q of the supercell share its sampled modes (χ² weights then add the Monte-Carlo
     variance, and a warning says 1σ takes the points' errors as independent).
@@ -253,25 +266,36 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
     optimizer = optimizer or ("adam" if method == "sampling" else "lbfgs")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if scale is None:
+        scale = "fixed" if data.absolute else "free"
+    if scale not in ("fixed", "free"):
+        raise ValueError(f"scale must be 'fixed', 'free' or None (fixed for absolute data), got {scale!r}")
     if scale == "fixed" and not data.absolute:
         raise ValueError("scale='fixed' needs absolute data (units 'e.u./atom'); the data are in arbitrary units — "
                          "use scale='free'")
     if data.cell is not None:
         data.check_cell(model.unitcell.cell[:], "the model's structure")
     temperature = data.require_temperature(temperature)
-    tds = TDSModel(model, temperature, method=method, statistics=statistics, **(tds_options or {}))
+    options = dict(tds_options or {})
+    options.setdefault("q_max", float(data.q_norm[np.asarray(data.mask, dtype=bool)].max()))
+    original = model.theta.detach().cpu().numpy().copy()
+    try:  # the gaussian model chooses its grid at the start θ, and estimates its error there
+        tds = TDSModel(model, temperature, method=method, statistics=statistics, **options)
+        objective = _Objective(tds, data, scale, background, loss, compton, exposure)
+        n_free = model.n_params + objective.nuisance.n_free
+        if len(objective.y) <= n_free:
+            raise ValueError(f"only {len(objective.y)} data points are used for {model.n_params} parameters "
+                             f"(+ {objective.nuisance.n_free} nuisance); widen the mask or use fewer shells")
+        model_error = _control_model_error(objective)
+    except UnstableError as err:
+        raise _unstable_start(model, original, original, err, "") from err
+    tds = objective.tds
     if method == "sampling" and tds.sampler.seed is None:
         warnings.warn("the sampler has no seed: every evaluation draws new displacements, so the loss is noisy and "
                       "Adam anneals on that noise; give it a seed (common random numbers) for a smooth loss",
                       stacklevel=2)
-    objective = _Objective(tds, data, scale, background, loss, compton, exposure)
-    n_free = model.n_params + objective.nuisance.n_free
-    if len(objective.y) <= n_free:
-        raise ValueError(f"only {len(objective.y)} data points are used for {model.n_params} parameters "
-                         f"(+ {objective.nuisance.n_free} nuisance); widen the mask or use fewer shells")
-    settings = dict(method=method, statistics=statistics, temperature=temperature, scale=scale, background=background,
-                    compton=compton if isinstance(compton, bool) else "callable", loss=loss, grid=list(tds.grid),
-                    dw_mesh=tds.dw_mesh, optimizer=optimizer)
+    settings = dict(tds.settings(), scale=scale, background=background,
+                    compton=compton if isinstance(compton, bool) else "callable", loss=loss, optimizer=optimizer)
     if method == "sampling":  # what redraws the fitted model (and what a checkpoint must match)
         sampler = tds.sampler
         seed = None if sampler.seed is None else int(sampler.seed)
@@ -279,7 +303,6 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
                                    n_samples=sampler.n_samples, seed=seed)
     saver = Checkpoint(checkpoint, model.labels, settings) if checkpoint is not None else None
     state = saver.load() if saver is not None else None
-    original = model.theta.detach().cpu().numpy().copy()
     start = state["theta"] if state else original
     try:
         if method == "sampling" and loss == "chi2":
@@ -290,14 +313,8 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
                 saver.monte_carlo_theta = at
         value0 = objective.evaluate(start)[0]
     except UnstableError as err:
-        with torch.no_grad():
-            model.theta.copy_(torch.as_tensor(start))
-            report = _instability(model)
-            model.theta.copy_(torch.as_tensor(original))
-        where = f" (θ from the checkpoint {checkpoint})" if state else ""
-        raise UnstableError(f"the starting force constants are dynamically unstable{where}: {report} ({err}). "
-                            "Start from EMT (set_from_calculator(EMT()) / --start emt), from a stable phonopy file, "
-                            "or from scaled-down constants") from err
+        raise _unstable_start(model, start, original, err, f" (θ from the checkpoint {checkpoint})" if state else "") \
+            from err
     with _fixed_noise(tds):
         whiten = state["whitening"] if state and state.get("whitening") is not None else _whitening(objective, start)
     history = state["history"] if state and state["history"] else [value0]
@@ -308,7 +325,57 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
     else:
         theta, iterations = _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, history, saver)
     with _fixed_noise(tds):
-        return _result(model, tds, objective, theta, iterations, history, settings, compton)
+        return _result(model, tds, objective, theta, iterations, history, settings, compton, model_error)
+
+
+def _unstable_start(model, theta, original, err, where: str) -> UnstableError:
+    """The error for an unstable start θ, naming its most imaginary mode; `model` keeps `original`."""
+    with torch.no_grad():
+        model.theta.copy_(torch.as_tensor(theta))
+        report = _instability(model)
+        model.theta.copy_(torch.as_tensor(original))
+    return UnstableError(f"the starting force constants are dynamically unstable{where}: {report} ({err}). "
+                         "Start from EMT (set_from_calculator(EMT()) / --start emt), from a stable phonopy file, "
+                         "or from scaled-down constants")
+
+
+# the forward model's own error is kept below this fraction of the data's σ on all but MODEL_ERROR_SHARE of the points
+MODEL_ERROR_FRACTION = 0.2
+MODEL_ERROR_SHARE = 0.01
+
+
+def _control_model_error(objective) -> dict:
+    """Keep the gaussian model's discretisation error δ (`TDSModel.discretisation_error`, at the start θ) below a
+    fifth of the data's σ: enlarge the grid 1.5× (at most twice) while more than 1 % of the points exceed it, then
+    add δ² to every point's variance (weights and 1σ). Returns the record kept in FitResult.model_error."""
+    tds = objective.tds
+    if tds.method != "gaussian":
+        return {"estimate": "none", "reason": f"the {tds.method} model has no grid (its Debye–Waller mesh is "
+                                              "extrapolated; sampling carries its Monte-Carlo error)"}
+    sigma = 1.0 / torch.sqrt(objective.data_w)
+    for attempt in range(3):
+        delta = tds.discretisation_error(objective.q)
+        above = delta > MODEL_ERROR_FRACTION * sigma
+        if above.float().mean().item() <= MODEL_ERROR_SHARE or attempt == 2:
+            break
+        tds = tds.with_grid(tuple(int(np.ceil(1.5 * x)) for x in tds.grid))
+    objective.tds = tds
+    objective.model_variance = delta**2
+    objective.w = 1.0 / (1.0 / objective.w + objective.model_variance)
+    record = _model_error_record(delta, objective.y, sigma)
+    if above.any():
+        warnings.warn(f"the forward model's own error exceeds a fifth of σ on {int(above.sum())} of {len(delta)} points "
+                      f"(largest {record['max_over_sigma']:.2g} σ) on grid {list(tds.grid)}; it is added to their "
+                      "variance. A finer model: tds_options=dict(accuracy=...) or a larger grid", stacklevel=3)
+    return record
+
+
+def _model_error_record(delta, y, sigma) -> dict:
+    relative = (delta / torch.clamp(torch.abs(y), min=1e-300)).cpu().numpy()
+    over = (delta / sigma).cpu().numpy()
+    return {"estimate": "|I(grid) − I(1.5 × grid)|", "median_relative": float(np.median(relative)),
+            "max_relative": float(relative.max()), "max_over_sigma": float(over.max()),
+            "fraction_above_fifth_sigma": float((over > MODEL_ERROR_FRACTION).mean())}
 
 
 def _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, history, saver):
@@ -441,7 +508,7 @@ def _whitening(objective, theta: np.ndarray, n_points: int = 256) -> np.ndarray:
     return np.linalg.cholesky(normal).T
 
 
-def _result(model, tds, objective, theta, iterations, history, settings, compton) -> FitResult:
+def _result(model, tds, objective, theta, iterations, history, settings, compton, model_error) -> FitResult:
     """Final evaluation; Gauss–Newton covariance from a central-difference Jacobian of I(Q; θ) and the nuisance.
 
     Covariance as a sandwich (JᵀWJ)⁻¹ JᵀWVWJ (JᵀWJ)⁻¹, W the fit's weights and V the variance of the residuals:
@@ -463,7 +530,7 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
             deviance = float(objective.value(calc))
             fit_variance = variance = torch.clamp(calc, min=1e-300) / objective.exposure  # Poisson: var(I_obs) = m/t
         else:
-            fit_variance, variance = 1.0 / objective.w, 1.0 / objective.data_w
+            fit_variance, variance = 1.0 / objective.w, 1.0 / objective.data_w + objective.model_variance
         if stderr is not None:
             variance = variance + (values["scale"] * stderr) ** 2
         chi2 = float(((calc - objective.y) ** 2 / variance).sum())
@@ -485,6 +552,11 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
                          f"({n_points / distinct:.1f} per q); points with one q share its sampled modes, which 1σ "
                          "treats as independent, so 1σ can understate the error of θ: many points per q need many "
                          "samples")
+    if tds.method == "gaussian":  # the model's own error at the fitted θ, for the record
+        final = _model_error_record(tds.discretisation_error(objective.q), objective.y,
+                                    1.0 / torch.sqrt(objective.data_w))
+        model_error = dict(model_error, at_start=dict(model_error), **final)
+        model_error["at_start"].pop("estimate", None)
     for note in notes:
         warnings.warn(note, stacklevel=3)
     shape = None
@@ -496,7 +568,7 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
                      correlation=corr, scale=values["scale"], background=values["background"], chi2=chi2,
                      chi2_red=chi2 / max(n_points - n_free, 1), n_points=n_points, iterations=iterations,
                      settings=settings, warnings=notes, history=[float(h) for h in history],
-                     compton=values["compton"], deviance=deviance, compton_shape=shape)
+                     compton=values["compton"], deviance=deviance, compton_shape=shape, model_error=model_error)
 
 
 def _identifiability(labels, corr, normal, scale_mode) -> list[str]:
