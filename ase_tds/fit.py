@@ -354,7 +354,10 @@ def _control_model_error(objective) -> dict:
                                               "extrapolated; sampling carries its Monte-Carlo error)"}
     sigma = 1.0 / torch.sqrt(objective.data_w)
     for attempt in range(3):
-        delta = tds.discretisation_error(objective.q)
+        with torch.no_grad():
+            intensity = tds(objective.q)
+            scale = abs(objective.nuisance.values(objective.profile(intensity))["scale"])
+        delta = scale * tds.discretisation_error(objective.q)  # in data units
         above = delta > MODEL_ERROR_FRACTION * sigma
         if above.float().mean().item() <= MODEL_ERROR_SHARE or attempt == 2:
             break
@@ -362,7 +365,7 @@ def _control_model_error(objective) -> dict:
     objective.tds = tds
     objective.model_variance = delta**2
     objective.w = 1.0 / (1.0 / objective.w + objective.model_variance)
-    record = _model_error_record(delta, objective.y, sigma)
+    record = _model_error_record(delta / scale, intensity, sigma / scale)
     if above.any():
         warnings.warn(f"the forward model's own error exceeds a fifth of σ on {int(above.sum())} of {len(delta)} points "
                       f"(largest {record['max_over_sigma']:.2g} σ) on grid {list(tds.grid)}; it is added to their "
@@ -370,8 +373,9 @@ def _control_model_error(objective) -> dict:
     return record
 
 
-def _model_error_record(delta, y, sigma) -> dict:
-    relative = (delta / torch.clamp(torch.abs(y), min=1e-300)).cpu().numpy()
+def _model_error_record(delta, intensity, sigma) -> dict:
+    """delta, intensity (N,) e.u./atom; sigma (N,) the data's σ in e.u./atom (divided by the scale)."""
+    relative = (delta / torch.clamp(torch.abs(intensity), min=1e-300)).cpu().numpy()
     over = (delta / sigma).cpu().numpy()
     return {"estimate": "|I(grid) − I(1.5 × grid)|", "median_relative": float(np.median(relative)),
             "max_relative": float(relative.max()), "max_over_sigma": float(over.max()),
@@ -553,8 +557,8 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
                          "treats as independent, so 1σ can understate the error of θ: many points per q need many "
                          "samples")
     if tds.method == "gaussian":  # the model's own error at the fitted θ, for the record
-        final = _model_error_record(tds.discretisation_error(objective.q), objective.y,
-                                    1.0 / torch.sqrt(objective.data_w))
+        final = _model_error_record(tds.discretisation_error(objective.q), intensity,
+                                    1.0 / torch.sqrt(objective.data_w) / abs(values["scale"]))
         model_error = dict(model_error, at_start=dict(model_error), **final)
         model_error["at_start"].pop("estimate", None)
     for note in notes:
