@@ -18,6 +18,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.geometry import find_mic
 from scipy.sparse import coo_matrix
 
+from .covariance import mesh_q
 from .model import ForceConstantModel, load_phonopy
 from .structure import (
     StructureError,
@@ -30,6 +31,8 @@ from .structure import (
 
 # eV/Å²: force constants below this are rounding noise of a file (phonopy writes 15 decimals)
 NEGLIGIBLE = 1e-8
+# THz: force constants with a mode more imaginary than this are dynamically unstable
+UNSTABLE_THZ = 1e-3
 
 
 class TDSFitted(Calculator):
@@ -66,6 +69,12 @@ class TDSFitted(Calculator):
                  warn_displacement: float = 0.5, **kwargs):
         super().__init__(**kwargs)
         self.model = source if isinstance(source, ForceConstantModel) else model_from_phonopy(source)
+        lowest = lowest_frequency(self.model)
+        if lowest < -UNSTABLE_THZ:
+            name = source if isinstance(source, (str, os.PathLike)) else repr(self.model)
+            warnings.warn(f"{name}: the force constants are dynamically unstable (imaginary modes down to "
+                          f"{lowest:.3f} THz on a 6×6×6 q mesh): the energy ½uᵀΦu is negative along them and "
+                          "dynamics runs away", UserWarning, stacklevel=2)
         self._pair_fc = self.model.pair_force_constants().detach().cpu().numpy()
         self._primitive_cell = np.array(self.model.primitive.cell[:])
         self._site_fractions = self.model.primitive.get_scaled_positions(wrap=False)
@@ -163,6 +172,11 @@ class TDSFitted(Calculator):
                 return shift
         raise StructureError("reference is not the force constants' crystal up to a translation "
                              "(same lattice constants, orientation and species on every site)")
+
+
+def lowest_frequency(model, mesh=(6, 6, 6)) -> float:
+    """The lowest phonon frequency (THz, imaginary as negative) of `model` on a Γ-centred q mesh, Γ left out."""
+    return float(model.frequencies(mesh_q(model, mesh)[1:]).min())
 
 
 def model_from_phonopy(source) -> ForceConstantModel:

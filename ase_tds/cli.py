@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,10 @@ def main(argv=None) -> int:
     from .structure import StructureError
 
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            _check_out(args)
+            return args.run(args)
     except (StructureError, TDSError, UnstableError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
             PermissionError, KeyError, ValueError) as err:
         if args.debug:
@@ -39,6 +43,44 @@ def main(argv=None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"ase-tds: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+    # Ctrl-C, said here: after the except clause the interrupted work is released and its progress bar closed
+    print(f"ase-tds: interrupted; {_left_behind(args)}", file=sys.stderr)
+    return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr, as errors are."""
+    print(f"ase-tds: warning: {message}", file=sys.stderr)
+
+
+def _check_out(args) -> None:
+    """Refuse an --out that cannot be written, before any work: a file in an existing folder for simulate and
+    export, a folder (existing or to be made) for demo, fit and plot."""
+    if args.out is None:
+        return
+    out = Path(args.out)
+    if args.out_kind == "file":
+        if out.is_dir():
+            raise IsADirectoryError(f"--out {out} is a folder; give a file name")
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"--out {out}: no such folder {out.parent}; create it first")
+        return
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"--out {out}: {existing} is a file, not a folder; give a new or existing folder")
+
+
+def _left_behind(args) -> str:
+    """What an interrupted command leaves: a fit's checkpoint to resume from, else nothing (outputs are written
+    whole at the end)."""
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is not None and Path(checkpoint).is_file():
+        return f"the fit so far is saved in {checkpoint}: run the same command again to resume from it"
+    return "nothing was written" + (" (give --checkpoint FILE to be able to resume a fit)"
+                                    if args.run is _run_fit else "")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--points", type=int, default=DEMO_POINTS, help="number of Q points (default: %(default)s)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     _add_accuracy_argument(demo)
-    demo.set_defaults(run=_run_demo)
+    demo.set_defaults(run=_run_demo, out_kind="folder")
 
     fit = sub.add_parser("fit", help="fit force constants to a TDS data file")
     fit.add_argument("structure", help="structure file (any format ase.io.read reads) that the data's hkl index")
@@ -94,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(fit, "the structure's cell",
                             f"seed of the sampling model's displacements, fixed so that the loss is a smooth "
                             f"function of the force constants (common random numbers) (default: {FIT_SEED})")
-    fit.set_defaults(run=_run_fit)
+    fit.set_defaults(run=_run_fit, out_kind="folder")
 
     sim = sub.add_parser("simulate", help="TDS intensities from phonopy force constants (used as they are)",
                          description="Diffuse intensities in e.u./atom at the hkl of a file, from force constants "
@@ -117,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(sim, "the force constants' unit cell",
                             "random seed of the Poisson noise and of the sampling model's displacements "
                             "(default: fresh randomness)", seed_outside=True)
-    sim.set_defaults(run=_run_simulate)
+    sim.set_defaults(run=_run_simulate, out_kind="file")
 
     export = sub.add_parser("export", help="MLIP training data: thermal configurations with harmonic energies and forces",
                             description="Thermal configurations of a supercell drawn from the fitted force constants "
@@ -134,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--forces-key", default="REF_forces", help="array key of the forces (default: %(default)s)")
     export.add_argument("--no-plain", action="store_true", help="do not also write plain energy/forces")
     export.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    export.set_defaults(run=_run_export)
+    export.set_defaults(run=_run_export, out_kind="file")
 
     plot = sub.add_parser("plot", help="phonon dispersions of force-constant files, and a fit folder's TDS fit",
                           description="Draw the phonon dispersions of one or more force-constant sources (as they are) "
@@ -142,10 +184,13 @@ def _parser() -> argparse.ArgumentParser:
                                       "`ase-tds fit`/`demo` folder, also redraw OUT/tds_fit.png from its data.h5 and fit.json.")
     plot.add_argument("sources", nargs="+", metavar="SOURCE",
                       help="output folder of `ase-tds fit`/`demo`, or a phonopy.load-able file")
-    plot.add_argument("--label", action="append", help="legend name of each SOURCE in turn (default: as typed)")
-    plot.add_argument("--out", help="output folder (default: the first SOURCE if a folder, else the current folder)")
+    plot.add_argument("--label", nargs="+", action="extend",
+                      help="legend names, one per SOURCE in order: --label a b or --label a --label b "
+                           "(default: the SOURCE as typed)")
+    plot.add_argument("--out", help="output folder, made if missing (default: the first SOURCE if a folder, else "
+                                    "the current folder)")
     plot.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    plot.set_defaults(run=_run_plot)
+    plot.set_defaults(run=_run_plot, out_kind="folder")
     return parser
 
 
@@ -310,13 +355,16 @@ def _report_recovery(truth, start, fitted, result) -> bool:
 
 
 def _run_fit(args) -> int:
-    from ase.io import read
-
     from .data import TDSData
     from .fit import fit
     from .model import ForceConstantModel
     from .phonopy_source import PhonopyForceConstants
 
+    if args.shells is not None and args.shells < 1:
+        raise ValueError(f"--shells {args.shells}: give a positive number of neighbour shells, e.g. --shells 5")
+    if args.cutoff is not None and not 0 < args.cutoff < np.inf:
+        raise ValueError(f"--cutoff {args.cutoff:g}: give a positive force-constant cutoff in Å, e.g. --cutoff 5.8, "
+                         "or --shells N")
     _check_sampling_arguments(args, seed_is_sampling=True)
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     if checkpoint is not None and checkpoint.is_dir():
@@ -324,14 +372,14 @@ def _run_fit(args) -> int:
                                 f"{checkpoint / 'fit.ckpt'}")
     if checkpoint is not None and not checkpoint.parent.is_dir():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder {checkpoint.parent}; create it first")
-    structure = read(args.structure)
+    structure = _read_structure(args.structure)
     data = TDSData.read(args.data, structure=structure, temperature=args.temperature)
     temperature = data.require_temperature(args.temperature)
     reference = PhonopyForceConstants(args.reference) if args.reference else None
     if reference is not None:
         _check_same_lattice(structure, args.structure, reference, args.reference)
-    kwargs = {"cutoff": args.cutoff} if args.cutoff else {"shells": args.shells or 5}
-    fresh = ForceConstantModel(structure, **kwargs)
+    shells = 5 if args.shells is None and args.cutoff is None else args.shells
+    fresh = ForceConstantModel(structure, shells=shells, cutoff=args.cutoff)
     data = data.mask_bragg(args.bragg_radius, fresh.primitive.cell[:])
     if args.loss == "poisson":  # what fit() would refuse, before the (EMT) start
         if data.sigma is None:
@@ -436,17 +484,14 @@ def _tds_options(model, settings) -> dict:
 
 
 def _run_simulate(args) -> int:
-    from ase.io import read
-
     from .calculator import model_from_phonopy
+    from .covariance import UnstableError
     from .data import simulate
     from .model import reciprocal_q
     from .phonopy_source import PhonopyForceConstants
 
     _check_sampling_arguments(args, seed_is_sampling=False)
-    out = Path(args.out)
-    _check_output_file(out)
-    structure = read(args.structure)
+    structure = _read_structure(args.structure)
     # the sampling model needs a ForceConstantModel (its pairs on a supercell); the others use phonopy's as they are
     fc = model_from_phonopy(args.fc) if args.model == "sampling" else PhonopyForceConstants(args.fc)
     _check_same_lattice(structure, args.structure, fc, args.fc)
@@ -456,11 +501,16 @@ def _run_simulate(args) -> int:
     if args.model == "sampling":
         options["sampler"] = _sampler(fc, args.supercell, args.samples or SAMPLES, args.seed, args.temperature,
                                       args.statistics, reciprocal_q(hkl, structure.cell[:]))
-    data = simulate(fc, hkl, args.temperature, method=args.model, statistics=args.statistics,
-                    cell=structure.cell[:], counts=args.counts, rng=args.seed, tds_options=options)
-    data.write(out)
+    try:
+        data = simulate(fc, hkl, args.temperature, method=args.model, statistics=args.statistics,
+                        cell=structure.cell[:], counts=args.counts, rng=args.seed, tds_options=options)
+    except UnstableError as err:
+        raise UnstableError(f"--fc {args.fc}: the force constants are dynamically unstable ({err}), so they have "
+                            f"no thermal diffuse scattering; see their imaginary branches with `ase-tds plot "
+                            f"{args.fc}`") from err
+    data.write(args.out)
     error = ", σ = Monte-Carlo standard error" if args.model == "sampling" else ""
-    print(f"wrote {len(data)} points ({args.model}, {args.statistics}, {args.temperature:g} K{error}) to {out}")
+    print(f"wrote {len(data)} points ({args.model}, {args.statistics}, {args.temperature:g} K{error}) to {args.out}")
     return 0
 
 
@@ -471,6 +521,31 @@ def _check_same_lattice(structure, structure_name, fc, fc_name) -> None:
         raise ValueError(f"{structure_name}: its cell is not a lattice of the force constants' crystal in the same "
                          f"orientation (cell · inv(primitive cell of {fc_name}) = {np.round(lattice, 3).tolist()} is not "
                          "integer); give the structure the force constants were computed for")
+
+
+def _read_structure(name):
+    """The crystal (ase.Atoms) in the structure file `name`, or a one-line error naming the file and the fix."""
+    from ase.io import read
+
+    from .structure import StructureError
+
+    path = Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such structure file")
+    if path.stat().st_size == 0:
+        raise StructureError(f"{path}: the structure file is empty; give the crystal's structure, e.g. as CIF or "
+                             "POSCAR")
+    try:
+        atoms = read(path)
+    except Exception as err:  # ASE's readers fail in many ways
+        reason = ": ".join(filter(None, (type(err).__name__, str(err))))
+        raise StructureError(f"{path}: ASE could not read a structure from it ({reason}); give a structure file "
+                             "ASE reads, e.g. CIF or POSCAR, with the format's usual name") from err
+    if not atoms.pbc.all() or abs(atoms.cell.volume) < 1e-6:
+        raise StructureError(f"{path}: holds no periodic 3D unit cell (pbc={atoms.pbc.tolist()}, cell volume "
+                             f"{abs(atoms.cell.volume):.3g} Å³), as a molecule does; give a crystal with its unit "
+                             "cell, e.g. as CIF or POSCAR")
+    return atoms
 
 
 def _read_hkl(path: Path, structure) -> np.ndarray:
@@ -494,17 +569,11 @@ def _read_hkl(path: Path, structure) -> np.ndarray:
         except ValueError as err:
             raise ValueError(f"{path}: not a table of numbers ({err}); give one 'h k l' row per point") from None
     hkl = np.asarray(hkl, dtype=float)
-    if hkl.ndim != 2 or hkl.shape[1] != 3 or len(hkl) == 0 or not np.isfinite(hkl).all():
-        raise ValueError(f"{path}: hkl has shape {hkl.shape} (or non-finite values); give N ≥ 1 rows of three "
-                         "finite numbers h k l")
+    if hkl.ndim != 2 or hkl.shape[1] != 3 or len(hkl) == 0:
+        raise ValueError(f"{path}: hkl has shape {hkl.shape}; give N ≥ 1 rows of three numbers h k l, shape (N, 3)")
+    if not np.isfinite(hkl).all():
+        raise ValueError(f"{path}: hkl has NaN/inf values; give N ≥ 1 rows of three finite numbers h k l")
     return hkl
-
-
-def _check_output_file(path: Path) -> None:
-    if path.is_dir():
-        raise IsADirectoryError(f"--out {path} is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"--out {path}: no such folder {path.parent}; create it first")
 
 
 def _run_export(args) -> int:
@@ -526,16 +595,14 @@ def _run_plot(args) -> int:
     from .phonopy_source import PhonopyForceConstants
     from .plot import plot_dispersion
 
-    labels = args.label or []
-    if len(labels) > len(args.sources):
-        raise ValueError(f"{len(labels)} --label for {len(args.sources)} SOURCE; give at most one per SOURCE")
-    labels = labels + args.sources[len(labels):]
+    labels = args.label or args.sources
+    if len(labels) != len(args.sources):
+        raise ValueError(f"{len(labels)} --label for {len(args.sources)} SOURCE; give one per SOURCE, in order "
+                         f"(--label {' '.join(f'NAME{i + 1}' for i in range(len(args.sources)))}), or none")
     if len(set(labels)) < len(labels):
         raise ValueError(f"the legend names {labels} repeat; give each SOURCE its own --label")
     first = Path(args.sources[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else Path("."))
-    if not out.is_dir():
-        raise FileNotFoundError(f"--out {out}: no such folder; create it first")
     device = _device(args.device)
     models = {label: PhonopyForceConstants(source).to(device) for label, source in zip(labels, args.sources)}
     for model, source in zip(list(models.values())[1:], args.sources[1:]):  # one crystal: the first's path
@@ -549,14 +616,17 @@ def _run_plot(args) -> int:
             fitted = model_from_phonopy(first).to(device)
         data = TDSData.read(first / "data.h5")
         drawings["tds_fit.png"] = lambda path: _draw_tds_fit(fitted, result, data, path)
-    for name, draw in drawings.items():
-        partial = out / f".{Path(name).stem}-{os.getpid()}.png"  # renamed when complete
-        try:
-            draw(partial)
-            os.replace(partial, out / name)
-        finally:
-            Path(partial).unlink(missing_ok=True)
-        print(f"wrote {out / name}")
+    out.mkdir(parents=True, exist_ok=True)
+    partial = {name: out / f".{Path(name).stem}-{os.getpid()}.png" for name in drawings}  # renamed once all are drawn
+    try:
+        for name, draw in drawings.items():
+            draw(partial[name])
+        for name, path in partial.items():
+            os.replace(path, out / name)
+            print(f"wrote {out / name}")
+    finally:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
     return 0
 
 

@@ -59,8 +59,8 @@ class TDSData:
         if n == 0:
             raise self._error("intensity", "holds no points", "give at least one measured point")
         if self.hkl is not None:
-            self.hkl = self._finite_array("hkl", self.hkl, shape=(n, 3))
-        self.q = self._finite_array("q", self.q, shape=(n, 3))
+            self.hkl = self._finite_array("hkl", self.hkl, shape=(n, 3), per_point=True)
+        self.q = self._finite_array("q", self.q, shape=(n, 3), per_point=True)
         if self.cell is not None:
             self.cell = self._finite_array("cell", self.cell, shape=(3, 3))
             if abs(np.linalg.det(self.cell)) < 1e-6:
@@ -73,7 +73,7 @@ class TDSData:
                 raise self._error("q", "disagrees with 2π·hkl·inv(cell)ᵀ",
                                   "build the data with TDSData.from_hkl so that Q is computed from hkl")
         if self.sigma is not None:
-            self.sigma = self._finite_array("sigma", self.sigma, shape=(n,))
+            self.sigma = self._finite_array("sigma", self.sigma, shape=(n,), per_point=True)
             bad = np.flatnonzero(self.sigma <= 0)
             if bad.size:
                 raise self._error("sigma", f"has {bad.size} values ≤ 0 (first at index {bad[0]})",
@@ -91,10 +91,9 @@ class TDSData:
     def from_hkl(cls, hkl, intensity, cell, sigma=None, mask=None, temperature=None, units=None,
                  source="TDSData", provenance=None) -> TDSData:
         """Points at hkl (N, 3) r.l.u. of `cell` (3, 3) Å (or ase.Atoms / ase.cell.Cell); Q is computed."""
-        cell = _as_cell(cell)
-        hkl = np.asarray(hkl)
-        numeric = hkl.dtype.kind in "iuf" and hkl.ndim == 2 and hkl.shape[1] == 3 and np.isfinite(hkl).all()
-        q = reciprocal_q(hkl, cell) if numeric else hkl  # a malformed hkl is reported by the validation
+        cell, hkl = _as_cell(cell), np.asarray(hkl)
+        usable = _is_rows_of_3(hkl) and _is_rows_of_3(cell) and len(cell) == 3 and abs(np.linalg.det(cell)) >= 1e-6
+        q = reciprocal_q(hkl, cell) if usable else hkl  # a malformed hkl or cell is reported by the validation
         return cls(q=q, intensity=intensity, hkl=hkl, sigma=sigma, mask=mask, temperature=temperature,
                    units=units, cell=cell, source=source, provenance=provenance)
 
@@ -106,7 +105,8 @@ class TDSData:
         hkl = None
         if cell is not None:
             cell = _as_cell(cell)
-            hkl = q @ cell.T / (2.0 * np.pi)
+            if _is_rows_of_3(q) and _is_rows_of_3(cell) and len(cell) == 3:  # else the validation reports them
+                hkl = q @ cell.T / (2.0 * np.pi)
         return cls(q=q, intensity=intensity, hkl=hkl, sigma=sigma, mask=mask, temperature=temperature,
                    units=units, cell=cell, source=source)
 
@@ -282,7 +282,8 @@ class TDSData:
     def _error(self, field: str, problem: str, fix: str) -> TDSError:
         return TDSError(f"{self.source}: field '{field}' {problem}; {fix}")
 
-    def _finite_array(self, field, values, ndim=None, shape=None) -> np.ndarray:
+    def _finite_array(self, field, values, ndim=None, shape=None, per_point=False) -> np.ndarray:
+        """`values` as a finite float array of `ndim` dimensions or of `shape` (per_point: shape[0] = N points)."""
         try:
             array = np.asarray(values, dtype=float)
         except (TypeError, ValueError):
@@ -290,8 +291,8 @@ class TDSData:
         if ndim is not None and array.ndim != ndim:
             raise self._error(field, f"has shape {array.shape}", f"give a {ndim}-dimensional array (N,)")
         if shape is not None and array.shape != shape:
-            raise self._error(field, f"has shape {array.shape}, the other fields need {shape}",
-                              "give every field the same number of points N")
+            rows = f", one entry per point (N = {shape[0]}, as in intensity)" if per_point else ""
+            raise self._error(field, f"has shape {array.shape}", f"give an array of shape {shape}{rows}")
         bad = np.flatnonzero(~np.isfinite(array).all(axis=tuple(range(1, array.ndim))))
         if bad.size:
             raise self._error(field, f"has {len(bad)} NaN/inf entries (first at index {bad[0]})",
@@ -484,6 +485,12 @@ def _text(value) -> str | None:
     if isinstance(value, bytes):
         return value.decode()
     return str(value)
+
+
+def _is_rows_of_3(array) -> bool:
+    """True for a finite numeric array of shape (N, 3)."""
+    array = np.asarray(array)
+    return array.dtype.kind in "iuf" and array.ndim == 2 and array.shape[1] == 3 and bool(np.isfinite(array).all())
 
 
 def _as_cell(structure) -> np.ndarray:

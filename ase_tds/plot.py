@@ -2,40 +2,68 @@
 
 from __future__ import annotations
 
+import warnings
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .calculator import UNSTABLE_THZ  # noqa: E402
+
 
 def dispersion_path(model, npoints: int = 200):
-    """ASE's standard band path of the primitive cell: (q_cart (K, 3) Å⁻¹, x (K,), ticks, labels)."""
+    """ASE's standard band path of the primitive cell: (q_cart (K, 3) Å⁻¹, x (K,), ticks, labels).
+
+    A break in the path (two special points at one x) is one tick labelled as phonopy does, e.g. "K|U".
+    """
     path = model.primitive.cell.bandpath(npoints=npoints)
     q = 2 * np.pi * path.kpts @ np.linalg.inv(np.array(model.primitive.cell[:])).T
-    x, ticks, labels = path.get_linear_kpoint_axis()
-    return q, x, ticks, [r"$\Gamma$" if s == "G" else s for s in labels]
+    x, special_x, names = path.get_linear_kpoint_axis()
+    ticks, labels = [], []
+    for t, name in zip(special_x, names):
+        name = r"$\Gamma$" if name == "G" else name
+        if ticks and t == ticks[-1]:
+            labels[-1] += "|" + name
+        else:
+            ticks.append(t)
+            labels.append(name)
+    return q, x, ticks, labels
 
 
 def plot_dispersion(models: dict, path, title: str = "phonon dispersion") -> None:
     """Frequencies (THz) on the standard path for {name: ForceConstantModel}; the first one sets the path.
 
-    Written as an image to `path` (format from its suffix, e.g. .png).
+    The first is drawn as thick lines, the others thin and dashed on top of it, so that curves which agree
+    stay visible. Imaginary modes are drawn as negative frequencies, as phonopy does, with a
+    UserWarning naming the model. Written as an image to `path` (format from its suffix, e.g. .png).
     """
     first = next(iter(models.values()))
     q, x, ticks, labels = dispersion_path(first)
+    segments = np.split(np.arange(len(x)), np.flatnonzero(np.diff(x) == 0) + 1)  # not joined across breaks
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = ["-", "--", ":", "-."]
+    styles = ["--", "-.", ":"]
+    lowest = 0.0
     for i, (name, model) in enumerate(models.items()):
         freq = model.frequencies(q)
+        if freq.min() < -UNSTABLE_THZ:
+            warnings.warn(f"{name}: imaginary modes down to {freq.min():.3f} THz (dynamically unstable), drawn "
+                          "below zero", UserWarning, stacklevel=2)
+        lowest = min(lowest, freq.min())
+        style = dict(ls="-", lw=3.5) if i == 0 else dict(ls=styles[(i - 1) % len(styles)], lw=1.5, zorder=2 + i)
         for band in range(freq.shape[1]):
-            ax.plot(x, freq[:, band], styles[i % len(styles)], color=f"C{i}", lw=1.5,
-                    label=name if band == 0 else None)
+            for j, segment in enumerate(segments):
+                ax.plot(x[segment], freq[segment, band], color=f"C{i}", label=name if band == j == 0 else None,
+                        **style)
     for t in ticks:
         ax.axvline(t, color="0.8", lw=0.8)
     ax.set_xticks(ticks, labels)
     ax.set_xlim(x[0], x[-1])
-    ax.set_ylim(bottom=0)
+    if lowest < -UNSTABLE_THZ:
+        ax.axhline(0, color="k", lw=0.8)
+    else:
+        ax.set_ylim(bottom=0)
     ax.set_ylabel("frequency (THz)")
     ax.set_title(title)
     ax.legend()
@@ -47,16 +75,18 @@ def plot_dispersion(models: dict, path, title: str = "phonon dispersion") -> Non
 def plot_tds_fit(q_norm, observed, model, sigma, path, title: str = "TDS fit") -> None:
     """Observed vs model intensity (e.u./atom) and normalised residuals against |Q| (Å⁻¹), used points only.
 
+    The data are small dots drawn over the model's open circles: both stay visible where they agree.
+
     q_norm, observed, model, sigma: (N,) arrays of the used points; written as an image to `path`.
     """
     q_norm, observed, model, sigma = (np.asarray(a, dtype=float) for a in (q_norm, observed, model, sigma))
     fig, (top, mid, bottom) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
     order = np.argsort(q_norm)
-    top.plot(q_norm[order], observed[order], ".", ms=2, color="0.4", label="data")
-    top.plot(q_norm[order], model[order], ".", ms=2, color="C3", label="model")
+    top.plot(q_norm[order], model[order], "o", ms=4, mfc="none", mew=0.6, color="C3", label="model")
+    top.plot(q_norm[order], observed[order], ".", ms=2, color="0.2", label="data")  # on top of the model
     top.set_yscale("log")
     top.set_ylabel("I (e.u./atom)")
-    top.legend(markerscale=4)
+    top.legend(markerscale=2)
     top.set_title(title)
     mid.plot(q_norm, model / observed - 1, ".", ms=2, color="C0")
     mid.set_ylabel("model/data − 1")

@@ -3,7 +3,9 @@
 (ASE's Phonons, Langevin Debye–Waller), against phonopy's own force-constant matrix and against the
 exact energy bound of velocity Verlet."""
 
+import copy
 import itertools
+import re
 import warnings
 
 import numpy as np
@@ -271,3 +273,16 @@ def test_external_phonopy_force_constants_agree_with_phonopy_own_matrix(emt_ni_p
     energy, forces = energy_forces(atoms, calc)
     assert np.abs(forces.ravel() + hessian @ u).max() < 1e-4 * np.abs(forces).max()
     assert energy == pytest.approx(0.5 * u @ hessian @ u, rel=1e-4)
+
+
+def test_unstable_force_constants_warn(model, tmp_path):
+    """Force constants with imaginary modes give negative energies: TDSFitted says so, naming the source."""
+    unstable = copy.deepcopy(model).set_parameters(-model.theta.detach())
+    with pytest.warns(UserWarning, match="dynamically unstable"):
+        TDSFitted(unstable)
+    write_phonopy_files(unstable, tmp_path)
+    with pytest.warns(UserWarning, match=re.escape(f"{tmp_path}: the force constants are dynamically unstable")):
+        TDSFitted(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TDSFitted(model)

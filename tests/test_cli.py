@@ -1,6 +1,8 @@
 """The `ase-tds` command driven as a user would: a subprocess, real files, bad input."""
 
+import copy
 import dataclasses
+import importlib
 import json
 import os
 import subprocess
@@ -12,11 +14,13 @@ import matplotlib.image
 import numpy as np
 import phonopy
 import pytest
+from ase.build import molecule
 from ase.io import read, write
 
 import ase_tds.plot as tds_plot
 from ase_tds import ForceConstantModel, TDSData, fit, simulate
 from ase_tds.background import ComptonShape
+from ase_tds.checkpoint import Checkpoint
 from ase_tds.cli import main
 from ase_tds.fit import FitResult
 from ase_tds.io.phonopy import write_phonopy_files
@@ -61,6 +65,22 @@ def dataset(tmp_path_factory):
     data.write(folder / "data.h5")
     write_phonopy_files(truth, folder / "truth")
     return folder, structure, truth
+
+
+@pytest.fixture(scope="module")
+def unstable(dataset, tmp_path_factory):
+    """A phonopy folder of the truth with every force constant's sign flipped: all modes imaginary."""
+    _, _, truth = dataset
+    folder = tmp_path_factory.mktemp("unstable") / "unstable"
+    write_phonopy_files(copy.deepcopy(truth).set_parameters(-truth.theta.detach()), folder)
+    return folder
+
+
+def drawn_figures(monkeypatch) -> list:
+    """The matplotlib figures drawn from now on, kept when the plot module closes them."""
+    figures, close = [], tds_plot.plt.close
+    monkeypatch.setattr(tds_plot.plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    return figures
 
 
 @pytest.fixture(scope="module")
@@ -285,13 +305,16 @@ def test_fit_draws_the_reference_and_plot_redraws_the_folder(fitted, tmp_path):
                                   matplotlib.image.imread(fitted / "tds_fit.png"))
 
 
-def test_plot_compares_force_constant_files(dataset, fitted, tmp_path, capsys):
+def test_plot_compares_force_constant_files(dataset, fitted, tmp_path, capsys, monkeypatch):
     folder, _, _ = dataset
-    code, err = in_process(capsys, "plot", folder / "truth" / "phonopy_params.yaml", fitted, "--label", "truth",
-                           "--out", tmp_path)
-    assert code == 0, err
-    assert [p.name for p in tmp_path.iterdir()] == ["dispersion.png"]  # the first SOURCE is no fit folder
-    assert colour_pixels(tmp_path / "dispersion.png", "C1") > 100
+    figures = drawn_figures(monkeypatch)
+    for labels in (["--label", "truth", "fitted"], ["--label", "truth", "--label", "fitted"]):
+        code, err = in_process(capsys, "plot", folder / "truth" / "phonopy_params.yaml", fitted, *labels,
+                               "--out", tmp_path)
+        assert code == 0, err
+        assert [p.name for p in tmp_path.iterdir()] == ["dispersion.png"]  # the first SOURCE is no fit folder
+        assert colour_pixels(tmp_path / "dispersion.png", "C1") > 100
+        assert [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()] == ["truth", "fitted"]
 
 
 def test_simulate_uses_the_phonopy_file_as_it_is(dataset, tmp_path, capsys):
@@ -359,6 +382,21 @@ def test_export_writes_training_data(fitted, tmp_path):
       "--energy-key", "a=b"], "energy_key must be a name"),
     (["plot", "missing.yaml"], "no phonopy file at missing.yaml"),
     (["plot", "{truth}", "--label", "a", "--label", "b"], "2 --label for 1 SOURCE"),
+    (["plot", "{truth}", "{truth}", "--label", "a"], "1 --label for 2 SOURCE; give one per SOURCE"),
+    (["fit", "{structure}", "{data}", "--out", "x", "--shells", 0],
+     "--shells 0: give a positive number of neighbour shells"),
+    (["fit", "{structure}", "{data}", "--out", "x", "--cutoff", 0],
+     "--cutoff 0: give a positive force-constant cutoff"),
+    (["fit", "{structure}", "{data}", "--out", "x", "--cutoff", -2.5], "--cutoff -2.5: give a positive"),
+    (["fit", "{empty}", "{data}", "--out", "x"], "empty.cif: the structure file is empty"),
+    (["fit", "{garbage}", "{data}", "--out", "x"], "garbage.cif: ASE could not read a structure from it"),
+    (["fit", "{molecule}", "{data}", "--out", "x"], "water.xyz: holds no periodic 3D unit cell"),
+    (["simulate", "{molecule}", "--fc", "{truth}", "--hkl", "{hkl}", "--temperature", 300, "--out", "x.h5"],
+     "water.xyz: holds no periodic 3D unit cell"),
+    (["simulate", "{structure}", "--fc", "{unstable}", "--hkl", "{hkl}", "--temperature", 300, "--out", "x.h5",
+      "--model", "one-phonon"], "--fc {unstable}: the force constants are dynamically unstable"),
+    (["simulate", "{structure}", "--fc", "{unstable}", "--hkl", "{hkl}", "--temperature", 300, "--out", "x.h5"],
+     "--fc {unstable}: the force constants are dynamically unstable"),
     (["plot", "{truth}", "{truth}"], "repeat; give each SOURCE its own --label"),
     (["fit", "{structure}", "{data}", "--out", "x", "--model", "sampling", "--samples", 0],
      "--samples 0: the sampling model needs N ≥ 2"),
@@ -384,8 +422,12 @@ def test_export_writes_training_data(fitted, tmp_path):
     (["simulate", "{structure}", "--fc", "{truth}", "--hkl", "{hkl}", "--temperature", 300, "--out", "x.h5",
       "--supercell", 2, 2, 2], "--supercell sets the sampling model; add --model sampling"),
 ])
-def test_new_commands_refuse_bad_input_in_one_line(dataset, tmp_path, capsys, monkeypatch, args, message):
+def test_new_commands_refuse_bad_input_in_one_line(dataset, unstable, tmp_path, capsys, monkeypatch, args,
+                                                    message):
     folder, structure, truth = dataset
+    (tmp_path / "empty.cif").touch()
+    (tmp_path / "garbage.cif").write_text("not a structure\n")
+    write(tmp_path / "water.xyz", molecule("H2O"))
     np.savetxt(tmp_path / "bad_hkl.txt", np.ones((4, 2)))
     np.savetxt(tmp_path / "hkl.txt", np.ones((4, 3)))
     np.savetxt(tmp_path / "off_grid.txt", np.full((4, 3), 0.37))
@@ -396,8 +438,10 @@ def test_new_commands_refuse_bad_input_in_one_line(dataset, tmp_path, capsys, mo
     dataclasses.replace(data, intensity=negative, sigma=0.01 * np.abs(negative)).write(tmp_path / "negative.h5")
     names = dict(structure=structure, truth=folder / "truth", hkl=tmp_path / "hkl.txt",
                  bad_hkl=tmp_path / "bad_hkl.txt", other=other, data=folder / "data.h5",
-                 negative=tmp_path / "negative.h5", off_grid=tmp_path / "off_grid.txt")
+                 negative=tmp_path / "negative.h5", off_grid=tmp_path / "off_grid.txt", unstable=unstable,
+                 empty=tmp_path / "empty.cif", garbage=tmp_path / "garbage.cif", molecule=tmp_path / "water.xyz")
     args = [a.format(**{k: str(v) for k, v in names.items()}) if isinstance(a, str) else a for a in args]
+    message = message.format(unstable=unstable)
     monkeypatch.chdir(tmp_path)
     before = set(tmp_path.iterdir())
     code, err = in_process(capsys, *args)
@@ -419,3 +463,137 @@ def _strained_ni():
     atoms = ni_conventional()
     atoms.set_cell(atoms.cell[:] * [1.0, 1.0, 1.1], scale_atoms=True)
     return atoms
+
+
+def refuse_work(monkeypatch):
+    """Make the first piece of work of every command fail the test: reading a structure or force constants,
+    building a model, writing training data."""
+    def work(*args, **kwargs):
+        pytest.fail("the command worked before checking --out")
+
+    for target in ("ase.io.read", "ase_tds.phonopy_source.PhonopyForceConstants", "ase_tds.export.write_training_data",
+                   "ase_tds.model.ForceConstantModel.__init__"):
+        monkeypatch.setattr(target, work)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["demo", "--out", "notes.txt"], "--out notes.txt: notes.txt is a file, not a folder"),
+    (["fit", "{structure}", "{data}", "--out", "notes.txt"], "--out notes.txt: notes.txt is a file, not a folder"),
+    (["fit", "{structure}", "{data}", "--out", "notes.txt/fit"],
+     "--out notes.txt/fit: notes.txt is a file, not a folder"),
+    (["plot", "{truth}", "--out", "notes.txt"], "--out notes.txt: notes.txt is a file, not a folder"),
+    (["simulate", "{structure}", "--fc", "{truth}", "--hkl", "{data}", "--temperature", 300, "--out", "no/x.h5"],
+     "--out no/x.h5: no such folder no"),
+    (["export", "{truth}", "--supercell", 2, 2, 2, "--temperature", 300, "--samples", 2, "--out", "no/x.extxyz"],
+     "--out no/x.extxyz: no such folder no"),
+])
+def test_out_is_checked_before_any_work(dataset, tmp_path, capsys, monkeypatch, args, message):
+    folder, structure, _ = dataset
+    (tmp_path / "notes.txt").write_text("not a folder")
+    args = [a.format(structure=structure, data=folder / "data.h5", truth=folder / "truth") if isinstance(a, str) else a
+            for a in args]
+    monkeypatch.chdir(tmp_path)
+    refuse_work(monkeypatch)
+    code, err = in_process(capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"ase-tds: error: {message}")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_plot_makes_its_out_folder_as_fit_does(dataset, tmp_path, capsys):
+    folder, _, _ = dataset
+    code, err = in_process(capsys, "plot", folder / "truth", "--out", tmp_path / "new" / "plots")
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "new" / "plots").iterdir()] == ["dispersion.png"]
+
+
+def test_ctrl_c_during_a_fit_says_where_the_checkpoint_is_and_resumes(dataset, tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the third iteration's checkpoint: exit 130, one line naming the checkpoint; the same command
+    then resumes from it and finishes."""
+    folder, structure, _ = dataset
+    checkpoint = tmp_path / "fit.ckpt"
+    command = ["fit", structure, folder / "data.h5", "--out", tmp_path / "out", "--shells", 1, "--model", "one-phonon",
+               "--statistics", "classical", "--scale", "fixed", "--background", "none", "--checkpoint", checkpoint]
+    write, calls = Checkpoint.write, []
+
+    def interrupted(self, *args, **kwargs):
+        write(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoint, "write", interrupted)
+    code, err = in_process(capsys, *command)
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"ase-tds: interrupted; the fit so far is saved in {checkpoint}: run the "
+                                            "same command again to resume from it")
+    assert json.loads(checkpoint.read_text())["iterations"] == 3 and not (tmp_path / "out").exists()
+    code, err = in_process(capsys, *command)
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "fit.json").read_text())["iterations"] > 3
+
+
+@pytest.mark.parametrize("command, work, hint", [
+    (["fit", "{structure}", "{data}", "--out", "out", "--shells", 1], ("ase_tds.fit", "fit"),
+     " (give --checkpoint FILE to be able to resume a fit)"),
+    (["demo", "--out", "out", "--points", 50], ("ase_tds.data", "simulate"), ""),
+])
+def test_ctrl_c_without_a_checkpoint_says_nothing_was_written(dataset, tmp_path, capsys, monkeypatch, command, work,
+                                                              hint):
+    folder, structure, _ = dataset
+    command = [a.format(structure=structure, data=folder / "data.h5") if isinstance(a, str) else a for a in command]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    module, name = work
+    monkeypatch.setattr(importlib.import_module(module), name, interrupted)
+    monkeypatch.chdir(tmp_path)
+    code, err = in_process(capsys, *command)
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"ase-tds: interrupted; nothing was written{hint}"
+    assert not any(tmp_path.iterdir())
+
+
+def test_plot_draws_imaginary_branches_below_zero_and_warns(unstable, tmp_path, capsys, monkeypatch):
+    """Force constants with every mode imaginary: the branches are drawn (below zero, as phonopy draws them),
+    not cut off by the axis, with a one-line warning naming the source."""
+    figures = drawn_figures(monkeypatch)
+    code, err = in_process(capsys, "plot", unstable, "--out", tmp_path)
+    assert code == 0, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"ase-tds: warning: {unstable}: imaginary modes down to -10.")
+    assert line.endswith("(dynamically unstable), drawn below zero")
+    assert figures[0].axes[0].get_ylim()[0] < -10
+    assert colour_pixels(tmp_path / "dispersion.png", "C0") > 1000
+
+
+def test_dispersion_labels_path_breaks_and_draws_later_curves_on_top(dataset, tmp_path, monkeypatch):
+    """The fcc path's break K|U is one tick labelled "K|U", as phonopy labels it, and no line joins K to U;
+    a second curve (e.g. the reference) is drawn thin and dashed over the first's thick line, not under it."""
+    _, _, truth = dataset
+    _, x, ticks, labels = tds_plot.dispersion_path(truth)
+    assert labels == [r"$\Gamma$", "X", "W", "K", r"$\Gamma$", "L", "U", "W", "L", "K|U", "X"]
+    assert np.all(np.diff(ticks) > 0)
+    figures = drawn_figures(monkeypatch)
+    tds_plot.plot_dispersion({"fitted": truth, "reference": truth}, tmp_path / "dispersion.png")
+    lines = figures[0].axes[0].get_lines()
+    first, reference = ([line for line in lines if line.get_color() == colour] for colour in ("C0", "C1"))
+    assert len(first) == len(reference) == 2 * 3  # two segments (before and after the break) of three branches
+    assert min(line.get_zorder() for line in reference) > max(line.get_zorder() for line in first)
+    assert all(line.get_linestyle() == "--" and line.get_linewidth() < first[0].get_linewidth() for line in reference)
+    assert min(colour_pixels(tmp_path / "dispersion.png", colour) for colour in ("C0", "C1")) > 1000
+
+
+def test_tds_fit_shows_the_data_where_the_model_agrees(tmp_path, monkeypatch):
+    """Data markers stay visible on top of a model that agrees with them: as many data-coloured pixels as when
+    the model lies far away."""
+    rng = np.random.default_rng(0)
+    q_norm = rng.uniform(1, 8, 300)
+    observed = np.exp(-q_norm) * rng.uniform(0.5, 2, 300)
+    figures = drawn_figures(monkeypatch)
+    tds_plot.plot_tds_fit(q_norm, observed, observed, 0.01 * observed, tmp_path / "agree.png")
+    tds_plot.plot_tds_fit(q_norm, observed, 1e3 * observed, 0.01 * observed, tmp_path / "apart.png")
+    (data,) = [line for line in figures[0].axes[0].get_lines() if line.get_label() == "data"]
+    agree, apart = (colour_pixels(tmp_path / name, data.get_color()) for name in ("agree.png", "apart.png"))
+    assert agree > 0.8 * apart > 500

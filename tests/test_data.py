@@ -356,3 +356,25 @@ def test_written_file_has_the_permissions_of_a_plain_file(tmp_path, ni):
     path = tmp_path / "out.h5"
     random_data(ni, temperature=300.0).write(path)
     assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda cell: TDSData.from_hkl(np.zeros((3, 2)), np.ones(3), cell),
+     "field 'hkl' has shape (3, 2); give an array of shape (3, 3), one entry per point (N = 3, as in intensity)"),
+    (lambda cell: TDSData.from_hkl(np.zeros((2, 3)), np.ones(3), cell), "field 'hkl' has shape (2, 3); give an array "
+                                                                        "of shape (3, 3)"),
+    (lambda cell: TDSData.from_hkl(np.zeros((3, 3)), np.ones(3), cell, sigma=np.ones((3, 1))),
+     "field 'sigma' has shape (3, 1); give an array of shape (3,)"),
+    (lambda cell: TDSData.from_hkl(np.zeros((3, 3)), np.ones(3), cell[:2]),
+     "field 'cell' has shape (2, 3); give an array of shape (3, 3)"),
+    (lambda cell: TDSData.from_hkl(np.zeros((3, 3)), np.ones(3), 0 * cell), "field 'cell' has zero volume"),
+    (lambda cell: TDSData.from_q(np.zeros((3, 2)), np.ones(3), cell=cell),
+     "field 'q' has shape (3, 2); give an array of shape (3, 3)"),
+    (lambda cell: TDSData.from_q(np.zeros((3, 3)), np.ones(3), cell=cell[:2]),
+     "field 'cell' has shape (2, 3); give an array of shape (3, 3)"),
+], ids=["hkl (N, 2)", "hkl of another N", "sigma (N, 1)", "cell (2, 3)", "zero cell", "q (N, 2)", "from_q cell (2, 3)"])
+def test_wrong_shapes_name_the_field_and_the_shape_it_needs(ni, build, message):
+    """The field at fault and the shape it needs, e.g. (N, 3) for hkl, not "the same number of points"."""
+    with pytest.raises(TDSError) as error:
+        build(np.array(ni.cell))
+    assert message in str(error.value) and "number of points" not in str(error.value)
