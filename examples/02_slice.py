@@ -30,10 +30,10 @@ from ase_tds.plot import plot_dispersion
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--fast", action="store_true", default=os.environ.get("ASE_TDS_FAST") == "1",
-                    help="a coarser hk grid and model grid (CI)")
+                    help="a coarser hk grid and a coarser model (accuracy 1e-2) (CI)")
 parser.add_argument("--out", type=Path, default=Path("examples_out/02_slice"))
 args = parser.parse_args()
-step, options = (0.25, dict(grid=(7, 7, 7), dw_mesh=4)) if args.fast else (0.1, dict(grid=(9, 9, 9), dw_mesh=8))
+step, options = (0.25, dict(accuracy=1e-2)) if args.fast else (0.1, {})  # {}: the converged default
 args.out.mkdir(parents=True, exist_ok=True)
 t0 = time.time()
 atoms = bulk("Ni", "fcc", a=3.52, cubic=True)

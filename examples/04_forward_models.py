@@ -46,11 +46,11 @@ models = {
     "gaussian (all orders), quantum": TDSModel(model, T, method="gaussian", statistics="quantum"),
 }
 # The sampling model describes one periodic supercell: 12×12×12 primitive cells, 1728 atoms. Its exact
-# counterpart is the gaussian model on the same grid with the supercell's own Debye–Waller factor.
+# counterpart is the gaussian model of that periodic crystal alone (refine=False: no larger crystals near Bragg).
 L = 12
 sampler = QSpaceSampler(model, (L, L, L), T, statistics="quantum", n_samples=n_samples, seed=1)
 sampling = TDSModel(model, T, method="sampling", statistics="quantum", sampler=sampler)
-same_supercell = TDSModel(model, T, method="gaussian", statistics="quantum", grid=(L, L, L), dw_mesh="grid")
+same_supercell = TDSModel(model, T, method="gaussian", statistics="quantum", grid=(L, L, L), refine=False)
 
 # 1. Along (h, 1/2, 0) of the cubic cell, h in steps of 1/6 (on the supercell's reciprocal lattice).
 h = np.arange(6, 37) / 6
