@@ -28,7 +28,7 @@ from .background import Nuisance, poisson_deviance
 from .checkpoint import Checkpoint, write_atomic
 from .covariance import UnstableError, mesh_q
 from .data import TDSData
-from .tds import TDSModel
+from .tds import GRID_FACTORS, TDSModel
 
 LOSSES = ("chi2", "poisson")
 OPTIMIZERS = ("lbfgs", "adam")
@@ -164,8 +164,16 @@ class _Objective:
             self.w = 1.0 / as_t(sigma[used]) ** 2
         self.data_w = self.w  # 1/σ² of the data; w may add the model's own error and the sampling model's variance
         self.model_variance = torch.zeros_like(self.w)
+        self.levels = None  # the gaussian model's crystal per point (None: its own choice)
         self.n_theta = fc.n_params
         self._beta = None
+
+    def intensity(self, pick=None) -> torch.Tensor:
+        """The model's I (N,) e.u./atom at the used points (or at `pick` of them)."""
+        q = self.q if pick is None else self.q[pick]
+        if self.tds.method != "gaussian":
+            return self.tds(q)
+        return self.tds(q, None if self.levels is None else (self.levels if pick is None else self.levels[pick]))
 
     def add_monte_carlo_variance(self, theta: np.ndarray) -> None:
         """"sampling" with χ²: weights 1/(σ² + (r·I_obs)²), r (N,) the relative Monte-Carlo standard error of the
@@ -200,7 +208,7 @@ class _Objective:
         with torch.no_grad():
             fc.theta.copy_(torch.as_tensor(theta))
         fc.theta.grad = None
-        intensity = self.tds(self.q)
+        intensity = self.intensity()
         beta = self.profile(intensity)
         value = self.value(self.nuisance.model(intensity, beta))
         value.backward()  # the envelope theorem: at the optimal β this is the gradient of the profiled loss
@@ -250,9 +258,9 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
     labels and settings, else ValueError): L-BFGS restarts its memory there, Adam continues exactly.
     tds_options: extra TDSModel arguments (grid, accuracy, dw_mesh, form_factors, sampler, ...). The gaussian model
     chooses its grid for the data's largest |Q| (`converged_grid`) and estimates its own error on every point
-    (`TDSModel.discretisation_error`); where that exceeds a fifth of σ on more than 1 % of the points the grid is
-    enlarged (1.5×, at most twice), and what remains is added to the variance of every point (a warning says so;
-    `FitResult.model_error` records it). For "sampling" give a
+    (`TDSModel.discretisation_error`); a point where it exceeds a fifth of σ moves to a larger crystal (at most
+    twice), and what remains is added to the variance of every point (a warning says so; `FitResult.model_error`
+    records it). For "sampling" give a
     sampler with a seed (common random numbers make the loss a smooth function of θ), and many samples rather than
     many points: points with one q of the supercell share its sampled modes (χ² weights then add the Monte-Carlo
     variance, and a warning says 1σ takes the points' errors as independent).
@@ -339,36 +347,43 @@ def _unstable_start(model, theta, original, err, where: str) -> UnstableError:
                          "or from scaled-down constants")
 
 
-# the forward model's own error is kept below this fraction of the data's σ on all but MODEL_ERROR_SHARE of the points
+# the forward model's own error is kept below this fraction of the data's σ
 MODEL_ERROR_FRACTION = 0.2
-MODEL_ERROR_SHARE = 0.01
 
 
 def _control_model_error(objective) -> dict:
     """Keep the gaussian model's discretisation error δ (`TDSModel.discretisation_error`, at the start θ) below a
-    fifth of the data's σ: enlarge the grid 1.5× (at most twice) while more than 1 % of the points exceed it, then
-    add δ² to every point's variance (weights and 1σ). Returns the record kept in FitResult.model_error."""
+    fifth of the data's σ: a point above it moves to the next larger crystal (`TDSModel.forward`'s levels; twice
+    at most), and what remains is added to every point's variance (weights and 1σ), with a warning. Returns
+    the record kept in FitResult.model_error."""
     tds = objective.tds
     if tds.method != "gaussian":
         return {"estimate": "none", "reason": f"the {tds.method} model has no grid (its Debye–Waller mesh is "
                                               "extrapolated; sampling carries its Monte-Carlo error)"}
     sigma = 1.0 / torch.sqrt(objective.data_w)
-    for attempt in range(3):
-        with torch.no_grad():
-            intensity = tds(objective.q)
-            scale = abs(objective.nuisance.values(objective.profile(intensity))["scale"])
-        delta = scale * tds.discretisation_error(objective.q)  # in data units
-        above = delta > MODEL_ERROR_FRACTION * sigma
-        if above.float().mean().item() <= MODEL_ERROR_SHARE or attempt == 2:
+    with torch.no_grad():
+        intensity = tds(objective.q)
+        scale = abs(objective.nuisance.values(objective.profile(intensity))["scale"])
+    levels = tds.levels(objective.q)
+    delta = scale * tds.discretisation_error(objective.q, levels)  # in data units
+    promoted = torch.zeros_like(levels, dtype=torch.bool)
+    for _ in range(2):
+        move = (delta > MODEL_ERROR_FRACTION * sigma) & (levels < len(GRID_FACTORS) - 1)
+        if not move.any():
             break
-        tds = tds.with_grid(tuple(int(np.ceil(1.5 * x)) for x in tds.grid))
-    objective.tds = tds
+        levels = levels + move
+        promoted |= move
+        pick = torch.nonzero(move)[:, 0]
+        delta[pick] = scale * tds.discretisation_error(objective.q[pick], levels[pick])
+    above = delta > MODEL_ERROR_FRACTION * sigma
+    objective.levels = levels
     objective.model_variance = delta**2
     objective.w = 1.0 / (1.0 / objective.w + objective.model_variance)
     record = _model_error_record(delta / scale, intensity, sigma / scale)
+    record["points_on_larger_crystals"] = int(promoted.sum())
     if above.any():
         warnings.warn(f"the forward model's own error exceeds a fifth of σ on {int(above.sum())} of {len(delta)} points "
-                      f"(largest {record['max_over_sigma']:.2g} σ) on grid {list(tds.grid)}; it is added to their "
+                      f"(largest {record['max_over_sigma']:.2g} σ) even on its largest crystals; it is added to their "
                       "variance. A finer model: tds_options=dict(accuracy=...) or a larger grid", stacklevel=3)
     return record
 
@@ -486,18 +501,19 @@ def _fixed_noise(tds):
 
 
 @torch.no_grad()
-def _jacobian(tds, q: torch.Tensor, theta: np.ndarray) -> torch.Tensor:
-    """∂I/∂θ (B, n_params) at θ by central differences (steps 1e-4·max(|θ_k|, 0.01) eV/Å²)."""
-    fc = tds.force_constants
+def _jacobian(objective, theta: np.ndarray, pick=None) -> torch.Tensor:
+    """∂I/∂θ (B, n_params) at θ by central differences (steps 1e-4·max(|θ_k|, 0.01) eV/Å²), at the used points
+    (or `pick` of them)."""
+    fc = objective.tds.force_constants
     fc.theta.copy_(torch.as_tensor(theta))
     columns = []
     for k in range(fc.n_params):
         step = torch.zeros_like(fc.theta)
         step[k] = 1e-4 * max(abs(theta[k]), 1e-2)
         fc.theta.add_(step)
-        plus = tds(q)
+        plus = objective.intensity(pick)
         fc.theta.sub_(2 * step)
-        minus = tds(q)
+        minus = objective.intensity(pick)
         fc.theta.add_(step)
         columns.append((plus - minus) / (2 * step[k]))
     return torch.stack(columns, dim=1)
@@ -506,7 +522,7 @@ def _jacobian(tds, q: torch.Tensor, theta: np.ndarray) -> torch.Tensor:
 def _whitening(objective, theta: np.ndarray, n_points: int = 256) -> np.ndarray:
     """R (n, n) with RᵀR ≈ the Gauss–Newton matrix at θ on a subset of points: x = Rθ is well scaled."""
     pick = torch.as_tensor(np.linspace(0, len(objective.q) - 1, min(n_points, len(objective.q))).astype(int))
-    jac = _jacobian(objective.tds, objective.q[pick], theta) * torch.sqrt(objective.w[pick])[:, None]
+    jac = _jacobian(objective, theta, pick) * torch.sqrt(objective.w[pick])[:, None]
     normal = (jac.T @ jac).cpu().numpy()
     normal += 1e-9 * np.trace(normal) / len(normal) * np.eye(len(normal))
     return np.linalg.cholesky(normal).T
@@ -525,7 +541,7 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
         if tds.method == "sampling":
             intensity, stderr = tds.sampler.intensity(tds, objective.q)
         else:
-            intensity, stderr = tds(objective.q), None
+            intensity, stderr = objective.intensity(), None
         beta = objective.profile(intensity)
         calc = nuisance.model(intensity, beta)
         values = nuisance.values(beta)
@@ -538,7 +554,7 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
         if stderr is not None:
             variance = variance + (values["scale"] * stderr) ** 2
         chi2 = float(((calc - objective.y) ** 2 / variance).sum())
-        jac = torch.cat([values["scale"] * _jacobian(tds, objective.q, theta), nuisance.design(intensity)[1]], dim=1)
+        jac = torch.cat([values["scale"] * _jacobian(objective, theta), nuisance.design(intensity)[1]], dim=1)
         weighted = jac / fit_variance[:, None]
         normal = (jac.T @ weighted).cpu().numpy()
         middle = (weighted.T @ (weighted * variance[:, None])).cpu().numpy()
@@ -557,7 +573,7 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
                          "treats as independent, so 1σ can understate the error of θ: many points per q need many "
                          "samples")
     if tds.method == "gaussian":  # the model's own error at the fitted θ, for the record
-        final = _model_error_record(tds.discretisation_error(objective.q), intensity,
+        final = _model_error_record(tds.discretisation_error(objective.q, objective.levels), intensity,
                                     1.0 / torch.sqrt(objective.data_w) / abs(values["scale"]))
         model_error = dict(model_error, at_start=dict(model_error), **final)
         model_error["at_start"].pop("estimate", None)

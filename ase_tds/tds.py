@@ -42,7 +42,7 @@ ACCURACY = 1e-3
 # Near Bragg peaks the diffuse intensity varies on the scale of the mesh: a point closer to one than
 # NEAR_BRAGG[k] mesh spacings uses the grid GRID_FACTORS[k + 1] times as large.
 NEAR_BRAGG = (2.5, 1.25)
-GRID_FACTORS = (1, 2, 3)
+GRID_FACTORS = (1, 2, 3, 4)  # the last: only for points a fit finds too coarse (`levels` of `forward`)
 # |Q| range of the probe points that choose the grid, Å⁻¹ (|Q| ≤ Q_MAX, or the data's largest |Q|)
 Q_MAX = 8.0
 
@@ -160,15 +160,19 @@ class TDSModel(torch.nn.Module):
         out = dict(method=self.method, statistics=self.statistics, temperature=self.temperature)
         if self.method == "gaussian":
             out.update(grid=list(self.grid), refine=self.refine, accuracy=self.accuracy,
-                       near_bragg_grids=[list(self.level_grid(k)) for k in range(1, len(GRID_FACTORS))]
+                       near_bragg_grids=[list(self.level_grid(k)) for k in range(1, len(NEAR_BRAGG) + 1)]
                        if self.refine else [])
         if self.method == "one-phonon":
             out.update(dw_mesh=self.dw_mesh)
         return out
 
     # ------------------------------------------------------------------ intensities
-    def forward(self, q) -> torch.Tensor:
-        """I(Q) (B,) in e.u./atom at Cartesian q (B, 3) Å⁻¹ (array or tensor; reshaped to (-1, 3))."""
+    def forward(self, q, levels=None) -> torch.Tensor:
+        """I(Q) (B,) in e.u./atom at Cartesian q (B, 3) Å⁻¹ (array or tensor; reshaped to (-1, 3)).
+
+        levels: (B,) int, the crystal each Q uses (gaussian model; default `levels(q)`): 0 the grid, k its
+        GRID_FACTORS[k]-fold enlargement.
+        """
         fc = self.force_constants
         q = torch.as_tensor(q, dtype=fc.theta.dtype, device=fc.theta.device).reshape(-1, 3)
         if self.method == "sampling":
@@ -178,7 +182,9 @@ class TDSModel(torch.nn.Module):
             return torch.cat(map_chunks(lambda qc, amp: one_phonon_intensity(fc, qc, amp, self.temperature,
                                                                              self.statistics),
                                         (q, amplitude), self._chunk or matrix_chunk(fc.n_atoms)))
-        levels = self.levels(q)
+        levels = self.levels(q) if levels is None else torch.as_tensor(levels, device=q.device).reshape(-1)
+        if len(levels) != len(q) or levels.min() < 0 or levels.max() >= len(GRID_FACTORS):
+            raise ValueError(f"levels must be one integer per Q in 0..{len(GRID_FACTORS) - 1}")
         out = torch.zeros(len(q), dtype=q.dtype, device=q.device)
         for level in range(len(GRID_FACTORS)):
             pick = torch.nonzero(levels == level)[:, 0]
@@ -204,15 +210,17 @@ class TDSModel(torch.nn.Module):
         return self(self.force_constants.q_from_hkl(np.asarray(hkl, dtype=float), cell))
 
     @torch.no_grad()
-    def discretisation_error(self, q) -> torch.Tensor:
+    def discretisation_error(self, q, levels=None) -> torch.Tensor:
         """Estimated error (B,) e.u./atom of I(Q) from the finite grid: |I − I'| with I' from grids 1.5× larger
-        (zero for the one-phonon model, whose Debye–Waller mesh is extrapolated, and for sampling)."""
+        at the same `levels` (zero for the one-phonon model, whose Debye–Waller mesh is extrapolated, and for
+        sampling)."""
         fc = self.force_constants
         q = torch.as_tensor(q, dtype=fc.theta.dtype, device=fc.theta.device).reshape(-1, 3)
         if self.method != "gaussian":
             return torch.zeros(len(q), dtype=q.dtype, device=q.device)
+        levels = self.levels(q) if levels is None else levels
         finer = self.with_grid(tuple(int(np.ceil(1.5 * x)) for x in self.grid))
-        return torch.abs(self(q) - finer(q))
+        return torch.abs(self(q, levels) - finer(q, levels))
 
     def with_grid(self, grid) -> TDSModel:
         """This model with another grid (same force constants, temperature, statistics and options)."""
