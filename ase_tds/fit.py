@@ -303,7 +303,8 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
                       "Adam anneals on that noise; give it a seed (common random numbers) for a smooth loss",
                       stacklevel=2)
     settings = dict(tds.settings(), scale=scale, background=background,
-                    compton=compton if isinstance(compton, bool) else "callable", loss=loss, optimizer=optimizer)
+                    compton=compton if isinstance(compton, bool) else "callable", loss=loss, optimizer=optimizer,
+                    data=_fingerprint(objective))
     if method == "sampling":  # what redraws the fitted model (and what a checkpoint must match)
         sampler = tds.sampler
         seed = None if sampler.seed is None else int(sampler.seed)
@@ -311,6 +312,8 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
                                    n_samples=sampler.n_samples, seed=seed)
     saver = Checkpoint(checkpoint, model.labels, settings) if checkpoint is not None else None
     state = saver.load() if saver is not None else None
+    if state and progress:
+        tqdm.write(f"resuming from iteration {state['iterations']} of {checkpoint}")
     start = state["theta"] if state else original
     try:
         if method == "sampling" and loss == "chi2":
@@ -334,6 +337,16 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
         theta, iterations = _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, history, saver)
     with _fixed_noise(tds):
         return _result(model, tds, objective, theta, iterations, history, settings, compton, model_error)
+
+
+def _fingerprint(objective) -> str:
+    """A short hash of the used points (Q, intensity, weights): a checkpoint of other data is refused."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in (objective.q, objective.y, objective.data_w):
+        digest.update(np.ascontiguousarray(array.detach().cpu().numpy()).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _unstable_start(model, theta, original, err, where: str) -> UnstableError:

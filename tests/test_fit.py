@@ -211,6 +211,9 @@ def test_interrupted_fit_resumes_to_the_same_theta(truth, tmp_path):
     np.testing.assert_allclose(resumed.theta, whole.theta, rtol=0, atol=1e-3 * whole.sigma.min())
     with pytest.raises(ValueError, match="other settings \\(loss: 'chi2' there, 'poisson' now"):
         fit(_start(truth), data, checkpoint=checkpoint, **dict(kwargs, loss="poisson"))
+    other = dataclasses.replace(data, intensity=data.intensity * 1.01)  # other data: its fingerprint differs
+    with pytest.raises(ValueError, match="other settings \\(data: "):
+        fit(_start(truth), other, checkpoint=checkpoint, **kwargs)
     with pytest.raises(ValueError, match="a checkpoint of a model with parameters"):
         fit(ForceConstantModel(ni_conventional(), shells=1).set_from_bvk({"1XX": 1.5, "1XY": 1.6}), data,
             checkpoint=checkpoint, **kwargs)
@@ -296,8 +299,8 @@ def test_monte_carlo_weights_add_the_sampled_variance(truth):
     mean[1] = -mean[1]  # a point whose sampled mean came out negative (Bragg part subtracted)
     sampler.intensity = lambda *args, **kwargs: (torch.as_tensor(mean), torch.as_tensor(stderr))
     objective.add_monte_carlo_variance(truth.theta.detach().numpy())
-    relative = stderr / np.abs(mean)
-    relative[0], relative[1] = 0.0, np.median(relative[2:])
+    relative = np.divide(stderr, np.abs(mean), out=np.zeros_like(stderr), where=mean != 0)  # 0 at Q = 0
+    relative[1] = np.median(relative[2:])
     expected = 1.0 / (data.sigma**2 + (relative * data.intensity) ** 2)
     np.testing.assert_allclose(objective.w.numpy(), expected, rtol=1e-12)
     del sampler.intensity  # the sampler's own again
