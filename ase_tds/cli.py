@@ -1,4 +1,4 @@
-"""The `ase-tds` command: a thin layer over the Python API (DESIGN §7)."""
+"""The `ase-tds` command: a thin layer over the Python API (docs/data-format.md)."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="TDS intensities from phonopy force constants (used as they are)",
                          description="Diffuse intensities in e.u./atom at the hkl of a file, from force constants "
-                                     "used as they are (not projected); written as an HDF5 point list (DESIGN §7).")
+                                     "used as they are (not projected); written as an HDF5 point list (docs/data-format.md).")
     sim.add_argument("structure", help="structure file whose cell the hkl index (same lattice and orientation as the "
                                        "force constants' crystal)")
     sim.add_argument("--fc", required=True, help="phonopy.load-able file, or a folder holding phonopy_params.yaml")

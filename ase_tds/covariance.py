@@ -1,6 +1,6 @@
 """Thermal displacement covariance of a harmonic crystal, in q-space and in real space.
 
-C̃_κκ'(q) = Σ_l ⟨u_κ0 u_κ'lᵀ⟩ e^{iq·(r_κ'l − r_κ0)}  (Å², (B, 3n, 3n) complex), DESIGN §2:
+C̃_κκ'(q) = Σ_l ⟨u_κ0 u_κ'lᵀ⟩ e^{iq·(r_κ'l − r_κ0)}  (Å², (B, 3n, 3n) complex), docs/theory.md:
 - classical: C̃(q) = k_BT · M^{-1/2} D(q)^{-1} M^{-1/2}, by Cholesky (no eigenvectors);
 - quantum:   C̃(q) = M^{-1/2} h(D) M^{-1/2}, h(ω²) = (ħω/2)coth(ħω/2k_BT)/ω². Where ħω/2k_BT < 3π/4 for a bound on ω
   (room temperature for most crystals): k_BT·D⁻¹ plus the power series of x·coth x in D, matrix
@@ -297,7 +297,7 @@ def mass_weighted_covariance(model, q, temperature: float, statistics: str = "cl
 
 
 def thermal_covariance(model, q, temperature: float, statistics: str = "classical") -> torch.Tensor:
-    """C̃(q) (B, 3n, 3n) complex in Å² at Cartesian q (B, 3) Å⁻¹ (DESIGN §2 phase convention)."""
+    """C̃(q) (B, 3n, 3n) complex in Å² at Cartesian q (B, 3) Å⁻¹ (phase convention of docs/theory.md)."""
     inv_sqrt_m = (1.0 / torch.sqrt(model.masses)).repeat_interleave(3)
     cov = mass_weighted_covariance(model, q, temperature, statistics)
     return cov * (inv_sqrt_m[:, None] * inv_sqrt_m[None, :]).to(cov.dtype)

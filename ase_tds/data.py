@@ -2,7 +2,7 @@
 
 One point list: hkl (N, 3) in reciprocal-lattice units (r.l.u.) of `cell`, Cartesian Q (N, 3) in Å⁻¹
 with Q = 2π·hkl·inv(cell)ᵀ, intensity (N,), σ (N,) and a mask (N,) bool, True = use the point.
-Files (DESIGN §7): an HDF5 point list, a NeXus NXdata volume on H, K, L axes, or an `.npz` with the
+Files (docs/data-format.md): an HDF5 point list, a NeXus NXdata volume on H, K, L axes, or an `.npz` with the
 point-list keys. Every problem with user data raises `TDSError` naming the file, the field and the fix.
 """
 
@@ -34,7 +34,7 @@ class TDSError(ValueError):
 class TDSData:
     """Diffuse intensities on N points of reciprocal space.
 
-    q (N, 3) Å⁻¹ Cartesian; intensity (N,) in `units` ("e.u./atom" = absolute, DESIGN §2; anything else
+    q (N, 3) Å⁻¹ Cartesian; intensity (N,) in `units` ("e.u./atom" = absolute, docs/theory.md; anything else
     or None = arbitrary); hkl (N, 3) r.l.u. of `cell` (3, 3) Å, or None for Q-only data; sigma (N,) > 0
     or None; mask (N,) bool, True = use (None = all); temperature in K or None; source names the file
     (or "TDSData") in error messages; provenance: how simulated data were made (the model's settings and its
@@ -117,7 +117,7 @@ class TDSData:
 
     @property
     def absolute(self) -> bool:
-        """True when the intensities are in e.u. per atom (DESIGN §2), so no scale needs fitting."""
+        """True when the intensities are in e.u. per atom (docs/theory.md), so no scale needs fitting."""
         return self.units == ABSOLUTE_UNITS
 
     @property
@@ -227,7 +227,7 @@ class TDSData:
 
     @classmethod
     def read(cls, path, structure=None, temperature=None) -> TDSData:
-        """Read a data file: an HDF5 point list (DESIGN §7), a NeXus NXdata volume, or an `.npz` point list.
+        """Read a data file: an HDF5 point list (docs/data-format.md), a NeXus NXdata volume, or an `.npz` point list.
 
         structure: the ase.Atoms (or cell (3, 3) Å) whose cell the hkl index. It may be left out only
         when the file stores that cell in a `cell` dataset; when both are there they must agree.
@@ -246,7 +246,7 @@ class TDSData:
                     fields = _read_nxdata(_find_nxdata(f, path), path)
         else:
             raise TDSError(f"{path}: neither HDF5 nor .npz; write the data as an HDF5 point list "
-                           "(datasets hkl, intensity, sigma, mask; attribute temperature — DESIGN §7)")
+                           "(datasets hkl, intensity, sigma, mask; attribute temperature — docs/data-format.md)")
         stored_cell = fields.pop("cell")
         if structure is None and stored_cell is None:
             raise TDSError(f"{path}: field 'hkl' indexes the cell of a structure file, and none was given; "
@@ -260,7 +260,7 @@ class TDSData:
         return data
 
     def write(self, path) -> None:
-        """Write the HDF5 point list (DESIGN §7) plus a `cell` dataset; atomic: all or nothing on disk."""
+        """Write the HDF5 point list (docs/data-format.md) plus a `cell` dataset; atomic: all or nothing on disk."""
         path = Path(path)
         hkl = self._require_hkl("write")
         with atomic_paths(path) as (tmp,), h5py.File(tmp, "w") as f:
@@ -356,7 +356,7 @@ def _read_point_list(f: h5py.File, path: Path) -> dict:
     for name in ("hkl", "intensity"):
         if name not in f:
             raise TDSError(f"{path}: no dataset '{name}'; a point list needs 'hkl' (N, 3) and 'intensity' (N,) "
-                           "(DESIGN §7)")
+                           "(docs/data-format.md)")
 
     def optional(name):
         return f[name][()] if name in f else None
@@ -376,7 +376,7 @@ def _read_npz(path: Path) -> dict:
         for name in ("hkl", "intensity"):
             if name not in z:
                 raise TDSError(f"{path}: no array '{name}'; an .npz point list needs 'hkl' (N, 3) and "
-                               "'intensity' (N,) (DESIGN §7)")
+                               "'intensity' (N,) (docs/data-format.md)")
 
         def optional(name):
             return z[name] if name in z else None
@@ -395,7 +395,7 @@ def _find_nxdata(f: h5py.File, path: Path) -> h5py.Group:
         return groups[0]
     if not groups:
         raise TDSError(f"{path}: no datasets 'hkl' and 'intensity' (point list) and no NXdata group; "
-                       "write the data as in DESIGN §7")
+                       "write the data as in docs/data-format.md")
     node = f  # several volumes: follow the NeXus `default` attributes from the root
     while isinstance(node, h5py.Group) and _text(node.attrs.get("NX_class")) != "NXdata":
         default = _text(node.attrs.get("default"))

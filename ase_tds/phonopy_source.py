@@ -1,7 +1,7 @@
 """PhonopyForceConstants: phonopy force constants used as they are, as a force-constant source for TDSModel.
 
 A ForceConstantModel projects force constants onto a symmetry basis inside a cutoff; this class does
-not: D(q) is phonopy's own dynamical matrix (DESIGN §2 convention, phases from atomic positions), every
+not: D(q) is phonopy's own dynamical matrix (the convention of docs/theory.md, phases from atomic positions), every
 supercell pair kept, a pair with several equidistant shortest images shared equally between them
 (phonopy's multiplicities), then made Hermitian as phonopy does. It offers what TDSModel, the
 covariance and plot_dispersion read from a force-constant source — `primitive`, `unitcell`, `masses`,

@@ -1,4 +1,4 @@
-"""Thermal displacements of a periodic supercell, and the published sampling estimator of I(Q) (DESIGN §3).
+"""Thermal displacements of a periodic supercell, and the published sampling estimator of I(Q) (docs/theory.md).
 
 The supercell is L1×L2×L3 copies of the force-constant model's unit cell (`model.unitcell`, e.g. the
 conventional cell whose r.l.u. the data use), atoms ordered cell by cell (C order over l1, l2, l3), the

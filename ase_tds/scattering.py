@@ -1,4 +1,4 @@
-"""X-ray form factors, Debye–Waller exponents and the intensity kernels of DESIGN §2.
+"""X-ray form factors, Debye–Waller exponents and the intensity kernels of docs/theory.md.
 
 Intensities are kinematic, per atom of the crystal, in electron units (e.u.), diffuse part only.
 Shapes: B scattering vectors, n atoms in the primitive cell, G lattice vectors of a real-space grid.
