@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 DEMO_POINTS = 1500
+NOT_CONVERGED = 3  # exit code of a fit that stopped without converging (iteration limit, stall)
 SAMPLES = 64  # thermal configurations per evaluation of the sampling model (the samplers' default)
 FIT_SEED = 0  # the sampling model's seed in a fit: fixed noise, a smooth loss (common random numbers)
 MAX_REPEAT = 48  # the largest repetition searched for a supercell commensurate with the data
@@ -95,7 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_accuracy_argument(demo)
     demo.set_defaults(run=_run_demo, out_kind="folder")
 
-    fit = sub.add_parser("fit", help="fit force constants to a TDS data file")
+    fit = sub.add_parser("fit", help="fit force constants to a TDS data file",
+                         description="Fit force constants to a TDS data file. Exit code 0: converged; 3: stopped "
+                                     "without converging (iteration limit or a stall; the best θ is still written "
+                                     "and fit.json's status says why); 2: bad input.")
     fit.add_argument("structure", help="structure file (any format ase.io.read reads) that the data's hkl index")
     fit.add_argument("data", help="HDF5 point list, NeXus NXdata volume or .npz")
     fit.add_argument("--out", required=True, help="output folder")
@@ -405,6 +409,10 @@ def _run_fit(args) -> int:
     print(result.table())
     _write_outputs(Path(args.out), model, result, data, start=start, reference=reference)
     print(f"wrote {args.out}/")
+    if not result.status.get("converged", True):
+        print(f"ase-tds: the fit did not converge ({result.status['reason']}); its best θ is written, and fit.json "
+              "says so. Resume with --checkpoint and a larger --max-iter, or check the start", file=sys.stderr)
+        return NOT_CONVERGED
     return 0
 
 

@@ -46,6 +46,8 @@ class FitResult:
     settings: method, statistics, temperature (K), the model's grid (gaussian: grid, refine, accuracy,
     near_bragg_grid; one-phonon: dw_mesh), scale, background, compton, loss, optimizer, and for "sampling" the
     sampler {kind, supercell, n_samples, seed} (seed None: the fit's final evaluation used 0).
+    status: how the optimiser ended, {"converged": bool, "reason": text} (a criterion met, the iteration limit, or
+    a stall); θ is the lowest loss it evaluated.
     model_error: the gaussian model's own error estimate |I(grid) − I(1.5 × grid)| at the fitted θ (median and
     largest relative, largest in units of σ, the share of points above σ/5) and `at_start`, where it was added
     to the variance of every point (see `fit`).
@@ -69,6 +71,7 @@ class FitResult:
     deviance: float | None = None
     compton_shape: Callable | None = field(default=None, repr=False)
     model_error: dict = field(default_factory=dict)
+    status: dict = field(default_factory=dict)
 
     def calculated(self, intensity, q_norm) -> np.ndarray:
         """The fitted model of the data, s·I + b + A·c(|Q|), (N,) from I (N,) e.u./atom and |Q| (N,) Å⁻¹."""
@@ -106,7 +109,7 @@ class FitResult:
                    chi2_red=float(saved["chi2_red"]), n_points=int(saved["n_points"]),
                    iterations=int(saved["iterations"]), settings=settings, warnings=list(saved.get("warnings", [])),
                    compton=saved.get("compton"), deviance=saved.get("deviance"), compton_shape=shape,
-                   model_error=dict(saved.get("model_error") or {}))
+                   model_error=dict(saved.get("model_error") or {}), status=dict(saved.get("status") or {}))
 
     def table(self) -> str:
         """Plain-text table: label, value and 1σ (eV/Å²) per parameter, then the nuisance values and χ²_red."""
@@ -115,6 +118,9 @@ class FitResult:
         compton = "" if self.compton is None else f", Compton amplitude {self.compton:.6g}"
         lines.append(f"scale {self.scale:.6g}, background {self.background:.6g}{compton}, "
                      f"χ²_red {self.chi2_red:.4g} on {self.n_points} points")
+        if self.status:
+            lines.append(f"{'converged' if self.status['converged'] else 'NOT converged'} after {self.iterations} "
+                         f"iterations: {self.status['reason']}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -130,7 +136,8 @@ class FitResult:
             "correlation": self.correlation.tolist(),
             "scale": self.scale, "background": self.background, "compton": self.compton,
             "chi2": self.chi2, "chi2_red": self.chi2_red, "deviance": self.deviance, "n_points": self.n_points,
-            "iterations": self.iterations, "settings": self.settings, "model_error": self.model_error,
+            "iterations": self.iterations, "status": self.status, "settings": self.settings,
+            "model_error": self.model_error,
             "warnings": self.warnings,
             "versions": {"ase_tds": __version__, "torch": torch.__version__, "ase": ase.__version__,
                          "phonopy": phonopy.__version__, "numpy": np.__version__, "python": platform.python_version()},
@@ -331,12 +338,13 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
     history = state["history"] if state and state["history"] else [value0]
     done = state["iterations"] if state else 0
     if optimizer == "adam":
-        theta, iterations = _adam(objective, start, whiten, done, max_iter, progress, history, saver,
+        theta, iterations, status = _adam(objective, start, whiten, done, max_iter, progress, history, saver,
                                   state.get("adam") if state else None, learning_rate)
     else:
-        theta, iterations = _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, history, saver)
+        theta, iterations, status = _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, history,
+                                           saver)
     with _fixed_noise(tds):
-        return _result(model, tds, objective, theta, iterations, history, settings, compton, model_error)
+        return _result(model, tds, objective, theta, iterations, history, settings, compton, model_error, status)
 
 
 def _fingerprint(objective) -> str:
@@ -411,11 +419,16 @@ def _model_error_record(delta, intensity, sigma) -> dict:
 
 
 def _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, history, saver):
-    """L-BFGS-B on x = Rθ (R from the Gauss–Newton matrix: the far shells as visible as the first)."""
+    """L-BFGS-B on x = Rθ (R from the Gauss–Newton matrix: the far shells as visible as the first).
+
+    Returns (θ, iterations, status): θ the lowest loss evaluated (never worse than the start), status
+    {"converged": bool, "reason": text} from SciPy's stop and the whitened gradient there.
+    """
     unwhiten = np.linalg.inv(whiten)
     last = {"value": history[-1], "iterations": done}
     if max_iter - done <= 0:
-        return np.asarray(start, dtype=float), done
+        return np.asarray(start, dtype=float), done, {"converged": False, "reason": f"iteration limit ({max_iter})"}
+    best = {"value": np.inf, "x": whiten @ np.asarray(start, dtype=float), "grad": None}
     bar = tqdm(total=max_iter, initial=done, desc="fit (L-BFGS)", disable=not progress)
 
     def fun(x):
@@ -425,7 +438,10 @@ def _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, histo
             # reject: a large value makes the line search backtrack toward the stable side
             return 1e6 * (abs(last["value"]) + 1.0), np.zeros_like(x)
         last["value"] = value
-        return value, unwhiten.T @ grad
+        grad = unwhiten.T @ grad
+        if value < best["value"]:
+            best.update(value=value, x=np.array(x), grad=grad)
+        return value, grad
 
     def callback(xk):
         history.append(last["value"])
@@ -435,13 +451,33 @@ def _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, histo
         if saver is not None:
             saver.write(unwhiten @ xk, last["iterations"], history, whiten)
 
-    res = minimize(fun, whiten @ start, jac=True, method="L-BFGS-B", callback=callback,
-                   options=dict(maxiter=max_iter - done, ftol=rtol, gtol=gtol, maxcor=20))
-    bar.close()
-    theta = unwhiten @ res.x
+    with bar:
+        res = minimize(fun, best["x"], jac=True, method="L-BFGS-B", callback=callback,
+                       options=dict(maxiter=max_iter - done, ftol=rtol, gtol=gtol, maxcor=20))
+    theta = unwhiten @ best["x"]
+    iterations = done + int(res.nit)
     if saver is not None:
-        saver.write(theta, done + int(res.nit), history, whiten)
-    return theta, done + int(res.nit)
+        saver.write(theta, iterations, history, whiten)
+    return theta, iterations, _lbfgs_status(res, best["grad"], max_iter)
+
+
+def _lbfgs_status(res, grad, max_iter) -> dict:
+    """How L-BFGS ended. In whitened coordinates the loss is ≈ |x − x*|², so |∂loss/∂x|/2 is the distance to the
+    minimum in standard deviations: below 0.01 a stop of the line search is convergence, not a stall."""
+    distance = np.inf if grad is None else float(np.abs(grad).max()) / 2
+    message = str(res.message)
+    if res.status == 0:
+        which = "relative change of the loss" if "REL_REDUCTION" in message else "projected gradient"
+        return {"converged": True, "reason": f"{which} below its tolerance"}
+    if res.status == 1:
+        return {"converged": False, "reason": f"iteration limit ({max_iter}); last step {distance:.2g} σ from the "
+                                              "local minimum"}
+    if distance <= 0.01:
+        return {"converged": True, "reason": f"no lower loss along the search direction, {distance:.1e} σ from the "
+                                             "minimum (round-off)"}
+    stalled = "stalled at the start: " if res.nit == 0 else "stalled: "
+    return {"converged": False, "reason": f"{stalled}the line search found no lower loss ({message}), "
+                                          f"{distance:.2g} σ from the local minimum"}
 
 
 def _adam(objective, start, whiten, done, max_iter, progress, history, saver, state=None, learning_rate=None,
@@ -496,7 +532,9 @@ def _adam(objective, start, whiten, done, max_iter, progress, history, saver, st
             bar.set_postfix(loss=f"{state['best_value']:.6g}", step=f"{state['lr'] or 0:.3g}")
             if saver is not None:
                 saver.write(unwhiten @ state["best_x"], iterations, history, whiten, adam=state)
-    return unwhiten @ state["best_x"], iterations
+    status = ({"converged": True, "reason": f"step or gradient below {xtol} σ"} if state["converged"]
+              else {"converged": False, "reason": f"iteration limit ({max_iter})"})
+    return unwhiten @ state["best_x"], iterations, status
 
 
 @contextlib.contextmanager
@@ -541,7 +579,7 @@ def _whitening(objective, theta: np.ndarray, n_points: int = 256) -> np.ndarray:
     return np.linalg.cholesky(normal).T
 
 
-def _result(model, tds, objective, theta, iterations, history, settings, compton, model_error) -> FitResult:
+def _result(model, tds, objective, theta, iterations, history, settings, compton, model_error, status) -> FitResult:
     """Final evaluation; Gauss–Newton covariance from a central-difference Jacobian of I(Q; θ) and the nuisance.
 
     Covariance as a sandwich (JᵀWJ)⁻¹ JᵀWVWJ (JᵀWJ)⁻¹, W the fit's weights and V the variance of the residuals:
@@ -601,7 +639,8 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
                      correlation=corr, scale=values["scale"], background=values["background"], chi2=chi2,
                      chi2_red=chi2 / max(n_points - n_free, 1), n_points=n_points, iterations=iterations,
                      settings=settings, warnings=notes, history=[float(h) for h in history],
-                     compton=values["compton"], deviance=deviance, compton_shape=shape, model_error=model_error)
+                     compton=values["compton"], deviance=deviance, compton_shape=shape, model_error=model_error,
+                     status=status)
 
 
 def _identifiability(labels, corr, normal, scale_mode) -> list[str]:

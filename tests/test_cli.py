@@ -262,7 +262,9 @@ def test_sampling_fit_resumes_from_a_checkpoint_and_draws_its_own_sampler(datase
 
     checkpoint = tmp_path / "fit.ckpt"
     code, err = run("part", "--max-iter", 10, "--checkpoint", checkpoint)
-    assert code == 0 and checkpoint.is_file(), err
+    assert code == 3 and checkpoint.is_file(), err  # stopped at the iteration limit: not converged, exit 3
+    assert "did not converge (iteration limit (10)" in err
+    assert json.loads((tmp_path / "part" / "fit.json").read_text())["status"]["converged"] is False
     assert json.loads(checkpoint.read_text())["iterations"] == 10
     code, err = run("resumed", "--max-iter", 30, "--checkpoint", checkpoint)
     assert code == 0, err

@@ -305,3 +305,39 @@ def test_monte_carlo_weights_add_the_sampled_variance(truth):
     np.testing.assert_allclose(objective.w.numpy(), expected, rtol=1e-12)
     del sampler.intensity  # the sampler's own again
     assert np.isfinite(objective.evaluate(truth.theta.detach().numpy())[0])
+
+
+class _Cliff:
+    """A loss (θ − 2)² whose crystal is unstable beyond θ = 1: the minimum lies past the cliff."""
+
+    def evaluate(self, theta):
+        if theta[0] > 1.0:
+            raise UnstableError("beyond the cliff")
+        return float((theta[0] - 2.0) ** 2), np.array([2 * (theta[0] - 2.0)]), None
+
+
+def test_lbfgs_keeps_the_best_theta_and_reports_a_stall():
+    """L-BFGS towards a minimum past an unstable region: the returned θ is the lowest loss seen (not the start),
+    and the status says it stalled, not converged."""
+    from ase_tds.fit import _lbfgs
+
+    history = [4.0]
+    theta, iterations, status = _lbfgs(_Cliff(), np.array([0.0]), np.eye(1), 0, 50, 1e-9, 1e-6, False, history, None)
+    assert 0.0 < theta[0] <= 1.0 and (theta[0] - 2) ** 2 < 4.0
+    assert status["converged"] is False and "stalled" in status["reason"], status
+
+
+def test_lbfgs_status_tells_convergence_from_a_stall():
+    from types import SimpleNamespace
+
+    from ase_tds.fit import _lbfgs_status
+
+    done = SimpleNamespace(status=0, message="CONVERGENCE: REL_REDUCTION_OF_F_<=_FACTR*EPSMCH", nit=12)
+    assert _lbfgs_status(done, np.zeros(3), 200) == {"converged": True,
+                                                     "reason": "relative change of the loss below its tolerance"}
+    limit = SimpleNamespace(status=1, message="STOP: TOTAL NO. OF ITERATIONS REACHED LIMIT", nit=200)
+    assert not _lbfgs_status(limit, np.ones(3), 200)["converged"]
+    abnormal = SimpleNamespace(status=2, message="ABNORMAL_TERMINATION_IN_LNSRCH", nit=0)
+    assert _lbfgs_status(abnormal, np.array([1e-4]), 200)["converged"]  # at the minimum within round-off
+    stalled = _lbfgs_status(abnormal, np.array([3.0]), 200)
+    assert not stalled["converged"] and stalled["reason"].startswith("stalled at the start")
