@@ -131,7 +131,10 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--checkpoint", metavar="FILE",
                      help="JSON file rewritten after every iteration; if it exists, the fit resumes from it "
                           "(same model and settings; --max-iter counts the iterations before it too)")
-    fit.add_argument("--start", default="emt", help="emt | zero | a phonopy force-constant file")
+    fit.add_argument("--start", default="emt",
+                     help="starting force constants: emt (ASE's EMT, a few metals), calculator:module.Class (any "
+                          "importable ASE calculator built with no arguments, e.g. a machine-learned potential, by "
+                          "finite displacements), a phonopy file, or zero (default: %(default)s)")
     fit.add_argument("--reference", help="phonopy file drawn (as it is) in dispersion.png for comparison")
     fit.add_argument("--bragg-radius", type=float, default=0.1, help="r.l.u. masked around Bragg peaks")
     fit.add_argument("--max-iter", type=int, default=200, help="iterations of the optimiser (default: %(default)s)")
@@ -417,7 +420,7 @@ def _run_fit(args) -> int:
 
 
 def _start_model(fresh, structure, start):
-    """`fresh` (a model with θ = 0) set from --start: emt | zero | a phonopy file."""
+    """`fresh` (a model with θ = 0) set from --start: emt | zero | calculator:module.Class | a phonopy file."""
     if start == "zero":
         return fresh
     if start == "emt":
@@ -425,9 +428,32 @@ def _start_model(fresh, structure, start):
 
         missing = sorted(set(structure.get_chemical_symbols()) - set(parameters))
         if missing:
-            raise ValueError(f"--start emt: ASE's EMT does not cover {missing}; use --start FILE (phonopy force constants)")
+            raise ValueError(f"--start emt: ASE's EMT does not cover {missing}; use --start calculator:module.Class "
+                             "(any ASE calculator that does) or --start FILE (phonopy force constants)")
         return fresh.set_from_calculator(EMT())
+    if start.startswith("calculator:"):
+        return fresh.set_from_calculator(_calculator(start))
     return fresh.set_from_phonopy(start)
+
+
+def _calculator(spec: str):
+    """An ASE calculator from 'calculator:module.Class' (built with no arguments), e.g. a machine-learned potential."""
+    import importlib
+
+    path = spec.split(":", 1)[1]
+    module_name, _, class_name = path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"--start {spec}: give calculator:module.Class, e.g. calculator:ase.calculators.emt.EMT")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"--start {spec}: cannot import {class_name} from {module_name} ({err}); install the "
+                         "package or check the name") from err
+    try:
+        return cls()
+    except Exception as err:  # any constructor failure of a third-party calculator
+        raise ValueError(f"--start {spec}: {class_name}() failed ({type(err).__name__}: {err}); a calculator that "
+                         "needs arguments can be used from Python: model.set_from_calculator(calc)") from err
 
 
 def _write_outputs(out: Path, model, result, data, start=None, reference=None) -> None:

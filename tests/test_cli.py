@@ -283,6 +283,8 @@ def test_sampling_fit_resumes_from_a_checkpoint_and_draws_its_own_sampler(datase
     (["fit", "{structure}", "missing.h5", "--out", "x"], "missing.h5"),
     (["fit", "{structure}", "{data}", "--out", "x", "--cutoff", "2.489016"], "lies on the neighbour shell"),
     (["fit", "{structure}", "{data}", "--out", "x", "--start", "zero", "--model", "one-phonon"], "unstable"),
+    (["fit", "{structure}", "{data}", "--out", "x", "--start", "calculator:no_such_module.Calc"], "cannot import"),
+    (["fit", "{structure}", "{data}", "--out", "x", "--start", "calculator:EMT"], "calculator:module.Class"),
 ])
 def test_user_errors_are_one_line(dataset, tmp_path, args, message):
     folder, structure, _ = dataset
@@ -599,3 +601,15 @@ def test_tds_fit_shows_the_data_where_the_model_agrees(tmp_path, monkeypatch):
     (data,) = [line for line in figures[0].axes[0].get_lines() if line.get_label() == "data"]
     agree, apart = (colour_pixels(tmp_path / name, data.get_color()) for name in ("agree.png", "apart.png"))
     assert agree > 0.8 * apart > 500
+
+
+def test_start_from_any_importable_calculator_equals_its_own_start():
+    """--start calculator:ase.calculators.emt.EMT: the same force constants as --start emt (finite displacements
+    with the calculator built by name)."""
+    from ase_tds.cli import _start_model
+
+    fresh = lambda: ForceConstantModel(ni_conventional(), shells=2)  # noqa: E731
+    by_name = _start_model(fresh(), ni_conventional(), "calculator:ase.calculators.emt.EMT")
+    np.testing.assert_allclose(by_name.theta.detach().numpy(),
+                               _start_model(fresh(), ni_conventional(), "emt").theta.detach().numpy(), atol=1e-12)
+    assert abs(by_name.parameter_dict()["1XX"]) > 0.5
