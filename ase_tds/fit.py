@@ -452,13 +452,24 @@ def _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, histo
             saver.write(unwhiten @ xk, last["iterations"], history, whiten)
 
     with bar:
-        res = minimize(fun, best["x"], jac=True, method="L-BFGS-B", callback=callback,
-                       options=dict(maxiter=max_iter - done, ftol=rtol, gtol=gtol, maxcor=20))
+        # a line search that runs into the unstable region can stop far from the minimum: start again from the
+        # best point with a fresh memory, as long as that makes progress
+        for _ in range(RESTARTS + 1):
+            before = best["value"]
+            res = minimize(fun, best["x"], jac=True, method="L-BFGS-B", callback=callback,
+                           options=dict(maxiter=max_iter - last["iterations"], ftol=rtol, gtol=gtol, maxcor=20))
+            status = _lbfgs_status(res, best["grad"], max_iter)
+            if res.status != 2 or status["converged"] or not best["value"] < before or last["iterations"] >= max_iter:
+                break
     theta = unwhiten @ best["x"]
-    iterations = done + int(res.nit)
+    iterations = last["iterations"]
     if saver is not None:
         saver.write(theta, iterations, history, whiten)
-    return theta, iterations, _lbfgs_status(res, best["grad"], max_iter)
+    return theta, iterations, status
+
+
+# L-BFGS restarts from the best point after a line search stops short of the minimum (see _lbfgs)
+RESTARTS = 10
 
 
 def _lbfgs_status(res, grad, max_iter) -> dict:
