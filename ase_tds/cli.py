@@ -132,9 +132,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="JSON file rewritten after every iteration; if it exists, the fit resumes from it "
                           "(same model and settings; --max-iter counts the iterations before it too)")
     fit.add_argument("--start", default="emt",
-                     help="starting force constants: emt (ASE's EMT, a few metals), calculator:module.Class (any "
-                          "importable ASE calculator built with no arguments, e.g. a machine-learned potential, by "
-                          "finite displacements), a phonopy file, or zero (default: %(default)s)")
+                     help="starting force constants: emt (ASE's EMT, a few metals), springs (central springs "
+                          "between all pairs within the cutoff, stable, scaled to --debye-temperature: any crystal), "
+                          "calculator:module.Class (any importable ASE calculator built with no arguments, e.g. a "
+                          "machine-learned potential, by finite displacements), a phonopy file, or zero "
+                          "(default: %(default)s)")
+    fit.add_argument("--debye-temperature", type=float, default=300.0,
+                     help="K, the Debye temperature that --start springs is scaled to (default: %(default)s)")
     fit.add_argument("--reference", help="phonopy file drawn (as it is) in dispersion.png for comparison")
     fit.add_argument("--bragg-radius", type=float, default=0.1, help="r.l.u. masked around Bragg peaks")
     fit.add_argument("--max-iter", type=int, default=200, help="iterations of the optimiser (default: %(default)s)")
@@ -401,7 +405,7 @@ def _run_fit(args) -> int:
                 "temperature": temperature, "statistics": args.statistics, "q": data.q[data.mask]}
     if args.model == "sampling":  # refuse a supercell the data do not fit before the (EMT) start
         sampling["supercell"] = _sampler(fresh, args.supercell, **sampling, verbose=False).supercell
-    start = _start_model(fresh, structure, args.start)
+    start = _start_model(fresh, structure, args.start, args.debye_temperature)
     model = copy.deepcopy(start)
     model.to(_device(args.device))
     options = {"sampler": _sampler(model, **sampling)} if args.model == "sampling" else _accuracy_options(args)
@@ -419,10 +423,13 @@ def _run_fit(args) -> int:
     return 0
 
 
-def _start_model(fresh, structure, start):
-    """`fresh` (a model with θ = 0) set from --start: emt | zero | calculator:module.Class | a phonopy file."""
+def _start_model(fresh, structure, start, debye_temperature: float = 300.0):
+    """`fresh` (a model with θ = 0) set from --start: emt | springs | zero | calculator:module.Class | a phonopy
+    file."""
     if start == "zero":
         return fresh
+    if start == "springs":
+        return fresh.set_from_springs(debye_temperature)
     if start == "emt":
         from ase.calculators.emt import EMT, parameters
 

@@ -236,6 +236,48 @@ class ForceConstantModel(torch.nn.Module):
                                  f"this model (cutoff {self.cutoff:.3f} Å); use force constants from a larger supercell")
         return self.set_parameters(np.linalg.lstsq(design, fc.reshape(-1), rcond=None)[0])
 
+    def set_from_springs(self, debye_temperature: float = 300.0, decay: float = 0.5) -> "ForceConstantModel":
+        """A generic start for any crystal: central springs between every pair within the cutoff.
+
+        Φ(κ0; κ'l) = −k(r) r̂r̂ᵀ with k(r) = k₀ exp(−(r − r₁)/(decay·r₁)), r₁ the shortest pair, the on-site blocks
+        from the sum rule: symmetric under every isometry, so exact in the basis. k₀ sets the Debye temperature
+        (K) of the result, from the Debye model's ⟨ω²⟩ = (3/5) ω_D² over the zone (mesh 8³). Raises
+        StructureError where springs within the cutoff leave the crystal unstable (raise the cutoff).
+        """
+        from ase import units
+
+        if not (np.isfinite(debye_temperature) and debye_temperature > 0):
+            raise ValueError(f"debye_temperature must be a positive temperature in K, got {debye_temperature!r}")
+        vectors = self.basis.vectors
+        r = np.linalg.norm(vectors, axis=1)
+        off = r > 1e-8
+        r1 = r[off].min()
+        unit = np.zeros_like(vectors)
+        unit[off] = vectors[off] / r[off, None]
+        stiffness = np.where(off, np.exp(-(r - r1) / (decay * r1)), 0.0)
+        pair_fc = -stiffness[:, None, None] * unit[:, :, None] * unit[:, None, :]
+        for kappa in range(self.n_atoms):  # on-site: −Σ of the off-site blocks of atom κ
+            site = np.nonzero((self.basis.atom0 == kappa) & ~off)[0]
+            pair_fc[site] = -pair_fc[(self.basis.atom0 == kappa) & off].sum(axis=0)
+        self.set_parameters(self.basis.project(pair_fc))
+        q = self._mesh_q(8)
+        lowest = self.frequencies(q).min()
+        if lowest < -1e-6:
+            raise StructureError(f"central springs within the cutoff {self.cutoff:.3f} Å leave this crystal unstable "
+                                 f"(imaginary {-lowest:.3g} THz): use a larger cutoff (more shells), or start from a "
+                                 "calculator or a phonopy file")
+        with torch.no_grad():
+            omega2 = torch.linalg.eigvalsh(self.dynamical_matrix(q)).clamp(min=0).mean().item()  # eV/Å²/amu
+        hbar_omega_debye = units._hbar * np.sqrt(5 / 3 * omega2 * units._e / (1e-20 * units._amu)) / units._e
+        scale = (units.kB * debye_temperature / hbar_omega_debye) ** 2
+        return self.set_parameters(self.theta.detach().cpu().numpy() * scale)
+
+    def _mesh_q(self, mesh: int) -> np.ndarray:
+        """Cartesian q (mesh³ − 1, 3) Å⁻¹ of a Γ-centred mesh of the primitive reciprocal cell, Γ left out."""
+        axes = np.arange(mesh) / mesh
+        reduced = np.stack(np.meshgrid(axes, axes, axes, indexing="ij"), -1).reshape(-1, 3)[1:]
+        return 2 * np.pi * reduced @ np.linalg.inv(np.array(self.primitive.cell[:])).T
+
     def set_from_calculator(self, calc, supercell_matrix=None, displacement: float = 0.01,
                             progress: bool = True) -> "ForceConstantModel":
         """Finite displacements (phonopy) with any ASE calculator, then projection onto the basis.

@@ -321,3 +321,25 @@ def test_bad_supercells_are_refused(tmp_path, ni5_model):
     ph_bcc.force_constants = np.zeros((len(ph_bcc.primitive), len(ph_bcc.supercell), 3, 3))
     with pytest.raises(StructureError, match="no lattice site"):
         model.set_from_phonopy(ph_bcc)
+
+
+@pytest.mark.parametrize("name", ["Ni", "NaCl", "Si", "Mg"])
+def test_springs_are_exact_in_the_basis_stable_and_scaled_to_the_debye_temperature(name):
+    """set_from_springs: the projection onto the symmetry basis reproduces the central springs exactly (they obey
+    every isometry), every mode on a mesh is real, and ⟨ω²⟩ = (3/5) ω_D² for the requested Debye temperature."""
+    from ase import units
+
+    model = cached_model(name).set_from_springs(debye_temperature=400.0)
+    pair_fc = model.basis.pair_force_constants(model.theta.detach().numpy())
+    vectors = model.basis.vectors
+    r = np.linalg.norm(vectors, axis=1)
+    off = r > 1e-8
+    unit = vectors[off] / r[off, None]
+    k = -np.einsum("pab,pa,pb->p", pair_fc[off], unit, unit)  # the spring along each bond
+    np.testing.assert_allclose(pair_fc[off], -k[:, None, None] * unit[:, :, None] * unit[:, None, :], atol=1e-10)
+    assert np.all(k > 0)
+    q = model._mesh_q(8)
+    assert model.frequencies(q).min() > 0
+    omega2 = torch.linalg.eigvalsh(model.dynamical_matrix(q)).clamp(min=0).mean().item()
+    theta_d = units._hbar * np.sqrt(5 / 3 * omega2 * units._e / (1e-20 * units._amu)) / units._k
+    assert theta_d == pytest.approx(400.0, rel=1e-9)
