@@ -115,7 +115,8 @@ class TDSModel(torch.nn.Module):
         return self._at_fixed_theta("msd", lambda: converged_mean_square_displacement(fc, t, s, int(self.dw_mesh)))
 
     def grid_covariance(self, level: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(C_{κ0,κ'l} (G, n, n, 3, 3) Å² on the grid·2^level in FFT order, its self covariance (n, 3, 3) Å²)."""
+        """(C_{κ0,κ'l} (G, n, n, 3, 3) Å² of the crystal `level_grid(level)` in FFT order, and its self covariance
+        (n, 3, 3) Å²)."""
         fc, t, s = self.force_constants, self.temperature, self.statistics
         grid = self.level_grid(level)
 
