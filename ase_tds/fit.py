@@ -44,7 +44,7 @@ class FitResult:
     plus for "sampling" the Monte-Carlo variance of its fixed-seed estimate (also in sigma);
     chi2_red = χ²/(N_used − n_free); deviance: the Poisson deviance (loss "poisson" only).
     settings: method, statistics, temperature (K), the model's grid (gaussian: grid, refine, accuracy,
-    near_bragg_grid; one-phonon: dw_mesh), scale, background, compton, loss, optimizer, and for "sampling" the
+    near_bragg_grids; one-phonon: dw_mesh), scale, background, compton, loss, optimizer, and for "sampling" the
     sampler {kind, supercell, n_samples, seed} (seed None: the fit's final evaluation used 0).
     status: how the optimiser ended, {"converged": bool, "reason": text} (a criterion met, the iteration limit, or
     a stall); θ is the lowest loss it evaluated.
@@ -364,8 +364,9 @@ def _unstable_start(model, theta, original, err, where: str) -> UnstableError:
         report = _instability(model)
         model.theta.copy_(torch.as_tensor(original))
     return UnstableError(f"the starting force constants are dynamically unstable{where}: {report} ({err}). "
-                         "Start from EMT (set_from_calculator(EMT()) / --start emt), from a stable phonopy file, "
-                         "or from scaled-down constants")
+                         "Start from springs (set_from_springs() / --start springs), a calculator "
+                         "(set_from_calculator(calc) / --start emt or calculator:module.Class), a stable phonopy file, "
+                         "or scaled-down constants")
 
 
 # the forward model's own error is kept below this fraction of the data's σ
@@ -404,8 +405,9 @@ def _control_model_error(objective) -> dict:
     record["points_on_larger_crystals"] = int(promoted.sum())
     if above.any():
         warnings.warn(f"the forward model's own error exceeds a fifth of σ on {int(above.sum())} of {len(delta)} points "
-                      f"(largest {record['max_over_sigma']:.2g} σ) even on its largest crystals; it is added to their "
-                      "variance. A finer model: tds_options=dict(accuracy=...) or a larger grid", stacklevel=3)
+                      f"(largest {record['max_over_sigma']:.2g} σ) after moving them to larger crystals (twice at "
+                      "most); it is added to their variance. A finer model: tds_options=dict(accuracy=...) or a "
+                      "larger grid", stacklevel=3)
     return record
 
 
