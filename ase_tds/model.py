@@ -16,6 +16,7 @@ from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
 from .basis import build_basis
+from .covariance import mesh_q
 from .structure import (
     StructureError,
     check_periodic,
@@ -260,7 +261,7 @@ class ForceConstantModel(torch.nn.Module):
             site = np.nonzero((self.basis.atom0 == kappa) & ~off)[0]
             pair_fc[site] = -pair_fc[(self.basis.atom0 == kappa) & off].sum(axis=0)
         self.set_parameters(self.basis.project(pair_fc))
-        q = self._mesh_q(8)
+        q = mesh_q(self, (8, 8, 8))[1:]  # Γ (the translations) left out
         lowest = self.frequencies(q).min()
         if lowest < -1e-6:
             raise StructureError(f"central springs within the cutoff {self.cutoff:.3f} Å leave this crystal unstable "
@@ -271,12 +272,6 @@ class ForceConstantModel(torch.nn.Module):
         hbar_omega_debye = units._hbar * np.sqrt(5 / 3 * omega2 * units._e / (1e-20 * units._amu)) / units._e
         scale = (units.kB * debye_temperature / hbar_omega_debye) ** 2
         return self.set_parameters(self.theta.detach().cpu().numpy() * scale)
-
-    def _mesh_q(self, mesh: int) -> np.ndarray:
-        """Cartesian q (mesh³ − 1, 3) Å⁻¹ of a Γ-centred mesh of the primitive reciprocal cell, Γ left out."""
-        axes = np.arange(mesh) / mesh
-        reduced = np.stack(np.meshgrid(axes, axes, axes, indexing="ij"), -1).reshape(-1, 3)[1:]
-        return 2 * np.pi * reduced @ np.linalg.inv(np.array(self.primitive.cell[:])).T
 
     def set_from_calculator(self, calc, supercell_matrix=None, displacement: float = 0.01,
                             progress: bool = True) -> "ForceConstantModel":

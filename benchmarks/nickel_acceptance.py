@@ -85,15 +85,10 @@ def snap(q, cell, mesh) -> np.ndarray:
 
 def bragg_far(q, radius=0.1) -> np.ndarray:
     """(N,) bool: more than `radius` r.l.u. of the conventional cell from every fcc Bragg peak."""
-    hkl = q @ conventional().cell[:].T / (2 * np.pi)
-    best = np.full(len(q), np.inf)
-    base = np.floor(hkl)
-    for offset in np.array(np.meshgrid(*3 * [[-1, 0, 1, 2]], indexing="ij")).reshape(3, -1).T:
-        g = base + offset
-        parity = g % 2
-        allowed = (parity.min(axis=1) == parity.max(axis=1))
-        best = np.where(allowed, np.minimum(best, np.linalg.norm(hkl - g, axis=1)), best)
-    return best > radius
+    from ase_tds import TDSData
+
+    points = TDSData.from_q(q, np.ones(len(q)), cell=conventional().cell[:])
+    return points.mask_bragg(radius, ref.birgeneau_ni_phonopy().primitive.cell).mask
 
 
 def make_data(q, path: Path, arbitrary=False, rng=None) -> None:
