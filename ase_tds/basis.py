@@ -10,6 +10,8 @@ from the sum rule.
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,21 +122,24 @@ def _pairs_within(primitive, supercell, p2s_map, cutoff):
     rows = {int(s) % n: (row, int(s)) for row, s in enumerate(p2s_map)}
     if sorted(rows) != list(range(n)):
         raise RuntimeError("symfc's p2s_map does not cover the primitive cell once")
+    # rounding fractional coordinates finds the nearest image only in orthogonal cells: search the 27 images
+    # around it (a vector shorter than the cutoff has one image within it, as the supercell holds the cutoff)
+    images = np.array(list(itertools.product((-1, 0, 1), repeat=3)))
     out = ([], [], [], [], [])
     for kappa in range(n):
         row, s = rows[kappa]
         dfrac = frac - frac[s]
-        dfrac -= np.round(dfrac)  # minimum image: unique because the supercell holds the cutoff
-        d = dfrac @ cell_s
-        near = np.nonzero(np.linalg.norm(d, axis=1) < cutoff)[0]
-        for j in near:
+        dfrac -= np.round(dfrac)
+        d_all = (dfrac[:, None, :] + images[None]) @ cell_s  # (N, 27, 3)
+        near, image = np.nonzero(np.linalg.norm(d_all, axis=2) < cutoff)
+        for j, d_j in zip(near, d_all[near, image]):
             kappa1 = j % n
             origin = primitive.positions[kappa1]
-            lat = np.linalg.solve(cell_p.T, primitive.positions[kappa] + d[j] - origin)
+            lat = np.linalg.solve(cell_p.T, primitive.positions[kappa] + d_j - origin)
             out[0].append(kappa)
             out[1].append(kappa1)
             out[2].append(np.round(lat).astype(int))
-            out[3].append(d[j])
+            out[3].append(d_j)
             out[4].append((row, j))
     atom0, atom1, lattice, vectors, columns = (np.array(x) for x in out)
     return atom0, atom1, lattice, vectors, columns
