@@ -139,6 +139,10 @@ def _parser() -> argparse.ArgumentParser:
                           "(default: %(default)s)")
     fit.add_argument("--debye-temperature", type=float, default=300.0,
                      help="K, the Debye temperature that --start springs is scaled to (default: %(default)s)")
+    fit.add_argument("--prior-sigma", type=float, metavar="EV_PER_A2",
+                     help="a ridge towards the start: each force constant gets a prior of this width (eV/Å²), so "
+                          "that combinations the data do not determine (named by the fit, drawn in "
+                          "identifiability.png) stay near the start while the rest converge (default: none)")
     fit.add_argument("--reference", help="phonopy file drawn (as it is) in dispersion.png for comparison")
     fit.add_argument("--bragg-radius", type=float, default=0.1, help="r.l.u. masked around Bragg peaks")
     fit.add_argument("--max-iter", type=int, default=200, help="iterations of the optimiser (default: %(default)s)")
@@ -192,7 +196,8 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="phonon dispersions of force-constant files, and a fit folder's TDS fit",
                           description="Draw the phonon dispersions of one or more force-constant sources (as they are) "
                                       "on the standard path of the first, into OUT/dispersion.png; when the first is an "
-                                      "`ase-tds fit`/`demo` folder, also redraw OUT/tds_fit.png from its data.h5 and fit.json.")
+                                      "`ase-tds fit`/`demo` folder, also redraw OUT/tds_fit.png and OUT/identifiability.png from its data.h5 "
+                                      "and fit.json, and shade the fit's ±1σ band of frequencies.")
     plot.add_argument("sources", nargs="+", metavar="SOURCE",
                       help="output folder of `ase-tds fit`/`demo`, or a phonopy.load-able file")
     plot.add_argument("--label", nargs="+", action="extend",
@@ -376,6 +381,8 @@ def _run_fit(args) -> int:
     if args.cutoff is not None and not 0 < args.cutoff < np.inf:
         raise ValueError(f"--cutoff {args.cutoff:g}: give a positive force-constant cutoff in Å, e.g. --cutoff 5.8, "
                          "or --shells N")
+    if args.prior_sigma is not None and not 0 < args.prior_sigma < np.inf:
+        raise ValueError(f"--prior-sigma {args.prior_sigma:g}: give a positive width in eV/Å², e.g. --prior-sigma 0.05")
     _check_sampling_arguments(args, seed_is_sampling=True)
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     if checkpoint is not None and checkpoint.is_dir():
@@ -411,7 +418,8 @@ def _run_fit(args) -> int:
     options = {"sampler": _sampler(model, **sampling)} if args.model == "sampling" else _accuracy_options(args)
     result = fit(model, data, temperature=temperature, method=args.model, statistics=args.statistics,
                  scale=args.scale, background=args.background, compton=args.compton, loss=args.loss,
-                 max_iter=args.max_iter, checkpoint=checkpoint, tds_options=options, optimizer=args.optimizer)
+                 max_iter=args.max_iter, checkpoint=checkpoint, tds_options=options, optimizer=args.optimizer,
+                 prior_sigma=args.prior_sigma)
     model.cpu()
     print(result.table())
     _write_outputs(Path(args.out), model, result, data, start=start, reference=reference)
@@ -466,7 +474,7 @@ def _calculator(spec: str):
 def _write_outputs(out: Path, model, result, data, start=None, reference=None) -> None:
     """Write every output into a temporary folder, then move the files into `out` (no half-written files)."""
     from .io.phonopy import write_phonopy_files
-    from .plot import plot_dispersion
+    from .plot import plot_dispersion, plot_identifiability
 
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".ase_tds-", dir=out))
@@ -479,7 +487,8 @@ def _write_outputs(out: Path, model, result, data, start=None, reference=None) -
             curves["start"] = start
         if reference is not None:
             curves["reference"] = reference
-        plot_dispersion(curves, tmp / "dispersion.png")
+        plot_dispersion(curves, tmp / "dispersion.png", covariance=result.covariance)
+        plot_identifiability(result.combinations, tmp / "identifiability.png")
         _draw_tds_fit(model, result, data, tmp / "tds_fit.png")
         for path in tmp.iterdir():
             os.replace(path, out / path.name)
@@ -634,7 +643,7 @@ def _run_plot(args) -> int:
     from .data import TDSData
     from .fit import FitResult
     from .phonopy_source import PhonopyForceConstants
-    from .plot import plot_dispersion
+    from .plot import plot_dispersion, plot_identifiability
 
     labels = args.label or args.sources
     if len(labels) != len(args.sources):
@@ -648,15 +657,21 @@ def _run_plot(args) -> int:
     models = {label: PhonopyForceConstants(source).to(device) for label, source in zip(labels, args.sources)}
     for model, source in zip(list(models.values())[1:], args.sources[1:]):  # one crystal: the first's path
         _check_same_lattice(models[labels[0]].unitcell, args.sources[0], model, source)
-    drawings = {"dispersion.png": lambda path: plot_dispersion(models, path)}
+    covariance = None
+    drawings = {"dispersion.png": lambda path: plot_dispersion(models, path, covariance=covariance)}
     if first.is_dir() and (first / "fit.json").is_file() and (first / "data.h5").is_file():
         fitted = models[labels[0]]
         result = FitResult.from_dict(json.loads((first / "fit.json").read_text()),
                                      symbols=fitted.primitive.get_chemical_symbols())
-        if result.settings["method"] == "sampling":  # the sampler needs the symmetry-adapted model
-            fitted = model_from_phonopy(first).to(device)
+        symmetric = model_from_phonopy(first).to(device)  # θ with the fit's labels: its 1σ band and its sampler
+        if symmetric.labels == result.labels:
+            models[labels[0]], covariance = symmetric, result.covariance
+        if result.settings["method"] == "sampling":
+            fitted = symmetric
         data = TDSData.read(first / "data.h5")
         drawings["tds_fit.png"] = lambda path: _draw_tds_fit(fitted, result, data, path)
+        if result.combinations:
+            drawings["identifiability.png"] = lambda path: plot_identifiability(result.combinations, path)
     out.mkdir(parents=True, exist_ok=True)
     partial = {name: out / f".{Path(name).stem}-{os.getpid()}.png" for name in drawings}  # renamed once all are drawn
     try:

@@ -29,6 +29,7 @@ from .checkpoint import Checkpoint, write_atomic
 from .covariance import UnstableError, mesh_q
 from .data import TDSData
 from .tds import GRID_FACTORS, TDSModel
+from .uncertainty import parameter_combinations
 
 LOSSES = ("chi2", "poisson")
 OPTIMIZERS = ("lbfgs", "adam")
@@ -51,6 +52,8 @@ class FitResult:
     model_error: the gaussian model's own error estimate |I(grid) − I(1.5 × grid)| at the fitted θ (median and
     largest relative, largest in units of σ, the share of points above σ/5) and `at_start`, where it was added
     to the variance of every point (see `fit`).
+    combinations: the eigen-combinations of θ that the data alone determine, least determined first
+    (`uncertainty.parameter_combinations` of the profiled Gauss–Newton matrix; without the prior).
     """
 
     labels: list
@@ -72,6 +75,7 @@ class FitResult:
     compton_shape: Callable | None = field(default=None, repr=False)
     model_error: dict = field(default_factory=dict)
     status: dict = field(default_factory=dict)
+    combinations: list = field(default_factory=list)
 
     def calculated(self, intensity, q_norm) -> np.ndarray:
         """The fitted model of the data, s·I + b + A·c(|Q|), (N,) from I (N,) e.u./atom and |Q| (N,) Å⁻¹."""
@@ -109,7 +113,8 @@ class FitResult:
                    chi2_red=float(saved["chi2_red"]), n_points=int(saved["n_points"]),
                    iterations=int(saved["iterations"]), settings=settings, warnings=list(saved.get("warnings", [])),
                    compton=saved.get("compton"), deviance=saved.get("deviance"), compton_shape=shape,
-                   model_error=dict(saved.get("model_error") or {}), status=dict(saved.get("status") or {}))
+                   model_error=dict(saved.get("model_error") or {}), status=dict(saved.get("status") or {}),
+                   combinations=list(saved.get("combinations") or []))
 
     def table(self) -> str:
         """Plain-text table: label, value and 1σ (eV/Å²) per parameter, then the nuisance values and χ²_red."""
@@ -138,6 +143,7 @@ class FitResult:
             "chi2": self.chi2, "chi2_red": self.chi2_red, "deviance": self.deviance, "n_points": self.n_points,
             "iterations": self.iterations, "status": self.status, "settings": self.settings,
             "model_error": self.model_error,
+            "combinations": self.combinations,
             "warnings": self.warnings,
             "versions": {"ase_tds": __version__, "torch": torch.__version__, "ase": ase.__version__,
                          "phonopy": phonopy.__version__, "numpy": np.__version__, "python": platform.python_version()},
@@ -173,6 +179,7 @@ class _Objective:
         self.model_variance = torch.zeros_like(self.w)
         self.levels = None  # the gaussian model's crystal per point (None: its own choice)
         self.n_theta = fc.n_params
+        self.prior = None  # (θ₀ (n,), σ_p): the ridge Σ((θ − θ₀)/σ_p)² added to the loss
         self._beta = None
 
     def intensity(self, pick=None) -> torch.Tensor:
@@ -220,7 +227,12 @@ class _Objective:
         value = self.value(self.nuisance.model(intensity, beta))
         value.backward()  # the envelope theorem: at the optimal β this is the gradient of the profiled loss
         grad = fc.theta.grad.detach().cpu().numpy().copy()
-        return float(value.detach()), grad, beta.detach().cpu().numpy()
+        value = float(value.detach())
+        if self.prior is not None:
+            centre, width = self.prior
+            value += float(np.sum(((theta - centre) / width) ** 2))
+            grad += 2 * (theta - centre) / width**2
+        return value, grad, beta.detach().cpu().numpy()
 
 
 def _exposure(data: TDSData, exposure, used) -> np.ndarray:
@@ -248,7 +260,8 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
         statistics: str = "quantum", scale: str | None = None, background: str = "free", compton=False,
         loss: str = "chi2", exposure=None, max_iter: int = 200, rtol: float = 1e-9, gtol: float = 1e-6,
         progress: bool = True, checkpoint=None, tds_options: dict | None = None,
-        learning_rate: float | None = None, optimizer: str | None = None) -> FitResult:
+        learning_rate: float | None = None, optimizer: str | None = None,
+        prior_sigma: float | None = None) -> FitResult:
     """Fit `model` (a ForceConstantModel, fitted in place from its current θ) to `data`.
 
     scale: "free" | "fixed" (fixed needs absolute data, units "e.u./atom") | None: fixed for absolute data, free
@@ -274,6 +287,10 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
     learning_rate: Adam's first step in whitened units (≈ standard deviations); None = from the first gradient.
     optimizer: "lbfgs" | "adam" | None (L-BFGS, or Adam for "sampling"). With a seeded sampler the sampling loss
     is a smooth deterministic function of θ, and "lbfgs" converges in far fewer evaluations than Adam.
+    prior_sigma: eV/Å², a ridge towards the start θ₀: Σ_k ((θ_k − θ₀_k)/prior_sigma)² is added to the loss (and
+    1/prior_sigma² to the Gauss–Newton matrix), so that combinations the data do not determine stay near the start
+    (their 1σ then ≈ prior_sigma) while the determined ones converge. None: no prior. Either way the fit names the
+    combinations the data alone leave undetermined (`FitResult.combinations`, a warning).
     Returns a FitResult; `model.theta` holds the fitted values. Raises UnstableError for an unstable start.
     """
     if loss not in LOSSES:
@@ -281,6 +298,8 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
     optimizer = optimizer or ("adam" if method == "sampling" else "lbfgs")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if prior_sigma is not None and not (np.isfinite(prior_sigma) and prior_sigma > 0):
+        raise ValueError(f"prior_sigma must be a positive width in eV/Å² (or None: no prior), got {prior_sigma!r}")
     if scale is None:
         scale = "fixed" if data.absolute else "free"
     if scale not in ("fixed", "free"):
@@ -311,7 +330,7 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
                       stacklevel=2)
     settings = dict(tds.settings(), scale=scale, background=background,
                     compton=compton if isinstance(compton, bool) else "callable", loss=loss, optimizer=optimizer,
-                    data=_fingerprint(objective))
+                    prior_sigma=prior_sigma, data=_fingerprint(objective))
     if method == "sampling":  # what redraws the fitted model (and what a checkpoint must match)
         sampler = tds.sampler
         seed = None if sampler.seed is None else int(sampler.seed)
@@ -322,6 +341,8 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
     if state and progress:
         tqdm.write(f"resuming from iteration {state['iterations']} of {checkpoint}")
     start = state["theta"] if state else original
+    if prior_sigma is not None:
+        objective.prior = (original.copy(), float(prior_sigma))
     try:
         if method == "sampling" and loss == "chi2":
             at = state.get("monte_carlo_theta") if state else None
@@ -592,6 +613,8 @@ def _whitening(objective, theta: np.ndarray, n_points: int = 256) -> np.ndarray:
     pick = torch.as_tensor(np.linspace(0, len(objective.q) - 1, min(n_points, len(objective.q))).astype(int))
     jac = _jacobian(objective, theta, pick) * torch.sqrt(objective.w[pick])[:, None]
     normal = (jac.T @ jac).cpu().numpy()
+    if objective.prior is not None:  # the prior's curvature, on the subset's footing
+        normal += len(pick) / len(objective.q) / objective.prior[1] ** 2 * np.eye(len(normal))
     normal += 1e-6 * np.linalg.eigvalsh(normal)[-1] * np.eye(len(normal))
     return np.linalg.cholesky(normal).T
 
@@ -628,11 +651,16 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
         middle = (weighted.T @ (weighted * variance[:, None])).cpu().numpy()
     n_free = jac.shape[1]
     n_points = len(objective.y)
-    inverse = np.linalg.pinv(normal)
-    cov = (inverse @ middle @ inverse)[: fc.n_params, : fc.n_params]
+    n = fc.n_params
+    combinations = parameter_combinations(fc.labels, theta, _profiled(normal, n))  # what the data alone determine
+    if objective.prior is not None:  # the prior acts as one more measurement of each θ_k, of variance σ_p²
+        precision = np.zeros(n_free)
+        precision[:n] = 1.0 / objective.prior[1] ** 2
+        normal, middle = normal + np.diag(precision), middle + np.diag(precision)
+    cov = _sandwich(normal, middle)[:n, :n]
     sigma = np.sqrt(np.clip(np.diag(cov), 0, None))
     corr = cov / np.outer(np.where(sigma > 0, sigma, 1), np.where(sigma > 0, sigma, 1))
-    notes = _identifiability(fc.labels, corr, normal, objective.scale_mode)
+    notes = _identifiability(fc.labels, corr, normal, objective.scale_mode, combinations, objective.prior)
     if tds.method == "sampling":
         distinct = tds.sampler.distinct_q(objective.q)
         if distinct < n_points:
@@ -653,6 +681,7 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
 
         shape = ComptonShape(fc.primitive.get_chemical_symbols()) if compton is True else compton
     return FitResult(labels=list(fc.labels), theta=np.asarray(theta, dtype=float), sigma=sigma, covariance=cov,
+                     combinations=combinations,
                      correlation=corr, scale=values["scale"], background=values["background"], chi2=chi2,
                      chi2_red=chi2 / max(n_points - n_free, 1), n_points=n_points, iterations=iterations,
                      settings=settings, warnings=notes, history=[float(h) for h in history],
@@ -660,8 +689,45 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
                      status=status)
 
 
-def _identifiability(labels, corr, normal, scale_mode) -> list[str]:
+# directions of the (diagonally scaled) Gauss–Newton matrix below this fraction of its largest eigenvalue count as
+# undetermined: their variance is at least 1/(CONDITION_FLOOR · λ_max), never the 0 of a pseudo-inverse
+CONDITION_FLOOR = 1e-12
+
+
+def _sandwich(normal: np.ndarray, middle: np.ndarray) -> np.ndarray:
+    """N⁻¹ M N⁻¹ (k, k), honest where N is singular: a direction the data do not see gets a huge variance.
+
+    A pseudo-inverse would give such a direction variance 0, i.e. a parameter the data cannot determine reported
+    with a tiny 1σ (10³σ from the truth, seen on data along one line). Computed in the scaled basis D⁻¹ N D⁻¹,
+    D = √diag N, so that the floor does not depend on the units of θ and of the nuisance values.
+    """
+    d = np.sqrt(np.clip(np.diag(normal), 0, None))
+    d = np.where(d > 0, d, 1.0)
+    scaled = normal / np.outer(d, d)
+    lam, vectors = np.linalg.eigh((scaled + scaled.T) / 2)
+    floor = CONDITION_FLOOR * max(lam[-1], 1e-300)
+    inverse = (vectors / np.maximum(lam, floor)) @ vectors.T
+    cov = inverse @ (middle / np.outer(d, d)) @ inverse
+    unseen = vectors[:, lam < floor]
+    cov += unseen @ unseen.T / floor
+    return cov / np.outer(d, d)
+
+
+def _profiled(normal: np.ndarray, n: int) -> np.ndarray:
+    """The Gauss–Newton matrix of θ (first n) with the nuisance values eliminated (Schur complement), (n, n)."""
+    a, b, c = normal[:n, :n], normal[:n, n:], normal[n:, n:]
+    return a - b @ np.linalg.pinv(c) @ b.T if c.size else a
+
+
+def _identifiability(labels, corr, normal, scale_mode, combinations, prior) -> list[str]:
     notes = []
+    for combo in combinations:
+        if not combo["determined"]:
+            held = (f"the prior (σ_p = {prior[1]:.3g} eV/Å²) holds it near the start" if prior is not None
+                    else "a prior (prior_sigma= / --prior-sigma) would hold it near the start")
+            size = f"{combo['relative']:.0%}" if combo["relative"] < 10 else f"{combo['relative']:.2g}×"
+            notes.append(f"the data do not determine {combo['text']}: 1σ {combo['sigma']:.3g} eV/Å² from the data "
+                         f"alone, {size} of the largest constant; {held}")
     if scale_mode == "free":
         notes.append("the intensity scale is free: the overall magnitude of the force constants is then set only "
                      "by the Debye–Waller and multi-phonon terms, and is correlated with the scale")

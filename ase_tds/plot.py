@@ -32,12 +32,14 @@ def dispersion_path(model, npoints: int = 200):
     return q, x, ticks, labels
 
 
-def plot_dispersion(models: dict, path, title: str = "phonon dispersion") -> None:
+def plot_dispersion(models: dict, path, title: str = "phonon dispersion", covariance=None) -> None:
     """Frequencies (THz) on the standard path for {name: ForceConstantModel}; the first one sets the path.
 
     The first is drawn as thick lines, the others thin and dashed on top of it, so that curves which agree
     stay visible. Imaginary modes are drawn as negative frequencies, as phonopy does, with a
-    UserWarning naming the model. Written as an image to `path` (format from its suffix, e.g. .png).
+    UserWarning naming the model. covariance: (n, n) (eV/Å²)² of the first model's θ (a fit's): its ±1σ band of
+    frequencies (`uncertainty.frequency_sigma`) is shaded around it. Written as an image to `path` (format from
+    its suffix, e.g. .png).
     """
     first = next(iter(models.values()))
     q, x, ticks, labels = dispersion_path(first)
@@ -52,6 +54,15 @@ def plot_dispersion(models: dict, path, title: str = "phonon dispersion") -> Non
                           "below zero", UserWarning, stacklevel=2)
         lowest = min(lowest, freq.min())
         style = dict(ls="-", lw=3.5) if i == 0 else dict(ls=styles[(i - 1) % len(styles)], lw=1.5, zorder=2 + i)
+        if i == 0 and covariance is not None:
+            from .uncertainty import frequency_sigma
+
+            band_sigma = frequency_sigma(model, q, covariance)
+            for band in range(freq.shape[1]):
+                for j, segment in enumerate(segments):
+                    ax.fill_between(x[segment], (freq - band_sigma)[segment, band], (freq + band_sigma)[segment, band],
+                                    color="C0", alpha=0.3, lw=0, zorder=1,
+                                    label=f"{name} ± 1σ" if band == j == 0 else None)
         for band in range(freq.shape[1]):
             for j, segment in enumerate(segments):
                 ax.plot(x[segment], freq[segment, band], color=f"C{i}", label=name if band == j == 0 else None,
@@ -94,6 +105,31 @@ def plot_tds_fit(q_norm, observed, model, sigma, path, title: str = "TDS fit") -
     bottom.axhline(0, color="k", lw=0.8)
     bottom.set_ylabel("(data − model)/σ")
     bottom.set_xlabel("|Q| (Å⁻¹)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_identifiability(combinations: list, path, title: str = "what the data determine") -> None:
+    """The 1σ of each eigen-combination of θ (`uncertainty.parameter_combinations`, least determined first) as a
+    fraction of the largest |θ|, log scale, with the line above which a combination counts as undetermined.
+
+    Each bar is labelled with its combination of force constants. Written as an image to `path`.
+    """
+    from .uncertainty import UNDETERMINED
+
+    relative = np.array([c["relative"] for c in combinations], dtype=float)
+    shown = np.where(np.isfinite(relative), relative, 1e3)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(combinations) + 1.6))
+    y = np.arange(len(combinations))[::-1]
+    colors = ["C3" if not c["determined"] else "C0" for c in combinations]
+    ax.barh(y, shown, color=colors)
+    ax.set_yticks(y, [c["text"] for c in combinations], fontsize=7)
+    ax.set_xscale("log")
+    ax.axvline(UNDETERMINED, color="k", ls="--", lw=1, label=f"undetermined above {UNDETERMINED:.0%}")
+    ax.set_xlabel("1σ of the combination / largest |θ| (data alone)")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

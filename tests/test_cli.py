@@ -162,7 +162,8 @@ def test_fit_writes_every_output_and_recovers(dataset, fitted):
     folder, structure, truth = dataset
     out = fitted
     assert {p.name for p in out.iterdir()} == {"phonopy_params.yaml", "FORCE_CONSTANTS", "force_constants.hdf5",
-                                              "fit.json", "data.h5", "dispersion.png", "tds_fit.png"}
+                                              "fit.json", "data.h5", "dispersion.png", "tds_fit.png",
+                                              "identifiability.png"}
     fitted = {p["label"]: p["value"] for p in json.loads((out / "fit.json").read_text())["parameters"]}
     assert fitted == pytest.approx(truth.parameter_dict(), abs=1e-4)
     ph = phonopy.load(out / "phonopy_params.yaml", produce_fc=False, log_level=0)
@@ -301,7 +302,7 @@ def test_fit_draws_the_reference_and_plot_redraws_the_folder(fitted, tmp_path):
     assert colour_pixels(fitted / "dispersion.png", "C2") > 100
     result = ase_tds("plot", fitted, "--out", tmp_path)
     assert result.returncode == 0, result.stderr
-    assert {p.name for p in tmp_path.iterdir()} == {"dispersion.png", "tds_fit.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {"dispersion.png", "tds_fit.png", "identifiability.png"}
     redrawn = tmp_path / "dispersion.png"  # the fit folder's force constants alone: one curve, no reference
     assert colour_pixels(redrawn, "C0") > 1000 and colour_pixels(redrawn, "C2") == 0
     # tds_fit.png from data.h5, fit.json and the written force constants: the picture the fit drew
