@@ -658,9 +658,13 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
         precision[:n] = 1.0 / objective.prior[1] ** 2
         normal, middle = normal + np.diag(precision), middle + np.diag(precision)
     cov = _sandwich(normal, middle)[:n, :n]
+    misfit = _misfit(chi2, max(n_points - n_free, 1))
+    if misfit:  # the residuals say the data's σ (and so 1σ) are too small: scale by χ²_red (Birge)
+        cov = cov * chi2 / max(n_points - n_free, 1)
     sigma = np.sqrt(np.clip(np.diag(cov), 0, None))
     corr = cov / np.outer(np.where(sigma > 0, sigma, 1), np.where(sigma > 0, sigma, 1))
     notes = _identifiability(fc.labels, corr, normal, objective.scale_mode, combinations, objective.prior)
+    notes += [misfit] if misfit else []
     if tds.method == "sampling":
         distinct = tds.sampler.distinct_q(objective.q)
         if distinct < n_points:
@@ -711,6 +715,21 @@ def _sandwich(normal: np.ndarray, middle: np.ndarray) -> np.ndarray:
     unseen = vectors[:, lam < floor]
     cov += unseen @ unseen.T / floor
     return cov / np.outer(d, d)
+
+
+# χ² more than this many of its standard deviations √(2·dof) above dof: the model does not describe the data
+MISFIT_SIGMAS = 5.0
+
+
+def _misfit(chi2: float, dof: int) -> str:
+    """A note when χ² is far above its expectation (and the 1σ are then scaled by √χ²_red), else ""."""
+    excess = (chi2 - dof) / np.sqrt(2 * dof)
+    if excess <= MISFIT_SIGMAS:
+        return ""
+    return (f"χ²_red = {chi2 / dof:.3g}, {excess:.0f} standard deviations of χ² above 1: the model misses the data by "
+            "more than their σ allow — a local minimum (fit again from another start: springs with another Debye "
+            "temperature, or a calculator), understated errors of the data, or physics the model leaves out; "
+            f"the 1σ are scaled by √χ²_red = {np.sqrt(chi2 / dof):.3g}")
 
 
 def _profiled(normal: np.ndarray, n: int) -> np.ndarray:

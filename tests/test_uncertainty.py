@@ -99,3 +99,21 @@ def test_frequency_sigma_matches_monte_carlo(truth):
                       for t in rng.multivariate_normal(theta, covariance, size=1500)])
     np.testing.assert_allclose(predicted, draws.std(axis=0), rtol=0.1)
     assert np.all(predicted > 0)
+
+
+def test_a_misfit_is_reported_and_widens_the_error_bars(truth):
+    """Data whose noise is 3× the σ they state: χ²_red ≈ 9, named, and 1σ scaled by √χ²_red ≈ 3, so that the
+    pulls are those of honest error bars again (a fit sure of a wrong answer is what this guards against)."""
+    rng = np.random.default_rng(4)
+    h = rng.uniform(-3, 3, size=(600, 3))
+    h = h[np.abs(h - np.round(h)).max(axis=1) > 0.15]
+    clean = simulate(truth, h, 300.0, method="one-phonon", statistics="classical", tds_options=FAST)
+    sigma = 0.003 * clean.intensity
+    noisy = clean.intensity + 3 * sigma * rng.normal(size=len(h))
+    data = type(clean).from_hkl(h, noisy, clean.cell, sigma=sigma, temperature=300.0, units="e.u./atom")
+    result = _fit(truth, data)
+    assert 6 < result.chi2_red < 12
+    assert any("χ²_red" in note and "standard deviations of χ²" in note for note in result.warnings)
+    honest = _fit(truth, type(clean).from_hkl(h, noisy, clean.cell, sigma=3 * sigma, temperature=300.0,
+                                               units="e.u./atom"))
+    np.testing.assert_allclose(result.sigma, honest.sigma, rtol=0.15)
