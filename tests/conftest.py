@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +54,8 @@ def triclinic() -> Atoms:
                  scaled_positions=[[0, 0, 0], [0.31, 0.27, 0.46]], pbc=True)
 
 
+DATA = Path(__file__).parent / "data"
+
 # name: (structure factory, model keyword arguments) — small cutoffs, each builds in well under a second
 CRYSTALS = {
     "Ni": (ni_conventional, dict(shells=2)),
@@ -60,7 +63,17 @@ CRYSTALS = {
     "Si": (lambda: bulk("Si", "diamond", a=5.43), dict(shells=2)),
     "Mg": (lambda: bulk("Mg", "hcp", a=3.21, c=5.21), dict(shells=3)),
     "monoclinic": (monoclinic, dict(cutoff=2.4)),
+    # hexagonal, 3 atoms, two species: phonopy's DFT example (tests/data/dft/MgB2), pairs to 3.6 Å (22 parameters)
+    "MgB2": (lambda: mgb2(), dict(cutoff=3.6)),
 }
+
+
+def mgb2() -> Atoms:
+    """MgB₂ (P6/mmm) as phonopy's DFT example gives it."""
+    import phonopy
+
+    cell = phonopy.load(DATA / "dft" / "MgB2" / "phonopy_params.yaml", produce_fc=False, log_level=0).unitcell
+    return Atoms(cell.symbols, cell=cell.cell, scaled_positions=cell.scaled_positions, pbc=True)
 
 _MODELS: dict = {}
 

@@ -154,7 +154,7 @@ def test_set_from_calculator_agrees_with_phonopy_route(ni5_model, ni5_model_cach
 
 
 # ----------------------------------------------------------------------------- BvK ↔ phonopy round trip
-@pytest.mark.parametrize("name", ["Ni5", "Mg", "NaCl"])
+@pytest.mark.parametrize("name", ["Ni5", "Mg", "NaCl", "MgB2"])
 def test_bvk_phonopy_round_trip(name, rng, ni5_model_cached, tmp_path):
     make = (lambda: copy.deepcopy(ni5_model_cached)) if name == "Ni5" else (lambda: cached_model(name))
     model = make()
