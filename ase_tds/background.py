@@ -96,16 +96,17 @@ class Nuisance:
     def n_free(self) -> int:
         return len(self.names)
 
-    def design(self, intensity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(fixed part (N,), columns (N, k)) with m = fixed + columns·β."""
+    def design(self, intensity: torch.Tensor, pick=slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fixed part (B,), columns (B, k)) with m = fixed + columns·β, for the intensities (B,) of the points
+        `pick` (a slice or indices of the N points; default all)."""
         ones = torch.ones_like(intensity)
-        columns = {"scale": intensity, "background": ones, "compton": self.shape}
+        columns = {"scale": intensity, "background": ones, "compton": None if self.shape is None else self.shape[pick]}
         fixed = intensity if self.scale_mode == "fixed" else torch.zeros_like(intensity)
         x = torch.stack([columns[n] for n in self.names], dim=1) if self.names else intensity[:, None][:, :0]
         return fixed, x
 
-    def model(self, intensity: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        fixed, x = self.design(intensity)
+    def model(self, intensity: torch.Tensor, beta: torch.Tensor, pick=slice(None)) -> torch.Tensor:
+        fixed, x = self.design(intensity, pick)
         return fixed + x @ beta
 
     def values(self, beta) -> dict:
@@ -113,14 +114,6 @@ class Nuisance:
         out = {"scale": 1.0, "background": 0.0, "compton": None}
         out.update({n: float(v) for n, v in zip(self.names, np.asarray(torch.as_tensor(beta).detach().cpu()))})
         return out
-
-    def least_squares(self, intensity: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """β (k,) minimising Σ w (y − m)²; differentiable in `intensity`."""
-        fixed, x = self.design(intensity)
-        if not self.names:
-            return x.new_zeros(0)
-        xw = x * w[:, None]
-        return torch.linalg.solve(xw.T @ x, xw.T @ (y - fixed))
 
     @torch.no_grad()
     def poisson(self, intensity: torch.Tensor, counts: torch.Tensor, exposure: torch.Tensor,

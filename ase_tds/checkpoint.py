@@ -68,6 +68,12 @@ class Checkpoint:
                 "monte_carlo_theta": saved.get("monte_carlo_theta")}
 
     def write(self, theta, iterations: int, history, whitening, adam: dict | None = None) -> None:
+        """Rewrite the file (atomically; under torch.distributed rank 0 only: every rank holds the same state)."""
+        from . import distributed
+
+        if not distributed.is_main():
+            return
+
         def plain(value):
             return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import json
 import os
 import shutil
@@ -24,6 +26,9 @@ MAX_REPEAT = 48  # the largest repetition searched for a supercell commensurate 
 
 def main(argv=None) -> int:
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # torchrun --nproc-per-node N -m ase_tds -- fit ...: the `--` that kept torchrun off
+        argv = argv[1:]
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
@@ -371,6 +376,23 @@ def _report_recovery(truth, start, fitted, result) -> bool:
 
 
 def _run_fit(args) -> int:
+    """The fit command; under torchrun its points are sharded over the ranks (`ase_tds.distributed`) and rank 0
+    alone prints and writes."""
+    from . import distributed
+
+    distributed.start(args.device)
+    try:
+        if not distributed.is_main():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(io.StringIO()):
+                return _fit_command(args)
+        return _fit_command(args)
+    finally:
+        distributed.stop()
+
+
+def _fit_command(args) -> int:
+    from . import distributed
     from .data import TDSData
     from .fit import fit
     from .model import ForceConstantModel
@@ -422,7 +444,8 @@ def _run_fit(args) -> int:
                  prior_sigma=args.prior_sigma)
     model.cpu()
     print(result.table())
-    _write_outputs(Path(args.out), model, result, data, start=start, reference=reference)
+    if distributed.is_main():
+        _write_outputs(Path(args.out), model, result, data, start=start, reference=reference)
     print(f"wrote {args.out}/")
     if not result.status.get("converged", True):
         print(f"ase-tds: the fit did not converge ({result.status['reason']}); its best θ is written, and fit.json "

@@ -24,6 +24,7 @@ import torch
 from scipy.optimize import minimize
 from tqdm.auto import tqdm
 
+from . import distributed
 from .background import Nuisance, poisson_deviance
 from .checkpoint import Checkpoint, write_atomic
 from .covariance import UnstableError, mesh_q
@@ -33,6 +34,7 @@ from .uncertainty import parameter_combinations
 
 LOSSES = ("chi2", "poisson")
 OPTIMIZERS = ("lbfgs", "adam")
+CHUNK_POINTS = 20000  # points per chunk of the loss and gradient: memory is set by a chunk, not by the data
 
 
 @dataclass
@@ -155,21 +157,34 @@ class FitResult:
 
 
 class _Objective:
-    """The profiled loss of θ and its gradient, for the optimisers."""
+    """The profiled loss of θ and its gradient, for the optimisers.
+
+    Under torch.distributed each rank holds its shard of the used points (`distributed.shard`) and every sum over
+    points is all-reduced. The loss and its gradient are accumulated over chunks of CHUNK_POINTS points, so that
+    memory is set by a chunk, not by the number of points: a first pass without autograd gives the intensities
+    for the nuisance values β, then each chunk's loss at that β is differentiated on its own (at the optimal β
+    this is the gradient of the profiled loss: the envelope theorem).
+    """
 
     def __init__(self, tds: TDSModel, data: TDSData, scale: str, background: str, loss: str,
                  compton=False, exposure=None):
         fc = tds.force_constants
-        used = np.asarray(data.mask, dtype=bool)
+        everywhere = np.nonzero(np.asarray(data.mask, dtype=bool))[0]
+        self.fingerprint = _fingerprint(data, everywhere)
+        self.n_total = len(everywhere)
+        used = everywhere[distributed.shard(len(everywhere))]  # this rank's points (all of them on one process)
         self.tds, self.loss = tds, loss
+        if loss == "poisson" and distributed.size() > 1:
+            raise ValueError("loss='poisson' runs on one process; shard a chi2 fit over ranks, or run without torchrun")
         as_t = lambda x: torch.as_tensor(np.asarray(x, dtype=float), dtype=fc.theta.dtype, device=fc.theta.device)
         self.q = as_t(data.q[used])
         self.y = as_t(data.intensity[used])
+        self.chunks = [slice(k, k + CHUNK_POINTS) for k in range(0, len(used), CHUNK_POINTS)] or [slice(0, 0)]
         self.nuisance = Nuisance(scale, background, compton, np.linalg.norm(data.q[used], axis=1),
                                  fc.primitive.get_chemical_symbols(), fc.theta.dtype, fc.theta.device)
         self.scale_mode, self.background_mode = scale, background
         if loss == "poisson":
-            self.exposure = as_t(_exposure(data, exposure, used))
+            self.exposure = as_t(_exposure(data, exposure, used, len(data)))
             self.counts = self.exposure * self.y
             self.w = self.exposure**2 / torch.clamp(self.counts, min=1.0)  # 1/σ², σ = √max(n, 1)/t
         else:
@@ -204,30 +219,48 @@ class _Objective:
         relative = torch.where(positive | (stderr == 0), relative, typical)
         self.w = 1.0 / (1.0 / self.w + (relative * self.y) ** 2)
 
+    @torch.no_grad()
     def profile(self, intensity: torch.Tensor) -> torch.Tensor:
-        """The best nuisance values β (k,) at a model intensity (N,): differentiable for χ², not for Poisson."""
+        """The best nuisance values β (k,) at a model intensity (N_local,) of this rank's points (all ranks'
+        normal equations summed for χ²; Poisson on one process)."""
         if self.loss == "chi2":
-            return self.nuisance.least_squares(intensity, self.y, self.w)
+            fixed, x = self.nuisance.design(intensity)
+            if not self.nuisance.names:
+                return x.new_zeros(0)
+            xw = x * self.w[:, None]
+            return torch.linalg.solve(distributed.total(xw.T @ x), distributed.total(xw.T @ (self.y - fixed)))
         self._beta = self.nuisance.poisson(intensity, self.counts, self.exposure, start=self._beta)
         return self._beta
 
-    def value(self, model: torch.Tensor) -> torch.Tensor:
+    def value(self, model: torch.Tensor, pick=slice(None)) -> torch.Tensor:
+        """This rank's loss of the model intensities `model` at its points `pick` (a scalar tensor)."""
         if self.loss == "chi2":
-            return (self.w * (model - self.y) ** 2).sum()
-        return poisson_deviance(self.counts, self.exposure * torch.clamp(model, min=1e-300))
+            return (self.w[pick] * (model - self.y[pick]) ** 2).sum()
+        return poisson_deviance(self.counts[pick], self.exposure[pick] * torch.clamp(model, min=1e-300))
 
     def evaluate(self, theta: np.ndarray):
-        """(loss, ∂loss/∂θ (n,), β) at θ; raises UnstableError where the crystal is unstable."""
+        """(loss, ∂loss/∂θ (n,), β) at θ, summed over chunks and ranks; raises UnstableError where the crystal is
+        unstable."""
         fc = self.tds.force_constants
         with torch.no_grad():
             fc.theta.copy_(torch.as_tensor(theta))
         fc.theta.grad = None
-        intensity = self.intensity()
-        beta = self.profile(intensity)
-        value = self.value(self.nuisance.model(intensity, beta))
-        value.backward()  # the envelope theorem: at the optimal β this is the gradient of the profiled loss
-        grad = fc.theta.grad.detach().cpu().numpy().copy()
-        value = float(value.detach())
+        if len(self.chunks) == 1:  # one pass: the intensities keep their graph
+            intensity = self.intensity()
+            beta = self.profile(intensity.detach())
+            value = self.value(self.nuisance.model(intensity, beta))
+            value.backward()
+        else:
+            with torch.no_grad():
+                intensity = torch.cat([self.intensity(chunk) for chunk in self.chunks])
+            beta = self.profile(intensity)
+            value = 0.0
+            for chunk in self.chunks:  # each chunk's graph is freed before the next is built
+                part = self.value(self.nuisance.model(self.intensity(chunk), beta, chunk), chunk)
+                part.backward()
+                value = value + part.detach()
+        grad = distributed.total(fc.theta.grad.detach().cpu().numpy().copy())
+        value = distributed.total(float(value))
         if self.prior is not None:
             centre, width = self.prior
             value += float(np.sum(((theta - centre) / width) ** 2))
@@ -235,17 +268,17 @@ class _Objective:
         return value, grad, beta.detach().cpu().numpy()
 
 
-def _exposure(data: TDSData, exposure, used) -> np.ndarray:
-    """t (N_used,): counts per unit of intensity, so that the counts are n = t·I_obs."""
+def _exposure(data: TDSData, exposure, used, n_points: int) -> np.ndarray:
+    """t (N_used,): counts per unit of intensity at the points `used` (indices), so that the counts are n = t·I_obs."""
     y = data.intensity[used]
     if np.any(y < 0):
         raise ValueError(f"loss='poisson' needs intensities ≥ 0 (counts/exposure); {int((y < 0).sum())} used points "
                          "are negative: use loss='chi2' for background-subtracted data")
     if exposure is not None:
         t = np.asarray(exposure, dtype=float)
-        if t.ndim and t.shape != (len(data),):
-            raise ValueError(f"exposure must be one number or one per point, shape ({len(data)},); got {t.shape}")
-        t = np.broadcast_to(t, (len(data),))[used]
+        if t.ndim and t.shape != (n_points,):
+            raise ValueError(f"exposure must be one number or one per point, shape ({n_points},); got {t.shape}")
+        t = np.broadcast_to(t, (n_points,))[used]
         if not np.all(np.isfinite(t) & (t > 0)):
             raise ValueError("exposure (counts per unit of intensity) must be finite and > 0")
         return t
@@ -310,6 +343,10 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
     if data.cell is not None:
         data.check_cell(model.unitcell.cell[:], "the model's structure")
     temperature = data.require_temperature(temperature)
+    if method == "sampling" and distributed.size() > 1:
+        raise ValueError("the sampling model runs on one process; shard a gaussian or one-phonon fit over ranks, or "
+                         "run without torchrun")
+    progress = progress and distributed.is_main()
     options = dict(tds_options or {})
     options.setdefault("q_max", float(data.q_norm[np.asarray(data.mask, dtype=bool)].max()))
     original = model.theta.detach().cpu().numpy().copy()
@@ -317,8 +354,8 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
         tds = TDSModel(model, temperature, method=method, statistics=statistics, **options)
         objective = _Objective(tds, data, scale, background, loss, compton, exposure)
         n_free = model.n_params + objective.nuisance.n_free
-        if len(objective.y) <= n_free:
-            raise ValueError(f"only {len(objective.y)} data points are used for {model.n_params} parameters "
+        if objective.n_total <= n_free:
+            raise ValueError(f"only {objective.n_total} data points are used for {model.n_params} parameters "
                              f"(+ {objective.nuisance.n_free} nuisance); widen the mask or use fewer shells")
         model_error = _control_model_error(objective)
     except UnstableError as err:
@@ -330,7 +367,7 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
                       stacklevel=2)
     settings = dict(tds.settings(), scale=scale, background=background,
                     compton=compton if isinstance(compton, bool) else "callable", loss=loss, optimizer=optimizer,
-                    prior_sigma=prior_sigma, data=_fingerprint(objective))
+                    prior_sigma=prior_sigma, data=objective.fingerprint)
     if method == "sampling":  # what redraws the fitted model (and what a checkpoint must match)
         sampler = tds.sampler
         seed = None if sampler.seed is None else int(sampler.seed)
@@ -368,13 +405,14 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
         return _result(model, tds, objective, theta, iterations, history, settings, compton, model_error, status)
 
 
-def _fingerprint(objective) -> str:
-    """A short hash of the used points (Q, intensity, weights): a checkpoint of other data is refused."""
+def _fingerprint(data: TDSData, used) -> str:
+    """A short hash of the used points (Q, intensity, σ): a checkpoint of other data is refused."""
     import hashlib
 
     digest = hashlib.sha256()
-    for array in (objective.q, objective.y, objective.data_w):
-        digest.update(np.ascontiguousarray(array.detach().cpu().numpy()).tobytes())
+    for array in (data.q, data.intensity, data.sigma):
+        if array is not None:
+            digest.update(np.ascontiguousarray(np.asarray(array, dtype=float)[used]).tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -418,14 +456,14 @@ def _control_model_error(objective) -> dict:
         promoted |= move
         pick = torch.nonzero(move)[:, 0]
         delta[pick] = scale * tds.discretisation_error(objective.q[pick], levels[pick])
-    above = delta > MODEL_ERROR_FRACTION * sigma
+    above = int(distributed.total(float((delta > MODEL_ERROR_FRACTION * sigma).sum())))
     objective.levels = levels
     objective.model_variance = delta**2
     objective.w = 1.0 / (1.0 / objective.w + objective.model_variance)
     record = _model_error_record(delta / scale, intensity, sigma / scale)
-    record["points_on_larger_crystals"] = int(promoted.sum())
-    if above.any():
-        warnings.warn(f"the forward model's own error exceeds a fifth of σ on {int(above.sum())} of {len(delta)} points "
+    record["points_on_larger_crystals"] = int(distributed.total(float(promoted.sum())))
+    if above:
+        warnings.warn(f"the forward model's own error exceeds a fifth of σ on {above} of {objective.n_total} points "
                       f"(largest {record['max_over_sigma']:.2g} σ) after moving them to larger crystals (twice at "
                       "most); it is added to their variance. A finer model: tds_options=dict(accuracy=...) or a "
                       "larger grid", stacklevel=3)
@@ -433,7 +471,9 @@ def _control_model_error(objective) -> dict:
 
 
 def _model_error_record(delta, intensity, sigma) -> dict:
-    """delta, intensity (N,) e.u./atom; sigma (N,) the data's σ in e.u./atom (divided by the scale)."""
+    """delta, intensity (N,) e.u./atom; sigma (N,) the data's σ in e.u./atom (divided by the scale); of this rank's
+    points (the record is of all ranks' points)."""
+    delta, intensity, sigma = (distributed.gathered(x) for x in (delta, intensity, sigma))
     relative = (delta / torch.clamp(torch.abs(intensity), min=1e-300)).cpu().numpy()
     over = (delta / sigma).cpu().numpy()
     return {"estimate": "|I(grid) − I(1.5 × grid)|", "median_relative": float(np.median(relative)),
@@ -610,11 +650,18 @@ def _whitening(objective, theta: np.ndarray, n_points: int = 256) -> np.ndarray:
     Directions the data barely see (a mirror-plane slice hides some) get at least 10⁻⁶ of the curvature of the
     best-determined one: with less, a unit step in x ran so far along them that the crystal became unstable and
     the first line search stalled. The preconditioning moves the path, not the minimum."""
-    pick = torch.as_tensor(np.linspace(0, len(objective.q) - 1, min(n_points, len(objective.q))).astype(int))
-    jac = _jacobian(objective, theta, pick) * torch.sqrt(objective.w[pick])[:, None]
-    normal = (jac.T @ jac).cpu().numpy()
+    n_total = objective.n_total
+    chosen = np.linspace(0, n_total - 1, min(n_points, n_total)).astype(int)  # over all ranks' points
+    mine = distributed.shard(n_total)
+    pick = torch.as_tensor(chosen[(chosen >= mine[0]) & (chosen <= mine[-1])] - mine[0] if len(mine) else [],
+                           dtype=torch.int64)
+    normal = np.zeros((len(theta), len(theta)))
+    if len(pick):
+        jac = _jacobian(objective, theta, pick) * torch.sqrt(objective.w[pick])[:, None]
+        normal = (jac.T @ jac).cpu().numpy()
+    normal = distributed.total(normal)
     if objective.prior is not None:  # the prior's curvature, on the subset's footing
-        normal += len(pick) / len(objective.q) / objective.prior[1] ** 2 * np.eye(len(normal))
+        normal += len(chosen) / n_total / objective.prior[1] ** 2 * np.eye(len(normal))
     normal += 1e-6 * np.linalg.eigvalsh(normal)[-1] * np.eye(len(normal))
     return np.linalg.cholesky(normal).T
 
@@ -638,19 +685,19 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
         values = nuisance.values(beta)
         deviance = None
         if objective.loss == "poisson":
-            deviance = float(objective.value(calc))
+            deviance = distributed.total(float(objective.value(calc)))
             fit_variance = variance = torch.clamp(calc, min=1e-300) / objective.exposure  # Poisson: var(I_obs) = m/t
         else:
             fit_variance, variance = 1.0 / objective.w, 1.0 / objective.data_w + objective.model_variance
         if stderr is not None:
             variance = variance + (values["scale"] * stderr) ** 2
-        chi2 = float(((calc - objective.y) ** 2 / variance).sum())
+        chi2 = distributed.total(float(((calc - objective.y) ** 2 / variance).sum()))
         jac = torch.cat([values["scale"] * _jacobian(objective, theta), nuisance.design(intensity)[1]], dim=1)
         weighted = jac / fit_variance[:, None]
-        normal = (jac.T @ weighted).cpu().numpy()
-        middle = (weighted.T @ (weighted * variance[:, None])).cpu().numpy()
+        normal = distributed.total((jac.T @ weighted).cpu().numpy())
+        middle = distributed.total((weighted.T @ (weighted * variance[:, None])).cpu().numpy())
     n_free = jac.shape[1]
-    n_points = len(objective.y)
+    n_points = objective.n_total
     n = fc.n_params
     combinations = parameter_combinations(fc.labels, theta, _profiled(normal, n))  # what the data alone determine
     if objective.prior is not None:  # the prior acts as one more measurement of each θ_k, of variance σ_p²
