@@ -144,6 +144,9 @@ def _parser() -> argparse.ArgumentParser:
                           "(default: %(default)s)")
     fit.add_argument("--debye-temperature", type=float, default=300.0,
                      help="K, the Debye temperature that --start springs is scaled to (default: %(default)s)")
+    fit.add_argument("--bin", type=int, default=1, metavar="K",
+                     help="NeXus volumes: average K×K×K voxels into one point (σ propagated) for a quick first fit "
+                          "(default: %(default)s, every measured voxel)")
     fit.add_argument("--prior-sigma", type=float, metavar="EV_PER_A2",
                      help="a ridge towards the start: each force constant gets a prior of this width (eV/Å²), so "
                           "that combinations the data do not determine (named by the fit, drawn in "
@@ -413,7 +416,7 @@ def _fit_command(args) -> int:
     if checkpoint is not None and not checkpoint.parent.is_dir():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder {checkpoint.parent}; create it first")
     structure = _read_structure(args.structure)
-    data = TDSData.read(args.data, structure=structure, temperature=args.temperature)
+    data = TDSData.read(args.data, structure=structure, temperature=args.temperature, bin=args.bin)
     temperature = data.require_temperature(args.temperature)
     reference = PhonopyForceConstants(args.reference) if args.reference else None
     if reference is not None:

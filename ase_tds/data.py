@@ -226,27 +226,34 @@ class TDSData:
     # ---- files --------------------------------------------------------------------------------
 
     @classmethod
-    def read(cls, path, structure=None, temperature=None) -> TDSData:
+    def read(cls, path, structure=None, temperature=None, bin: int = 1) -> TDSData:
         """Read a data file: an HDF5 point list (docs/data-format.md), a NeXus NXdata volume, or an `.npz` point list.
 
         structure: the ase.Atoms (or cell (3, 3) Å) whose cell the hkl index. It may be left out only
         when the file stores that cell in a `cell` dataset; when both are there they must agree.
         temperature (K): overrides the file's attribute.
+        bin: NeXus volumes only: average bin³ voxels into one point (their mean hkl and mean intensity, σ =
+        √Σσ²/n over the n measured voxels of the block; a remainder at the end of an axis is left out), for a
+        quick first fit. A volume is read in slabs, and only its measured (finite) voxels are kept.
         """
+        if not (isinstance(bin, (int, np.integer)) and bin >= 1):
+            raise TDSError(f"bin must be a whole number of voxels ≥ 1 per axis, got {bin!r}")
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such data file")
+        volume = False
         if zipfile.is_zipfile(path):
             fields = _read_npz(path)
         elif h5py.is_hdf5(path):
             with h5py.File(path, "r") as f:
-                if "hkl" in f or "intensity" in f:
-                    fields = _read_point_list(f, path)
-                else:
-                    fields = _read_nxdata(_find_nxdata(f, path), path)
+                volume = not ("hkl" in f or "intensity" in f)
+                fields = _read_nxdata(_find_nxdata(f, path), path, bin) if volume else _read_point_list(f, path)
         else:
             raise TDSError(f"{path}: neither HDF5 nor .npz; write the data as an HDF5 point list "
                            "(datasets hkl, intensity, sigma, mask; attribute temperature — docs/data-format.md)")
+        if bin > 1 and not volume:
+            raise TDSError(f"{path}: bin={bin} averages the voxels of a NeXus volume, and this file is a point list; "
+                           "read it without bin")
         stored_cell = fields.pop("cell")
         if structure is None and stored_cell is None:
             raise TDSError(f"{path}: field 'hkl' indexes the cell of a structure file, and none was given; "
@@ -406,7 +413,11 @@ def _find_nxdata(f: h5py.File, path: Path) -> h5py.Group:
     return node
 
 
-def _read_nxdata(group: h5py.Group, path: Path) -> dict:
+NEXUS_SLAB_VOXELS = 2**22  # voxels read at a time from a NeXus volume
+
+
+def _read_nxdata(group: h5py.Group, path: Path, bin: int = 1) -> dict:
+    """The measured voxels of an NXdata volume (or bin³ averages of them), read in slabs along its first axis."""
     where = f"{path}:{group.name}"
     signal_name = _text(group.attrs.get("signal"))
     if signal_name is None:  # older style: signal=1 on the dataset itself
@@ -416,7 +427,7 @@ def _read_nxdata(group: h5py.Group, path: Path) -> dict:
         raise TDSError(f"{where}: field 'signal' does not name an intensity dataset; set the group attribute "
                        "signal='<dataset name>'")
     signal = group[signal_name]
-    intensity = np.asarray(signal[()], dtype=float)
+    intensity = signal  # an h5py dataset: read below in slabs
     if intensity.ndim != 3:
         raise TDSError(f"{where}: field '{signal_name}' has shape {intensity.shape}; an NXdata volume needs a 3D "
                        "intensity on H, K, L axes")
@@ -442,19 +453,34 @@ def _read_nxdata(group: h5py.Group, path: Path) -> dict:
             raise TDSError(f"{where}: field '{name}' has {len(values)} values but the intensity has {n} along "
                            f"axis {dim}; give one value (or n+1 bin edges) per voxel")
         centres.append(values)
-    grids = np.meshgrid(*centres, indexing="ij")
-    hkl = np.stack([grids[components.index(c)] for c in "hkl"], axis=-1).reshape(-1, 3)
-    intensity = intensity.ravel()
     errors_name = next((n for n in ("errors", f"{signal_name}_errors") if n in group), None)
-    sigma = None if errors_name is None else np.asarray(group[errors_name][()], dtype=float).ravel()
-    if sigma is not None and sigma.shape != intensity.shape:
-        raise TDSError(f"{where}: field '{errors_name}' has {sigma.size} values for {intensity.size} voxels; "
+    errors = None if errors_name is None else group[errors_name]
+    if errors is not None and errors.shape != intensity.shape:
+        raise TDSError(f"{where}: field '{errors_name}' has {errors.size} values for {intensity.size} voxels; "
                        "give one σ per voxel")
-    measured = np.isfinite(intensity) & (np.isfinite(sigma) if sigma is not None else True)
-    intensity = np.where(measured, intensity, 0.0)  # gaps: masked out, placeholder values never used
-    if sigma is not None:
-        sigma = np.where(measured, sigma, 1.0)
-    return dict(hkl=hkl, intensity=intensity, sigma=sigma, mask=measured, temperature=_nexus_temperature(group),
+    shape = np.array(intensity.shape) // bin
+    if np.any(shape == 0):
+        raise TDSError(f"{where}: bin={bin} is larger than the volume {intensity.shape}; use a smaller bin")
+    centres = [c[: n * bin].reshape(n, bin).mean(axis=1) for c, n in zip(centres, shape)]
+    rows = max(1, NEXUS_SLAB_VOXELS // (int(np.prod(intensity.shape[1:])) * bin)) * bin  # voxel rows per slab
+    parts = []
+    for start in range(0, shape[0] * bin, rows):
+        stop = min(start + rows, shape[0] * bin)
+        block = np.asarray(intensity[start:stop, : shape[1] * bin, : shape[2] * bin], dtype=float)
+        sigma = None if errors is None else np.asarray(errors[start:stop, : shape[1] * bin, : shape[2] * bin],
+                                                         dtype=float)
+        measured = np.isfinite(block) & (np.isfinite(sigma) if sigma is not None else True)
+        grouped = lambda a: a.reshape(-1, bin, shape[1], bin, shape[2], bin).sum(axis=(1, 3, 5))
+        count = grouped(measured.astype(float))
+        mean = grouped(np.where(measured, block, 0.0)) / np.maximum(count, 1)
+        keep = np.nonzero(count > 0)
+        index = (keep[0] + start // bin, keep[1], keep[2])
+        sig = None if sigma is None else np.sqrt(grouped(np.where(measured, sigma, 0.0) ** 2))[keep] / count[keep]
+        parts.append((np.stack([centres[d][index[d]] for d in range(3)], axis=-1), mean[keep], sig))
+    hkl = np.concatenate([p[0] for p in parts]).reshape(-1, 3)[:, [components.index(c) for c in "hkl"]]
+    values = np.concatenate([p[1] for p in parts])
+    sigma = None if errors is None else np.concatenate([p[2] for p in parts])
+    return dict(hkl=hkl, intensity=values, sigma=sigma, mask=None, temperature=_nexus_temperature(group),
                 units=_text(signal.attrs.get("units", group.attrs.get("units"))),
                 cell=group["cell"][()] if "cell" in group else None)
 

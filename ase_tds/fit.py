@@ -195,6 +195,7 @@ class _Objective:
         self.levels = None  # the gaussian model's crystal per point (None: its own choice)
         self.n_theta = fc.n_params
         self.prior = None  # (θ₀ (n,), σ_p): the ridge Σ((θ − θ₀)/σ_p)² added to the loss
+        self.progress = False  # a progress bar over the chunks of each evaluation
         self._beta = None
 
     def intensity(self, pick=None) -> torch.Tensor:
@@ -255,7 +256,8 @@ class _Objective:
                 intensity = torch.cat([self.intensity(chunk) for chunk in self.chunks])
             beta = self.profile(intensity)
             value = 0.0
-            for chunk in self.chunks:  # each chunk's graph is freed before the next is built
+            chunks = tqdm(self.chunks, desc="evaluation (chunks)", leave=False, disable=not self.progress)
+            for chunk in chunks:  # each chunk's graph is freed before the next is built
                 part = self.value(self.nuisance.model(self.intensity(chunk), beta, chunk), chunk)
                 part.backward()
                 value = value + part.detach()
@@ -361,6 +363,7 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
     except UnstableError as err:
         raise _unstable_start(model, original, original, err, "") from err
     tds = objective.tds
+    objective.progress = progress and len(objective.chunks) >= 5  # an evaluation of ≥ 10⁵ points takes seconds
     if method == "sampling" and tds.sampler.seed is None:
         warnings.warn("the sampler has no seed: every evaluation draws new displacements, so the loss is noisy and "
                       "Adam anneals on that noise; give it a seed (common random numbers) for a smooth loss",

@@ -115,14 +115,33 @@ def test_nxdata_volume_with_gap(tmp_path, ni, old_style):
     path = tmp_path / "volume.nxs"
     (h, k, l), intensity = write_nxdata(path, old_style=old_style)
     data = TDSData.read(path, structure=ni)
-    assert len(data) == 24 and data.n_used == 23 and data.temperature == 150.0
+    assert len(data) == 23 and data.n_used == 23 and data.temperature == 150.0  # the gap voxel is not kept
     expected_hkl = np.stack(np.meshgrid(h, k, l, indexing="ij"), axis=-1).reshape(-1, 3)
-    np.testing.assert_allclose(data.hkl, expected_hkl)
-    gap = np.flatnonzero(~data.mask)
-    np.testing.assert_allclose(data.hkl[gap[0]], [h[1], k[2], l[0]])
-    used = data.mask
-    np.testing.assert_allclose(data.intensity[used], intensity.ravel()[used])
-    np.testing.assert_allclose(data.sigma[used], np.sqrt(intensity.ravel()[used]))
+    measured = np.isfinite(intensity.ravel())
+    np.testing.assert_allclose(data.hkl, expected_hkl[measured])
+    assert not np.any(np.all(np.isclose(data.hkl, [h[1], k[2], l[0]]), axis=1))
+    np.testing.assert_allclose(data.intensity, intensity.ravel()[measured])
+    np.testing.assert_allclose(data.sigma, np.sqrt(intensity.ravel()[measured]))
+
+
+def test_nxdata_bin_averages_voxels_with_their_errors(tmp_path, ni, monkeypatch):
+    """bin=2 on the 4×3×2 volume: blocks (2, 1, 1) of 2×2×2 voxels (the third K row left out), each the mean of
+    its measured voxels with σ = √Σσ²/n; read in slabs of one block row (the slab loop itself is exercised)."""
+    path = tmp_path / "volume.nxs"
+    (h, k, l), intensity = write_nxdata(path)
+    monkeypatch.setattr("ase_tds.data.NEXUS_SLAB_VOXELS", 1)
+    data = TDSData.read(path, structure=ni, bin=2)
+    assert len(data) == 2
+    for row, block in enumerate((intensity[0:2, 0:2, :], intensity[2:4, 0:2, :])):
+        values = block[np.isfinite(block)]
+        assert data.intensity[row] == pytest.approx(values.mean())
+        assert data.sigma[row] == pytest.approx(np.sqrt(values.sum()) / len(values))  # σ² = I per voxel here
+    np.testing.assert_allclose(data.hkl[:, 0], [h[0:2].mean(), h[2:4].mean()])
+    np.testing.assert_allclose(data.hkl[:, 1:], [[k[0:2].mean(), l.mean()]] * 2)
+    with pytest.raises(TDSError, match="larger than the volume"):
+        TDSData.read(path, structure=ni, bin=5)
+    with pytest.raises(TDSError, match="whole number of voxels"):
+        TDSData.read(path, structure=ni, bin=0)
 
 
 def test_nxdata_axes_matched_by_name(tmp_path, ni):

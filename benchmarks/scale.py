@@ -1,0 +1,167 @@
+"""Scale (issue 12): loss + gradient throughput and peak memory against the number of points, 1 and 2 ranks, and
+a whole NeXus volume of 10⁶ voxels fitted by `ase-tds fit`.
+
+Peer in the same run: the same evaluation on one process (the 2-rank figure is the ratio against it). Each figure
+comes from its own subprocess, so that its peak resident memory (ru_maxrss) is its own:
+
+- throughput: points/s of one evaluation of the fit's profiled χ² and its gradient (`_Objective.evaluate`, chunks
+  of CHUNK_POINTS points) at the converged default gaussian model, after one warm-up evaluation; N = 10⁴, 10⁵, 10⁶;
+  crystals: Ni (1 atom, 5 shells, 16 parameters) and MgB₂ (3 atoms, pairs to 4.8 Å: 45 parameters);
+  2 ranks by torchrun (gloo), the wall time of rank 0, the peak memory of each rank;
+- volume: a 100³-voxel NeXus NXdata cube of Ni at 300 K (hkl step 0.06 r.l.u. around (2.5, 2.5, 2.5), Bragg
+  neighbourhoods NaN), 0.3 % Poisson noise; the truth EMT nickel, fitted by `python -m ase_tds fit ... --start
+  springs` (its defaults otherwise): wall time, peak memory, worst |Δθ|/|1XX| and the largest pull.
+
+    python benchmarks/scale.py [--quick] [--parts throughput,volume]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from _common import machine, write_json  # noqa: E402
+
+T = 300.0
+
+
+def crystal(name: str):
+    """(truth model, structure): Ni with EMT's constants, or MgB₂ with the DFT constants (any_crystal's truth)."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from ase_tds import ForceConstantModel
+
+    if name == "Ni":
+        atoms = bulk("Ni", "fcc", a=3.52, cubic=True)
+        return ForceConstantModel(atoms, shells=5).set_from_calculator(EMT(), progress=False), atoms
+    import any_crystal
+
+    any_crystal.CUTOFF["MgB2"] = 4.8
+    truth = any_crystal.truth_model("MgB2")
+    return truth, truth.unitcell
+
+
+def worker(name: str, n: int) -> None:
+    """One evaluation's throughput and this process's peak memory, as JSON on stdout (rank 0's)."""
+    import importlib
+
+    import torch
+
+    from ase_tds import TDSData, TDSModel, distributed
+
+    fit_module = importlib.import_module("ase_tds.fit")
+    distributed.start()
+    truth, atoms = crystal(name)
+    rng = np.random.default_rng(0)
+    hkl = rng.uniform(-4, 4, size=(n, 3))
+    q = truth.q_from_hkl(hkl)
+    data = TDSData.from_hkl(hkl, np.ones(n), atoms.cell[:], sigma=np.full(n, 0.01), temperature=T,
+                            units="e.u./atom").mask_bragg(0.1, truth.primitive.cell[:])
+    tds = TDSModel(truth, T, q_max=float(np.linalg.norm(q, axis=1).max()))
+    objective = fit_module._Objective(tds, data, "fixed", "free", "chi2")
+    theta = truth.theta.detach().numpy()
+    objective.evaluate(theta)  # warm-up: the model's caches
+    t0 = time.perf_counter()
+    objective.evaluate(theta)
+    seconds = time.perf_counter() - t0
+    peak = distributed.total(float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2**20)  # GiB, all ranks
+    if distributed.is_main():
+        print(json.dumps({"crystal": name, "points": int(objective.n_total), "parameters": truth.n_params,
+                          "ranks": distributed.size(), "grid": list(tds.grid), "seconds": seconds,
+                          "points_per_s": objective.n_total / seconds, "peak_GiB_all_ranks": peak,
+                          "threads": torch.get_num_threads()}))
+    distributed.stop()
+
+
+def run_worker(name: str, n: int, ranks: int) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, str(n)]
+    if ranks > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+                   str(Path(__file__).resolve()), "--worker", name, str(n)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, os.cpu_count() // ranks)))
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  {name} N={record['points']:>8} ranks={ranks}: {record['seconds']:7.2f} s, "
+          f"{record['points_per_s']:9.0f} points/s, peak {record['peak_GiB_all_ranks']:.2f} GiB", flush=True)
+    return record
+
+
+def volume(quick: bool) -> dict:
+    """A NeXus cube of Ni fitted by the command a user types; wall time and peak memory of that command."""
+    import h5py
+
+    from ase_tds import simulate
+    from ase_tds.data import add_poisson_noise
+
+    import tempfile
+
+    truth, atoms = crystal("Ni")
+    side = 40 if quick else 100
+    axis = np.round(2.5 + 0.06 * (np.arange(side) - side / 2), 6)
+    grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    folder = Path(tempfile.mkdtemp(prefix="scale-"))
+    t0 = time.time()
+    data = add_poisson_noise(simulate(truth, grid, T), 1.1e5, np.random.default_rng(1))
+    print(f"  simulated {len(grid)} voxels: {time.time() - t0:.0f} s", flush=True)
+    bragg = ~data.mask_bragg(0.1, truth.primitive.cell[:]).mask
+    values, sigma = data.intensity.copy(), data.sigma.copy()
+    values[bragg] = sigma[bragg] = np.nan
+    path = folder / "volume.nxs"
+    with h5py.File(path, "w") as f:
+        group = f.create_group("entry/data")
+        group.attrs.update(NX_class="NXdata", signal="data", axes=["H", "K", "L"], temperature=T, units="e.u./atom")
+        group["data"] = values.reshape(side, side, side)
+        group["errors"] = sigma.reshape(side, side, side)
+        group["H"] = group["K"] = group["L"] = axis
+    atoms.write(folder / "Ni.cif")
+    command = ["/usr/bin/time", "-f", "%M %e", sys.executable, "-m", "ase_tds", "fit", str(folder / "Ni.cif"),
+               str(path), "--start", "springs", "--out", str(folder / "fit")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    peak_kib, wall = (float(x) for x in done.stderr.strip().splitlines()[-1].split())
+    record = json.loads((folder / "fit" / "fit.json").read_text())
+    theta = np.array([p["value"] for p in record["parameters"]])
+    sigma_theta = np.array([p["sigma"] for p in record["parameters"]])
+    true = truth.theta.detach().numpy()
+    out = {"voxels": len(grid), "points": record["n_points"], "exit_code": done.returncode, "wall_s": wall,
+           "peak_GiB": peak_kib / 2**20, "iterations": record["iterations"], "chi2_red": record["chi2_red"],
+           "worst_theta_of_1XX": float(np.abs(theta - true).max() / abs(true[0])),
+           "largest_pull": float(np.abs((theta - true) / sigma_theta).max())}
+    print(f"  volume: {out}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--parts", default="throughput,volume")
+    parser.add_argument("--worker", nargs=2, metavar=("CRYSTAL", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker[0], int(args.worker[1]))
+    sizes = (10**4, 10**5) if args.quick else (10**4, 10**5, 10**6)
+    records = {"machine": machine()}
+    if "throughput" in args.parts:
+        records["throughput"] = [run_worker(name, n, ranks) for name in ("Ni", "MgB2") for n in sizes
+                                 for ranks in (1, 2)]
+    if "volume" in args.parts:
+        records["volume"] = volume(args.quick)
+    write_json("scale_quick.json" if args.quick else "scale.json", records)
+
+
+if __name__ == "__main__":
+    main()
