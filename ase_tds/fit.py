@@ -403,7 +403,7 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
                                   state.get("adam") if state else None, learning_rate)
     else:
         theta, iterations, status = _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, history,
-                                           saver)
+                                           saver, rewhiten=lambda theta: _rewhiten(objective, theta))
     with _fixed_noise(tds):
         return _result(model, tds, objective, theta, iterations, history, settings, compton, model_error, status)
 
@@ -484,58 +484,69 @@ def _model_error_record(delta, intensity, sigma) -> dict:
             "fraction_above_fifth_sigma": float((over > MODEL_ERROR_FRACTION).mean())}
 
 
-def _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, history, saver):
+def _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, history, saver, rewhiten=None):
     """L-BFGS-B on x = Rθ (R from the Gauss–Newton matrix: the far shells as visible as the first).
 
+    It runs in rounds of at most ROUND_ITERATIONS iterations; after a full round R is recomputed at the best θ
+    (`rewhiten(θ)`), since R from the start can be far from the curvature near the minimum (a single plane of
+    data: a long curved valley that L-BFGS crawled along for hundreds of iterations). A line search that stops
+    short (e.g. at the unstable region) also starts a new round from the best point, with a fresh memory.
     Returns (θ, iterations, status): θ the lowest loss evaluated (never worse than the start), status
     {"converged": bool, "reason": text} from SciPy's stop and the whitened gradient there.
     """
-    unwhiten = np.linalg.inv(whiten)
-    last = {"value": history[-1], "iterations": done}
+    state = {"value": history[-1], "iterations": done, "whiten": whiten, "unwhiten": np.linalg.inv(whiten)}
     if max_iter - done <= 0:
         return np.asarray(start, dtype=float), done, {"converged": False, "reason": f"iteration limit ({max_iter})"}
-    best = {"value": np.inf, "x": whiten @ np.asarray(start, dtype=float), "grad": None}
+    best = {"value": np.inf, "theta": np.asarray(start, dtype=float), "grad": None}
     bar = tqdm(total=max_iter, initial=done, desc="fit (L-BFGS)", disable=not progress)
 
     def fun(x):
+        theta = state["unwhiten"] @ x
         try:
-            value, grad, _ = objective.evaluate(unwhiten @ x)
+            value, grad, _ = objective.evaluate(theta)
         except UnstableError:
             # reject: a large value makes the line search backtrack toward the stable side
-            return 1e6 * (abs(last["value"]) + 1.0), np.zeros_like(x)
-        last["value"] = value
-        grad = unwhiten.T @ grad
+            return 1e6 * (abs(state["value"]) + 1.0), np.zeros_like(x)
+        state["value"] = value
+        grad = state["unwhiten"].T @ grad
         if value < best["value"]:
-            best.update(value=value, x=np.array(x), grad=grad)
+            best.update(value=value, theta=theta, grad=grad)
         return value, grad
 
     def callback(xk):
-        history.append(last["value"])
-        last["iterations"] += 1
+        history.append(state["value"])
+        state["iterations"] += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{last['value']:.6g}")
+        bar.set_postfix(loss=f"{state['value']:.6g}")
         if saver is not None:
-            saver.write(unwhiten @ xk, last["iterations"], history, whiten)
+            saver.write(state["unwhiten"] @ xk, state["iterations"], history, state["whiten"])
 
     with bar:
-        # a line search that runs into the unstable region can stop far from the minimum: start again from the
-        # best point with a fresh memory, as long as that makes progress
         for _ in range(RESTARTS + 1):
             before = best["value"]
-            res = minimize(fun, best["x"], jac=True, method="L-BFGS-B", callback=callback,
-                           options=dict(maxiter=max_iter - last["iterations"], ftol=rtol, gtol=gtol, maxcor=20))
+            budget = max_iter - state["iterations"]
+            res = minimize(fun, state["whiten"] @ best["theta"], jac=True, method="L-BFGS-B", callback=callback,
+                           options=dict(maxiter=min(budget, ROUND_ITERATIONS), ftol=rtol, gtol=gtol, maxcor=20))
             status = _lbfgs_status(res, best["grad"], max_iter)
-            if res.status != 2 or status["converged"] or not best["value"] < before or last["iterations"] >= max_iter:
+            if (res.status not in (1, 2) or status["converged"] or not best["value"] < before
+                    or state["iterations"] >= max_iter):
                 break
-    theta = unwhiten @ best["x"]
-    iterations = last["iterations"]
+            if res.status == 1 and rewhiten is not None:  # a full round: the curvature at the best point
+                state["whiten"] = rewhiten(best["theta"])
+                state["unwhiten"] = np.linalg.inv(state["whiten"])
+                best["grad"] = None
+    if state["iterations"] < max_iter and res.status == 1:  # a round's end, not the limit: not converged
+        status = {"converged": False, "reason": f"stalled after {state['iterations']} iterations"}
+    theta = best["theta"]
     if saver is not None:
-        saver.write(theta, iterations, history, whiten)
-    return theta, iterations, status
+        saver.write(theta, state["iterations"], history, state["whiten"])
+    return theta, state["iterations"], status
 
 
-# L-BFGS restarts from the best point after a line search stops short of the minimum (see _lbfgs)
+# L-BFGS starts a new round from the best point after a line search stops short of the minimum, or after
+# ROUND_ITERATIONS iterations with the whitening recomputed there (see _lbfgs)
 RESTARTS = 10
+ROUND_ITERATIONS = 40
 
 
 def _lbfgs_status(res, grad, max_iter) -> dict:
@@ -645,6 +656,11 @@ def _jacobian(objective, theta: np.ndarray, pick=None) -> torch.Tensor:
         fc.theta.add_(step)
         columns.append((plus - minus) / (2 * step[k]))
     return torch.stack(columns, dim=1)
+
+
+def _rewhiten(objective, theta: np.ndarray) -> np.ndarray:
+    with _fixed_noise(objective.tds):
+        return _whitening(objective, theta)
 
 
 def _whitening(objective, theta: np.ndarray, n_points: int = 256) -> np.ndarray:

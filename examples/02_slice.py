@@ -2,7 +2,7 @@
 
 A beamline reduction hands you a reciprocal-space volume as a NeXus NXdata group. Here we make one
 (synthetic, EMT nickel at 300 K: counts = 350 × I + 40 with Poisson noise, a detector gap), turn it
-into the point list of DESIGN §7, read it back, keep only the (h k 0) plane and fit with a free
+into the point list of docs/data-format.md, read it back, keep only the (h k 0) plane and fit with a free
 intensity scale and background. One plane samples only the phonons with q in that plane; the output
 shows what that costs in the parameters' 1σ and correlations.
 
@@ -65,7 +65,7 @@ def write_beamline_volume(path):
 
 # --8<-- [start:convert]
 def volume_to_point_list(nexus_path, structure, out_path):
-    """NXdata volume ordered (L, K, H) → HDF5 point list (DESIGN §7), one row per measured voxel."""
+    """NXdata volume ordered (L, K, H) → HDF5 point list (docs/data-format.md), one row per measured voxel."""
     with h5py.File(nexus_path, "r") as f:
         group = f["entry/data"]
         counts = group[group.attrs["signal"]][()]  # (nL, nK, nH), NaN where nothing was measured

@@ -1,4 +1,4 @@
-"""Thermal displacement covariance (DESIGN §2), each quantity against an independent route, float64.
+"""Thermal displacement covariance (docs/theory.md), each quantity against an independent route, float64.
 
 - C̃(q) (`thermal_covariance`): phonopy's own dynamical matrix at q, diagonalised with numpy.
 - C_{κ0,κ'l} (`real_space_covariance`): a dense supercell Hessian built on positions, pseudo-inverted
@@ -263,7 +263,7 @@ def _check_gamma(models, name, hkl, statistics):
         ph = supercell_phonopy(model, PHONOPY_SUPERCELL[name])
         ref = reference_covariance(model, phonopy_dynamical_matrix(model, ph, q[0]), T_ROOM, statistics, n_drop=3)
     # the fixed centre of mass: no covariance along the rigid translations, which at q = G read
-    # u_κα ∝ e^{−iG·r_κ} in the position convention of C̃ (DESIGN §2)
+    # u_κα ∝ e^{−iG·r_κ} in the position convention of C̃ (docs/theory.md)
     sqrt_m = np.repeat(np.sqrt(model.masses.numpy()), 3)
     trans = np.zeros((3 * n, 3), dtype=complex)
     for k in range(n):

@@ -53,7 +53,7 @@ def test_point_list_round_trip(tmp_path, triclinic):
     data = random_data(triclinic, temperature=295.0, units="e.u./atom")
     path = tmp_path / "points.h5"
     data.write(path)
-    with h5py.File(path, "r") as f:  # the DESIGN §7 contract, as another program would read it
+    with h5py.File(path, "r") as f:  # the docs/data-format.md contract, as another program would read it
         assert f["hkl"].shape == (50, 3) and f["mask"].dtype == bool
         assert f.attrs["temperature"] == 295.0 and f.attrs["units"] == "e.u./atom"
     back = TDSData.read(path, structure=triclinic)

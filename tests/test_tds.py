@@ -1,11 +1,11 @@
-"""TDSModel intensities (DESIGN §2–3), each against an independent route, float64.
+"""TDSModel intensities (docs/theory.md), each against an independent route, float64.
 
 - one-phonon: euphonic's one-phonon structure factor (its own dynamical matrix and eigen-solve from the
   phonopy_params.yaml we export), weighted with coth(ħω/2k_BT) or 2k_BT/ħω; and euphonic's eigenvectors
   summed here with xraydb f₀(|Q|) for a compound.
 - gaussian: its first order is the one-phonon model with the grid's own Debye–Waller factor; at Q commensurate
   with its grid it equals a brute-force sum over a dense periodic supercell whose covariance is the
-  pseudo-inverse of its Hessian (numpy eigh); it carries the DESIGN's multi-phonon share. Its convergence to
+  pseudo-inverse of its Hessian (numpy eigh); it carries the multi-phonon share of docs/theory.md. Its convergence to
   the infinite crystal is in test_convergence.py.
 - limits in temperature, gradients (gradcheck in θ, including degenerate high-symmetry Q) and errors.
 
@@ -336,7 +336,7 @@ def random_directions(rng, count):
 
 def test_multi_phonon_share_for_nickel(models, rng):  # noqa: F811
     """Ni, 300 K, quantum, |Q| = 7 Å⁻¹, 40 directions, grid 15³: the multi-phonon share 1 − I₁/I.
-    DESIGN: 10–20 %. An uncorrelated (Einstein) estimate gives (e^{2W} − 1 − 2W)/(e^{2W} − 1) ≈ W ≈ 10 %
+    The design expects 10–20 %. An uncorrelated (Einstein) estimate gives (e^{2W} − 1 − 2W)/(e^{2W} − 1) ≈ W ≈ 10 %
     with 2W = Q²⟨u_x²⟩ ≈ 0.22; correlations of neighbours raise it. Near Bragg peaks the one-phonon
     term dominates, so single directions may fall lower: the median must lie in 10–20 %, the 10th–90th
     percentiles in 5–25 %."""
