@@ -157,6 +157,14 @@ def judge(out: Path, truth, seconds: float, exit_code: int, slice_only: bool = F
               "warnings": record["warnings"]}
     result["pass"] = bool(result["rms_nu_THz"] <= 0.1 and result["worst_nu_THz"] <= 0.3
                           and result["largest_pull"] <= 3 and exit_code == 0)
+    if slice_only:  # the determined combinations within 3σ of the truth, the undetermined ones named
+        combos = record["combinations"]
+        determined = [c for c in combos if c["determined"]]
+        named = [c["text"] for c in combos if not c["determined"]]
+        projected = [abs(np.array([c["weights"][k] for k in labels]) @ (theta - true)) / c["sigma"] for c in determined]
+        result.update(determined=len(determined), undetermined=named, largest_determined_pull=float(max(projected)))
+        result["pass"] = bool(max(projected) <= 3 and exit_code == 0
+                              and all(any(text in w for w in record["warnings"]) for text in named))
     print(f"  {result['points']} points, {seconds:.0f} s, {result['iterations']} iterations, exit {exit_code}, "
           f"χ²_red {result['chi2_red']:.3f}: ν RMS {result['rms_nu_THz']:.4f} THz, worst {result['worst_nu_THz']:.4f}"
           f" THz, largest |pull| {result['largest_pull']:.2f} ({result['pull_label']}) → "
