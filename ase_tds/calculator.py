@@ -23,7 +23,6 @@ from .model import ForceConstantModel, load_phonopy
 from .structure import (
     StructureError,
     find_primitive,
-    holds_cutoff,
     pair_distances,
     shortest_lattice_vector,
     to_ase_atoms,
@@ -46,7 +45,8 @@ class TDSFitted(Calculator):
     dropped.
 
     The atoms may be any supercell of the crystal (any supercell matrix, any atom order, wrapped or
-    not), at its reference lattice constants: the cell is fixed, so there is no stress
+    not; also one shorter than twice the cutoff: each pair's images are summed, as phonopy's supercell force
+    constants are, which is the Hessian of that periodic supercell), at its reference lattice constants: the cell is fixed, so there is no stress
     (asking for it raises PropertyNotImplementedError). Each atom is assigned to the nearest lattice site
     of its crystal; u is its displacement from that ideal site — never from the positions first seen, so
     wrapping atoms into the cell changes nothing.
@@ -149,11 +149,6 @@ class TDSFitted(Calculator):
                 "the cell is not a supercell of the reference crystal: cell · inv(primitive cell) = "
                 f"{np.round(matrix, 4).tolist()} is not an integer matrix; TDSFitted is a fixed-cell model "
                 "at the fitted lattice constants and orientation")
-        if not holds_cutoff(cell, self.model.cutoff):
-            raise StructureError(
-                f"the supercell is too small for the force constants' cutoff {self.model.cutoff:.3f} Å: its "
-                f"shortest translation ({shortest_lattice_vector(cell):.3f} Å) must exceed "
-                f"{2 * self.model.cutoff:.3f} Å; repeat the cell (atoms.repeat) until it does")
         n_sites = int(round(abs(np.linalg.det(matrix)))) * self.model.n_atoms
         if len(atoms) != n_sites or len(np.unique(site_keys, axis=0)) != len(atoms):
             raise StructureError(f"the supercell has {n_sites} lattice sites but {len(atoms)} atoms on "

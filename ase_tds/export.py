@@ -28,7 +28,6 @@ from .calculator import TDSFitted, model_from_phonopy
 from .covariance import check_statistics, check_temperature
 from .model import ForceConstantModel
 from .sampling import DenseSampler, QSpaceSampler
-from .structure import StructureError, holds_cutoff, shortest_lattice_vector
 
 # the dense (real-space) sampler is used up to this many supercell atoms, the q-space one beyond
 DENSE_MAX_ATOMS = 500
@@ -45,8 +44,9 @@ def thermal_configurations(model: ForceConstantModel, supercell, temperature: fl
                            source: str | None = None, progress: bool = True):
     """An iterator over `n_samples` ase.Atoms: the L1×L2×L3 supercell of `model.unitcell` with thermal displacements.
 
-    supercell: (L1, L2, L3) positive integers; atoms cell by cell (C order), unit-cell atom fastest, as in
-    `ase_tds.sampling`. temperature: K (> 0; 0 allowed for quantum zero-point motion). statistics:
+    supercell: (L1, L2, L3) positive integers, any size (in one shorter than twice the cutoff each pair's images
+    are summed: the Hessian of that periodic supercell); atoms cell by cell (C order), unit-cell atom fastest, as
+    in `ase_tds.sampling`. temperature: K (> 0; 0 allowed for quantum zero-point motion). statistics:
     "classical" | "quantum". seed: int for reproducible draws. sampler: "dense" (classical only),
     "qspace", or "auto" (dense up to DENSE_MAX_ATOMS atoms). Each frame holds E (eV) in
     info[energy_key] and F (N, 3) eV/Å in arrays[forces_key], with also_plain the same as its
@@ -55,11 +55,6 @@ def thermal_configurations(model: ForceConstantModel, supercell, temperature: fl
     supercell, n_samples = _check_arguments(supercell, temperature, n_samples, statistics, energy_key, forces_key)
     if sampler not in ("auto", "dense", "qspace"):
         raise ValueError(f"sampler must be 'auto', 'dense' or 'qspace', got {sampler!r}")
-    cell = np.diag(supercell) @ np.array(model.unitcell.cell[:])
-    if not holds_cutoff(cell, model.cutoff):
-        raise StructureError(f"the {'×'.join(map(str, supercell))} supercell is too small for the force constants' "
-                             f"cutoff {model.cutoff:.3f} Å: its shortest translation ({shortest_lattice_vector(cell):.3f} Å) "
-                             f"must exceed {2 * model.cutoff:.3f} Å; use more repetitions")
     n_atoms = int(np.prod(supercell)) * len(model.unitcell)
     dense = sampler == "dense" or (sampler == "auto" and statistics == "classical" and n_atoms <= DENSE_MAX_ATOMS)
     kind = DenseSampler if dense else QSpaceSampler

@@ -233,11 +233,22 @@ def test_bad_structures_are_refused(model, calc, change, fragment):
         atoms.get_forces()
 
 
-def test_small_supercell_and_bad_tolerance_are_refused(model, calc):
-    atoms = supercell(model, 4)  # shortest translation 9.96 Å < 2 × 5.83 Å
-    atoms.calc = calc
-    with pytest.raises(StructureError, match="too small for the force constants' cutoff"):
-        atoms.get_forces()
+@pytest.mark.parametrize("small", [(2, 2, 2), (3, 2, 4), (1, 1, 1)])
+def test_a_supercell_shorter_than_the_cutoff_is_the_periodic_one(model, calc, small):
+    """Any supercell, also one shorter than twice the 5.83 Å cutoff (a 3×3×3 cubic Ni cell is 10.56 Å): its
+    forces and energy are those of the same displacement pattern repeated through a supercell that holds the
+    cutoff (independent: no image is summed there), which is what a periodic small supercell is."""
+    cubic = bulk("Ni", "fcc", a=3.52, cubic=True)
+    atoms = displaced(cubic.repeat(small), seed=3)
+    repeat = tuple(int(np.ceil(12 / (3.52 * n))) for n in small)  # big: ≥ 12 Å > 2 × 5.83 Å in each direction
+    big = atoms.repeat(repeat)
+    energy, forces = energy_forces(atoms, calc)
+    big_energy, big_forces = energy_forces(big, calc)
+    assert energy == pytest.approx(big_energy / np.prod(repeat), rel=1e-10)
+    np.testing.assert_allclose(np.tile(forces, (np.prod(repeat), 1)), big_forces, atol=1e-12)
+
+
+def test_bad_tolerance_is_refused(model):
     with pytest.raises(ValueError, match="tolerance must lie between"):
         TDSFitted(model, tolerance=1.5)
 

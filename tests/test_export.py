@@ -132,7 +132,6 @@ def test_keys_are_configurable(model, tmp_path):
     (dict(supercell=(2, 2)), ValueError, "three positive integers"),
     (dict(supercell=(2, 0, 2)), ValueError, "three positive integers"),
     (dict(supercell=(2.5, 2, 2)), ValueError, "three positive integers"),
-    (dict(supercell=(1, 1, 1)), StructureError, "too small for the force constants' cutoff"),
     (dict(n_samples=0), ValueError, "n_samples must be a positive integer"),
     (dict(n_samples=1.5), ValueError, "n_samples must be a positive integer"),
     (dict(statistics="quantal"), ValueError, "statistics must be"),
@@ -158,3 +157,18 @@ def test_a_failure_while_writing_leaves_the_old_file(model, tmp_path):
     with pytest.raises(StructureError, match="nearest lattice site"):
         write_training_data(model, path, SUPERCELL, 1e6, 5, seed=0, progress=False)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["t.extxyz"]
+
+
+@pytest.mark.parametrize("sampler", ["dense", "qspace"])
+def test_the_unit_cell_alone_is_a_periodic_supercell(model, sampler):
+    """1×1×1 (4 atoms of Cu3Au, 3.75 Å, shorter than twice the cutoff): frames of that periodic crystal, whose
+    forces are those of the same pattern repeated 2×2×2 (a supercell that holds the cutoff: no image summed)."""
+    frames = list(thermal_configurations(model, (1, 1, 1), 300.0, 3, seed=1, sampler=sampler, progress=False))
+    calc = TDSFitted(model)
+    for frame in frames:
+        big = frame.copy()
+        big.calc = None
+        big = big.repeat(2)
+        big.calc = calc
+        assert frame.get_potential_energy() == pytest.approx(big.get_potential_energy() / 8, rel=1e-10)
+        np.testing.assert_allclose(np.tile(frame.get_forces(), (8, 1)), big.get_forces(), atol=1e-12)
