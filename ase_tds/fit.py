@@ -262,7 +262,7 @@ class _Objective:
                 part.backward()
                 value = value + part.detach()
         grad = distributed.total(fc.theta.grad.detach().cpu().numpy().copy())
-        value = distributed.total(float(value))
+        value = distributed.total(float(torch.as_tensor(value).detach()))
         if self.prior is not None:
             centre, width = self.prior
             value += float(np.sum(((theta - centre) / width) ** 2))
