@@ -438,7 +438,8 @@ MODEL_ERROR_FRACTION = 0.2
 def _control_model_error(objective) -> dict:
     """Keep the gaussian model's discretisation error δ (`TDSModel.discretisation_error`, at the start θ) below a
     fifth of the data's σ: a point above it moves to the next larger crystal (`TDSModel.forward`'s levels; twice
-    at most), and what remains is added to every point's variance (weights and 1σ), with a warning. Returns
+    at most; never with refine=False, which asks for one periodic crystal), and what remains is added to every
+    point's variance (weights and 1σ), with a warning. Returns
     the record kept in FitResult.model_error."""
     tds = objective.tds
     if tds.method != "gaussian":
@@ -451,7 +452,7 @@ def _control_model_error(objective) -> dict:
     levels = tds.levels(objective.q)
     delta = scale * tds.discretisation_error(objective.q, levels)  # in data units
     promoted = torch.zeros_like(levels, dtype=torch.bool)
-    for _ in range(2):
+    for _ in range(2 if tds.refine else 0):  # refine=False: one periodic crystal, as asked; δ goes to the variance
         move = (delta > MODEL_ERROR_FRACTION * sigma) & (levels < len(GRID_FACTORS) - 1)
         if not move.any():
             break
