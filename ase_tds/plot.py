@@ -120,7 +120,7 @@ def plot_identifiability(combinations: list, path, title: str = "what the data d
 
     relative = np.array([c["relative"] for c in combinations], dtype=float)
     shown = np.where(np.isfinite(relative), relative, 1e3)
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(combinations) + 1.6))
+    fig, ax = plt.subplots(figsize=(12, 0.45 * len(combinations) + 1.6))
     y = np.arange(len(combinations))[::-1]
     colors = ["C3" if not c["determined"] else "C0" for c in combinations]
     ax.barh(y, shown, color=colors)
