@@ -142,8 +142,9 @@ def _parser() -> argparse.ArgumentParser:
                           "calculator:module.Class (any importable ASE calculator built with no arguments, e.g. a "
                           "machine-learned potential, by finite displacements), a phonopy file, or zero "
                           "(default: %(default)s)")
-    fit.add_argument("--debye-temperature", type=float, default=300.0,
-                     help="K, the Debye temperature that --start springs is scaled to (default: %(default)s)")
+    fit.add_argument("--debye-temperature", type=float,
+                     help="K, the Debye temperature that --start springs is scaled to (default: the one of 100–2000 K "
+                          "whose springs fit the data best)")
     fit.add_argument("--bin", type=int, default=1, metavar="K",
                      help="NeXus volumes: average K×K×K voxels into one point (σ propagated) for a quick first fit "
                           "(default: %(default)s, every measured voxel)")
@@ -437,7 +438,15 @@ def _fit_command(args) -> int:
                 "temperature": temperature, "statistics": args.statistics, "q": data.q[data.mask]}
     if args.model == "sampling":  # refuse a supercell the data do not fit before the (EMT) start
         sampling["supercell"] = _sampler(fresh, args.supercell, **sampling, verbose=False).supercell
-    start = _start_model(fresh, structure, args.start, args.debye_temperature)
+    if args.start == "springs" and args.debye_temperature is None:
+        from .fit import DEBYE_CANDIDATES, debye_temperature_from_data
+
+        chosen = debye_temperature_from_data(fresh, data, temperature, args.statistics)
+        print(f"start: springs at a Debye temperature of {chosen:.0f} K, the best of {len(DEBYE_CANDIDATES)} "
+              f"({DEBYE_CANDIDATES[0]:.0f}–{DEBYE_CANDIDATES[-1]:.0f} K) on the data")
+        start = fresh
+    else:
+        start = _start_model(fresh, structure, args.start, args.debye_temperature or 300.0)
     model = copy.deepcopy(start)
     model.to(_device(args.device))
     options = {"sampler": _sampler(model, **sampling)} if args.model == "sampling" else _accuracy_options(args)

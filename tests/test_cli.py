@@ -618,8 +618,7 @@ def test_fit_from_springs_needs_no_calculator(dataset, tmp_path, capsys):
     """--start springs (any crystal, no EMT): the one-phonon fit of the shell-1 truth reaches it."""
     folder, structure, truth = dataset
     code, err = in_process(capsys, "fit", structure, folder / "data.h5", "--out", tmp_path / "springs", "--shells", 1,
-                           "--model", "one-phonon", "--statistics", "classical", "--start", "springs",
-                           "--debye-temperature", 350)
+                           "--model", "one-phonon", "--statistics", "classical", "--start", "springs")
     assert code == 0, err
     fitted = parameters(tmp_path / "springs")
     np.testing.assert_allclose(fitted, truth.theta.detach().numpy(), rtol=1e-3)
