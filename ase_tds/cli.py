@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
                           "machine-learned potential, by finite displacements), a phonopy file, or zero "
                           "(default: %(default)s)")
     fit.add_argument("--debye-temperature", type=float,
-                     help="K, the Debye temperature that --start springs is scaled to (default: the one of 100–2000 K "
+                     help="K, the Debye temperature that --start springs is scaled to (default: the one of 100–1600 K "
                           "whose springs fit the data best)")
     fit.add_argument("--bin", type=int, default=1, metavar="K",
                      help="NeXus volumes: average K×K×K voxels into one point (σ propagated) for a quick first fit "

@@ -408,7 +408,7 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
         return _result(model, tds, objective, theta, iterations, history, settings, compton, model_error, status)
 
 
-# Debye temperatures (K) that `debye_temperature_from_data` tries for a spring start: 100 K to 2000 K, ×√2 apart
+# Debye temperatures (K) that `debye_temperature_from_data` tries for a spring start: 100 K to 1600 K, ×√2 apart
 DEBYE_CANDIDATES = tuple(100.0 * 2 ** (k / 2) for k in range(9))
 
 
