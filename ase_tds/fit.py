@@ -426,11 +426,13 @@ def debye_temperature_from_data(model, data: TDSData, temperature: float | None 
     used = np.nonzero(np.asarray(data.mask, dtype=bool))[0]
     subset = data.select(used[np.linspace(0, len(used) - 1, min(n_points, len(used))).astype(int)])
     scale = "fixed" if data.absolute else "free"
+    lowest = DEBYE_CANDIDATES[0]
+    springs = model.set_from_springs(lowest).theta.detach().cpu().numpy().copy()  # θ ∝ T_D²: one shape, scaled
+    objective = _Objective(TDSModel(model, temperature, statistics=statistics, grid=(6, 6, 6), refine=False),
+                           subset, scale, "free", "chi2")
     scores = {}
     for debye in DEBYE_CANDIDATES:
-        model.set_from_springs(debye)
-        objective = _Objective(TDSModel(model, temperature, statistics=statistics, grid=(6, 6, 6), refine=False),
-                               subset, scale, "free", "chi2")
+        model.set_parameters(springs * (debye / lowest) ** 2)
         try:
             with torch.no_grad():
                 intensity = objective.intensity()
@@ -438,7 +440,7 @@ def debye_temperature_from_data(model, data: TDSData, temperature: float | None 
         except UnstableError:
             continue
     best = min(scores, key=scores.get)
-    model.set_from_springs(best)
+    model.set_parameters(springs * (best / lowest) ** 2)
     return best
 
 
