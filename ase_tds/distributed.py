@@ -60,8 +60,7 @@ def total(value):
         return value
     tensor = torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value).clone()
     on = tensor.device
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
+    tensor = tensor.to(_wire())
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     tensor = tensor.to(on)
     if torch.is_tensor(value):
@@ -73,11 +72,17 @@ def gathered(tensor: torch.Tensor) -> torch.Tensor:
     """The concatenation over ranks (in rank order) of a 1-D tensor of per-point values."""
     if not active():
         return tensor
-    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(size())]
-    dist.all_gather(lengths, torch.tensor([len(tensor)], dtype=torch.int64))
+    wire = _wire()
+    lengths = [torch.zeros(1, dtype=torch.int64, device=wire) for _ in range(size())]
+    dist.all_gather(lengths, torch.tensor([len(tensor)], dtype=torch.int64, device=wire))
     longest = int(max(int(n) for n in lengths))
-    padded = torch.zeros(longest, dtype=tensor.dtype)
-    padded[: len(tensor)] = tensor.detach().cpu()
+    padded = torch.zeros(longest, dtype=tensor.dtype, device=wire)
+    padded[: len(tensor)] = tensor.detach().to(wire)
     parts = [torch.zeros_like(padded) for _ in range(size())]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(n)] for p, n in zip(parts, lengths)]).to(tensor.device)
+
+
+def _wire() -> str:
+    """The device collectives run on: NCCL needs CUDA tensors, gloo takes CPU ones."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
