@@ -426,10 +426,9 @@ def _read_nxdata(group: h5py.Group, path: Path, bin: int = 1) -> dict:
     if signal_name is None or signal_name not in group:
         raise TDSError(f"{where}: field 'signal' does not name an intensity dataset; set the group attribute "
                        "signal='<dataset name>'")
-    signal = group[signal_name]
-    intensity = signal  # an h5py dataset: read below in slabs
-    if intensity.ndim != 3:
-        raise TDSError(f"{where}: field '{signal_name}' has shape {intensity.shape}; an NXdata volume needs a 3D "
+    signal = group[signal_name]  # an h5py dataset: read below in slabs
+    if signal.ndim != 3:
+        raise TDSError(f"{where}: field '{signal_name}' has shape {signal.shape}; an NXdata volume needs a 3D "
                        "intensity on H, K, L axes")
     axes = group.attrs.get("axes", signal.attrs.get("axes"))
     axes = [_text(a) for a in np.atleast_1d(axes)] if axes is not None else []
@@ -446,7 +445,7 @@ def _read_nxdata(group: h5py.Group, path: Path, bin: int = 1) -> dict:
     centres = []
     for dim, name in enumerate(axes):
         values = np.asarray(group[name][()], dtype=float).ravel()
-        n = intensity.shape[dim]
+        n = signal.shape[dim]
         if len(values) == n + 1:  # histogram bin edges
             values = 0.5 * (values[1:] + values[:-1])
         if len(values) != n:
@@ -455,18 +454,18 @@ def _read_nxdata(group: h5py.Group, path: Path, bin: int = 1) -> dict:
         centres.append(values)
     errors_name = next((n for n in ("errors", f"{signal_name}_errors") if n in group), None)
     errors = None if errors_name is None else group[errors_name]
-    if errors is not None and errors.shape != intensity.shape:
-        raise TDSError(f"{where}: field '{errors_name}' has {errors.size} values for {intensity.size} voxels; "
+    if errors is not None and errors.shape != signal.shape:
+        raise TDSError(f"{where}: field '{errors_name}' has {errors.size} values for {signal.size} voxels; "
                        "give one σ per voxel")
-    shape = np.array(intensity.shape) // bin
+    shape = np.array(signal.shape) // bin
     if np.any(shape == 0):
-        raise TDSError(f"{where}: bin={bin} is larger than the volume {intensity.shape}; use a smaller bin")
+        raise TDSError(f"{where}: bin={bin} is larger than the volume {signal.shape}; use a smaller bin")
     centres = [c[: n * bin].reshape(n, bin).mean(axis=1) for c, n in zip(centres, shape)]
-    rows = max(1, NEXUS_SLAB_VOXELS // (int(np.prod(intensity.shape[1:])) * bin)) * bin  # voxel rows per slab
+    rows = max(1, NEXUS_SLAB_VOXELS // (int(np.prod(signal.shape[1:])) * bin)) * bin  # voxel rows per slab
     parts = []
     for start in range(0, shape[0] * bin, rows):
         stop = min(start + rows, shape[0] * bin)
-        block = np.asarray(intensity[start:stop, : shape[1] * bin, : shape[2] * bin], dtype=float)
+        block = np.asarray(signal[start:stop, : shape[1] * bin, : shape[2] * bin], dtype=float)
         sigma = None if errors is None else np.asarray(errors[start:stop, : shape[1] * bin, : shape[2] * bin],
                                                          dtype=float)
         measured = np.isfinite(block) & (np.isfinite(sigma) if sigma is not None else True)
