@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import warnings
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .calculator import UNSTABLE_THZ  # noqa: E402
+from .calculator import UNSTABLE_THZ
 
 
 def dispersion_path(model, npoints: int = 200):
@@ -44,7 +41,8 @@ def plot_dispersion(models: dict, path, title: str = "phonon dispersion", covari
     first = next(iter(models.values()))
     q, x, ticks, labels = dispersion_path(first)
     segments = np.split(np.arange(len(x)), np.flatnonzero(np.diff(x) == 0) + 1)  # not joined across breaks
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     styles = ["--", "-.", ":"]
     lowest = 0.0
     for i, (name, model) in enumerate(models.items()):
@@ -78,9 +76,7 @@ def plot_dispersion(models: dict, path, title: str = "phonon dispersion", covari
     ax.set_ylabel("frequency (THz)")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_tds_fit(q_norm, observed, model, sigma, path, title: str = "TDS fit") -> None:
@@ -91,7 +87,8 @@ def plot_tds_fit(q_norm, observed, model, sigma, path, title: str = "TDS fit") -
     q_norm, observed, model, sigma: (N,) arrays of the used points; written as an image to `path`.
     """
     q_norm, observed, model, sigma = (np.asarray(a, dtype=float) for a in (q_norm, observed, model, sigma))
-    fig, (top, mid, bottom) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    fig = Figure(figsize=(7, 8))
+    top, mid, bottom = fig.subplots(3, 1, sharex=True)
     order = np.argsort(q_norm)
     top.plot(q_norm[order], model[order], "o", ms=4, mfc="none", mew=0.6, color="C3", label="model")
     top.plot(q_norm[order], observed[order], ".", ms=2, color="0.2", label="data")  # on top of the model
@@ -105,9 +102,7 @@ def plot_tds_fit(q_norm, observed, model, sigma, path, title: str = "TDS fit") -
     bottom.axhline(0, color="k", lw=0.8)
     bottom.set_ylabel("(data − model)/σ")
     bottom.set_xlabel("|Q| (Å⁻¹)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_identifiability(combinations: list, path, title: str = "what the data determine") -> None:
@@ -120,7 +115,8 @@ def plot_identifiability(combinations: list, path, title: str = "what the data d
 
     relative = np.array([c["relative"] for c in combinations], dtype=float)
     shown = np.where(np.isfinite(relative), relative, 1e3)
-    fig, ax = plt.subplots(figsize=(12, 0.45 * len(combinations) + 1.6))
+    fig = Figure(figsize=(12, 0.45 * len(combinations) + 1.6))
+    ax = fig.subplots()
     y = np.arange(len(combinations))[::-1]
     colors = ["C3" if not c["determined"] else "C0" for c in combinations]
     ax.barh(y, shown, color=colors)
@@ -130,6 +126,14 @@ def plot_identifiability(combinations: list, path, title: str = "what the data d
     ax.set_xlabel("1σ of the combination / largest |θ| (data alone)")
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+
+
+def _save(fig: Figure, path) -> None:
+    """Lay out and write a figure, format from the suffix of `path`.
+
+    The figure is a bare `matplotlib.figure.Figure`, not one of pyplot's: no window opens, no pyplot state is
+    touched, and the backend a user chose (interactive or not) stays as it is; saving needs no display.
+    """
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
