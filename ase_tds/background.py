@@ -34,10 +34,19 @@ class ComptonShape:
     rises from 0 at Q = 0 to Z at large Q as the electrons' incoherent scattering does; xraydb (our source of
     f₀) has no S(Q), and the simple closed form Z − f₀²/Z is no substitute: for Ni its ratio to Hubbell's S
     drifts from 0.79 at 0.5 Å⁻¹ to 0.54 at 3 Å⁻¹ and 0.64 at 8 Å⁻¹, too much for a one-amplitude fit.
-    energy_kev: the incident photon energy; given, c is multiplied by the Breit–Dirac recoil factor (E'/E)²,
+    With `energy_kev`, c is multiplied by the Breit–Dirac recoil factor (E'/E)²,
     E'/E = 1/(1 + 0.00381 |Q|²/E) (E in keV, |Q| in Å⁻¹), a photon-counting detector taking in the whole Compton
-    line; None leaves it out (at 8 Å⁻¹ the factor is 0.976 at 20 keV, 0.994 at 80 keV: smooth, a few %).
-    An analyser's energy window is not modelled.
+    line (at 8 Å⁻¹ the factor is 0.976 at 20 keV, 0.994 at 80 keV: smooth, a few %).
+    An analyser's energy window is not modelled. Calling it with |Q| beyond the table (4π·x_max Å⁻¹) raises
+    ValueError.
+
+    Args:
+        symbols (Sequence[str]): chemical symbols of the cell's atoms (e.g. `atoms.get_chemical_symbols()`), Z = 1 to
+            the table's end; the mean is over this list.
+        energy_kev: the incident photon energy, keV (> 0); None leaves the recoil factor out.
+
+    Raises:
+        ValueError: energy_kev ≤ 0, or an element the table does not cover.
     """
 
     def __init__(self, symbols, energy_kev: float | None = None):
@@ -68,9 +77,20 @@ class ComptonShape:
 class Nuisance:
     """The linear nuisance model m = s·I + b + A·c of one data set (N used points), and its elimination.
 
-    scale: "free" | "fixed"; background: "free" | "none"; compton: False | True (ComptonShape of `symbols`) |
-    callable(|Q| ndarray Å⁻¹) → (N,) in e.u. per atom; q_norm (N,) Å⁻¹ of the used points.
-    `names`: the free parameters in the order of β.
+    `names`: the free parameters in the order of β (a subset of "scale", "background", "compton").
+
+    Args:
+        scale: "free" | "fixed" (s = 1, absolute data).
+        background: "free" (a constant b, data units) | "none".
+        compton (bool | Callable): False | True (ComptonShape of `symbols`) | callable(|Q| ndarray Å⁻¹) → (N,) in e.u.
+            per atom.
+        q_norm (array_like): |Q| (N,) Å⁻¹ of the used points.
+        symbols (Sequence[str]): chemical symbols of the cell's atoms, for compton=True.
+        dtype (torch.dtype): torch dtype of the Compton shape.
+        device (str | torch.device): torch device of the Compton shape.
+
+    Raises:
+        ValueError: an unknown scale, background or compton, or a Compton shape that is not finite (N,).
     """
 
     def __init__(self, scale: str, background: str, compton, q_norm, symbols, dtype=torch.float64, device="cpu"):
@@ -94,11 +114,20 @@ class Nuisance:
 
     @property
     def n_free(self) -> int:
+        """Number k of free nuisance parameters (the length of β)."""
         return len(self.names)
 
     def design(self, intensity: torch.Tensor, pick=slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """(fixed part (B,), columns (B, k)) with m = fixed + columns·β, for the intensities (B,) of the points
-        `pick` (a slice or indices of the N points; default all)."""
+        `pick` (a slice or indices of the N points; default all).
+
+        Args:
+            intensity: model I(Q; θ) (B,) e.u./atom at the picked points.
+            pick (slice | array_like): slice or indices (B,) of the N used points; default all.
+
+        Returns:
+            fixed (B,) (I for a fixed scale, else 0) and the design columns (B, k) in the order of `names`.
+        """
         ones = torch.ones_like(intensity)
         columns = {"scale": intensity, "background": ones, "compton": None if self.shape is None else self.shape[pick]}
         fixed = intensity if self.scale_mode == "fixed" else torch.zeros_like(intensity)
@@ -106,11 +135,28 @@ class Nuisance:
         return fixed, x
 
     def model(self, intensity: torch.Tensor, beta: torch.Tensor, pick=slice(None)) -> torch.Tensor:
+        """The modelled measurement m = s·I + b + A·c at the picked points.
+
+        Args:
+            intensity: model I(Q; θ) (B,) e.u./atom at the picked points.
+            beta: the free nuisance values (k,), in the order of `names`.
+            pick (slice | array_like): slice or indices (B,) of the N used points; default all.
+
+        Returns:
+            m (B,) in data units.
+        """
         fixed, x = self.design(intensity, pick)
         return fixed + x @ beta
 
     def values(self, beta) -> dict:
-        """{"scale", "background", "compton"}: the fitted or fixed values (compton None when not fitted)."""
+        """{"scale", "background", "compton"}: the fitted or fixed values (compton None when not fitted).
+
+        Args:
+            beta (torch.Tensor | array_like): the free nuisance values (k,) (tensor or array), in the order of `names`.
+
+        Returns:
+            dict of floats: scale (1.0 when fixed), background (data units; 0.0 when none), compton (or None).
+        """
         out = {"scale": 1.0, "background": 0.0, "compton": None}
         out.update({n: float(v) for n, v in zip(self.names, np.asarray(torch.as_tensor(beta).detach().cpu()))})
         return out
@@ -121,6 +167,16 @@ class Nuisance:
         """β (k,) minimising the Poisson deviance of counts (N,) with means exposure·m (Newton, step halving).
 
         Feasible start (m > 0 at every point): `start` if feasible, else s = Σn/Σt·I with b = A = 0.
+
+        Args:
+            intensity: model I(Q; θ) (N,) e.u./atom at the used points.
+            counts: measured counts n (N,) ≥ 0.
+            exposure: t (N,), counts per data unit at each point: the mean count is t·m.
+            start: β (k,) to start from; None or infeasible = the start above.
+            max_steps: most Newton steps.
+
+        Returns:
+            β (k,), in the order of `names`; empty when nothing is free.
         """
         fixed, x = self.design(intensity.detach())
         if not self.names:
@@ -161,5 +217,15 @@ def _poisson_deviance(counts: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
 
 
 def poisson_deviance(counts: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """The Poisson deviance (a scalar tensor) of counts (N,) ≥ 0 given means (N,) > 0, differentiable in mean."""
+    """The Poisson deviance (a scalar tensor) of counts (N,) ≥ 0 given means (N,) > 0, differentiable in mean.
+
+    2 Σ [n log(n/μ) − (n − μ)]; the n = 0 terms are 2μ.
+
+    Args:
+        counts: n (N,) ≥ 0.
+        mean: μ (N,) > 0.
+
+    Returns:
+        The deviance, a 0-d tensor (dimensionless).
+    """
     return _poisson_deviance(counts, mean)

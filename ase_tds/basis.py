@@ -32,11 +32,17 @@ MAX_BASIS_SUPERCELL_ATOMS = 2500
 class ForceConstantBasis:
     """Force constants Φ(θ) as pairs: Φ_p = Σ_k θ_k tensors[k, p], p over pairs (κ0; κ'l').
 
-    atom0, atom1: (P,) int — primitive-cell atoms κ, κ'.
-    lattice: (P, 3) int — l', the cell of κ' in primitive-lattice coordinates.
-    vectors: (P, 3) float, Å — r_κ'l' − r_κ0 (Cartesian).
-    tensors: (n_params, P, 3, 3) float — eV/Å² per unit θ.
-    labels: parameter names, e.g. "1XX"; shells: (n_params,) int neighbour shell of each parameter.
+    Built by `build_basis`; frozen.
+
+    Args:
+        atom0: (P,) int — primitive-cell atoms κ.
+        atom1: (P,) int — primitive-cell atoms κ'.
+        lattice: (P, 3) int — l', the cell of κ' in primitive-lattice coordinates.
+        vectors: (P, 3) float, Å — r_κ'l' − r_κ0 (Cartesian).
+        tensors: (n_params, P, 3, 3) float — eV/Å² per unit θ.
+        labels: (n_params,) parameter names, e.g. "1XX".
+        shells: (n_params,) int neighbour shell of each parameter.
+        cutoff: Å, the pair cutoff the basis was built for.
     """
 
     atom0: np.ndarray
@@ -50,20 +56,44 @@ class ForceConstantBasis:
 
     @property
     def n_params(self) -> int:
+        """Number of parameters θ."""
         return self.tensors.shape[0]
 
     def pair_force_constants(self, theta: np.ndarray) -> np.ndarray:
-        """Φ per pair, (P, 3, 3) eV/Å², for parameters θ (n_params,)."""
+        """Φ per pair, (P, 3, 3) eV/Å², for parameters θ (n_params,).
+
+        Args:
+            theta: θ (n_params,) eV/Å².
+
+        Returns:
+            Φ_p (P, 3, 3) eV/Å².
+        """
         return np.einsum("k,kpab->pab", theta, self.tensors)
 
     def project(self, pair_fc: np.ndarray) -> np.ndarray:
-        """Least-squares θ for per-pair force constants (P, 3, 3)."""
+        """Least-squares θ for per-pair force constants (P, 3, 3).
+
+        Args:
+            pair_fc: Φ_p (P, 3, 3) eV/Å², pairs in the basis's order.
+
+        Returns:
+            θ (n_params,) eV/Å² minimising Σ_p |Φ_p(θ) − pair_fc_p|².
+        """
         design = self.tensors.reshape(self.n_params, -1).T
         return np.linalg.lstsq(design, pair_fc.reshape(-1), rcond=None)[0]
 
 
 def check_cutoff(primitive: Atoms, cutoff: float) -> None:
-    """Refuse cutoffs that are not positive or that lie on a neighbour shell (symfc's `<` is fragile there)."""
+    """Refuse cutoffs that are not positive or that lie on a neighbour shell (symfc's `<` is fragile there).
+
+    Args:
+        primitive: ase.Atoms, the primitive cell.
+        cutoff: pair cutoff, Å.
+
+    Raises:
+        StructureError: a cutoff ≤ 0 or not finite, on a shell (within 1e-3 Å), holding no neighbour, or
+            needing a basis supercell of more than MAX_BASIS_SUPERCELL_ATOMS (2500) atoms.
+    """
     if not np.isfinite(cutoff) or cutoff <= 0:
         raise StructureError(f"cutoff must be a positive length in Å, got {cutoff!r}")
     # the basis supercell's shortest translation must exceed 2·cutoff, so its volume is at least
@@ -89,7 +119,19 @@ def check_cutoff(primitive: Atoms, cutoff: float) -> None:
 
 
 def build_basis(primitive: Atoms, cutoff: float, symprec: float = 1e-5) -> ForceConstantBasis:
-    """The labelled force-constant basis of `primitive` up to `cutoff` (Å), via symfc."""
+    """The labelled force-constant basis of `primitive` up to `cutoff` (Å), via symfc.
+
+    Args:
+        primitive: ase.Atoms, the primitive cell.
+        cutoff: pair cutoff, Å (between two neighbour shells).
+        symprec: symmetry tolerance, Å (as spglib's).
+
+    Returns:
+        The basis: n_params parameters over the P pairs within the cutoff.
+
+    Raises:
+        StructureError: a bad cutoff (see `check_cutoff`), or no force constants allowed within it.
+    """
     check_cutoff(primitive, cutoff)
     reps = np.diag(diagonal_supercell_for(np.array(primitive.cell[:]), cutoff))
     supercell = primitive.repeat(tuple(reps))  # atom index = cell_index * n + κ

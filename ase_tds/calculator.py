@@ -37,30 +37,39 @@ UNSTABLE_THZ = 1e-3
 class TDSFitted(Calculator):
     """Harmonic ASE calculator: E = ½ uᵀΦu (eV), F = −Φu (eV/Å) with fitted force constants Φ (eV/Å²).
 
-    source: a ForceConstantModel (its θ at construction is used; later changes to θ are not seen), a
-    folder holding phonopy_params.yaml (what `ase-tds fit` writes), a phonopy.load-able file or a
-    phonopy.Phonopy with force constants. Phonopy force constants are projected onto a
-    ForceConstantModel of phonopy's unit cell (see `model_from_phonopy`): exact for files written by
-    ase_tds; for others, pairs at and beyond half the shortest translation of phonopy's supercell are
-    dropped.
+    Phonopy force constants are projected onto a ForceConstantModel of phonopy's unit cell (see
+    `model_from_phonopy`): exact for files written by ase_tds; for others, pairs at and beyond half the
+    shortest translation of phonopy's supercell are dropped.
 
     The atoms may be any supercell of the crystal (any supercell matrix, any atom order, wrapped or
     not; also one shorter than twice the cutoff: each pair's images are summed, as phonopy's supercell force
-    constants are, which is the Hessian of that periodic supercell), at its reference lattice constants: the cell is fixed, so there is no stress
-    (asking for it raises PropertyNotImplementedError). Each atom is assigned to the nearest lattice site
-    of its crystal; u is its displacement from that ideal site — never from the positions first seen, so
-    wrapping atoms into the cell changes nothing.
-
-    reference: optional ase.Atoms, the ideal crystal in your frame when it is rigidly translated from
-    the one the force constants belong to (same orientation); by default the sites are the model's.
-    tolerance: Å; an atom farther than this from every lattice site is an error (no harmonic model
-    describes it). Default 0.4 × the shortest site-to-site distance (1.0 Å for fcc Ni); it must stay
-    below half of that distance, where the nearest site stops being unambiguous.
-    warn_displacement: Å; a UserWarning is issued when any |u| exceeds it (default 0.5 Å, far beyond
-    thermal amplitudes of a harmonic solid, e.g. rms |u| ≈ 0.13 Å for Ni at 300 K).
+    constants are, which is the Hessian of that periodic supercell), at its reference lattice constants: the
+    cell is fixed, so there is no stress (asking for it raises PropertyNotImplementedError). Each atom is
+    assigned to the nearest lattice site of its crystal; u is its displacement from that ideal site — never
+    from the positions first seen, so wrapping atoms into the cell changes nothing.
 
     The folded Φ is a sparse (3N, 3N) matrix, cached for the last (cell, species, site assignment),
-    so molecular dynamics builds it once.
+    so molecular dynamics builds it once. Dynamically unstable force constants (a mode below −1e-3 THz
+    on a 6×6×6 q mesh) give a UserWarning.
+
+    Args:
+        source (ForceConstantModel | phonopy.Phonopy | str | Path): a ForceConstantModel (its θ at construction is used;
+            later changes to θ are not seen), a folder holding phonopy_params.yaml (what `ase-tds fit` writes), a
+            phonopy.load-able file or a phonopy.Phonopy with force constants.
+        reference (Atoms | None): the ideal crystal in your frame when it is rigidly translated from the one the
+            force constants belong to (same orientation); None = the model's sites.
+        tolerance: Å; an atom farther than this from every lattice site is an error (no harmonic model
+            describes it). None = 0.4 × the shortest site-to-site distance (1.0 Å for fcc Ni); it must stay
+            below half of that distance, where the nearest site stops being unambiguous.
+        warn_displacement: Å; a UserWarning is issued when any |u| exceeds it (default 0.5 Å, far beyond
+            thermal amplitudes of a harmonic solid, e.g. rms |u| ≈ 0.13 Å for Ni at 300 K).
+        **kwargs (Any): passed to ase.calculators.calculator.Calculator (e.g. label, directory).
+
+    Raises:
+        ValueError: `tolerance` outside (0, half the shortest site-to-site distance).
+        StructureError: `reference` is not the force constants' crystal up to a translation, or no usable
+            phonopy force constants (see `model_from_phonopy`).
+        TypeError: `source` is none of the accepted kinds.
     """
 
     implemented_properties = ["energy", "free_energy", "forces"]
@@ -88,7 +97,18 @@ class TDSFitted(Calculator):
         self._cached = (None, None)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        """ASE's entry point: results energy = free_energy (eV) and forces (N, 3) eV/Å of `atoms`."""
+        """ASE's entry point: results energy = free_energy (eV) and forces (N, 3) eV/Å of `atoms`.
+
+        Args:
+            atoms (Atoms | None): a periodic supercell of the crystal (N atoms); None = the calculator's atoms.
+            properties (Sequence[str]): the properties asked for (ASE's convention); energy and forces are always
+                computed.
+            system_changes (Sequence[str]): what changed since the last call (ASE's convention).
+
+        Raises:
+            StructureError: non-periodic atoms, a cell that is not a supercell of the crystal at its lattice
+                constants, an atom farther than `tolerance` from every site, or a wrong species on a site.
+        """
         super().calculate(atoms, properties, system_changes)
         if not np.all(self.atoms.pbc):
             raise StructureError(f"TDSFitted needs a periodic supercell (pbc={self.atoms.pbc.tolist()}); "
@@ -100,7 +120,17 @@ class TDSFitted(Calculator):
         self.results = {"energy": energy, "free_energy": energy, "forces": forces}
 
     def displacements(self, atoms) -> tuple[np.ndarray, np.ndarray]:
-        """(u, sites): displacements (N, 3) Å from the nearest lattice sites, and those sites (N, 3) Å in the model's frame."""
+        """(u, sites): displacements (N, 3) Å from the nearest lattice sites, and those sites (N, 3) Å in the model's frame.
+
+        Args:
+            atoms (Atoms): ase.Atoms with N atoms on (or near) the sites of the crystal.
+
+        Returns:
+            u (N, 3) Å and sites (N, 3) Å, Cartesian, sites + u = positions − the `reference` translation.
+
+        Raises:
+            StructureError: an atom farther than `tolerance` from every site, or a wrong species on a site.
+        """
         positions = atoms.positions - self.origin
         try:
             kappa = self.model.site_of(positions, tol=self.tolerance)
@@ -170,18 +200,37 @@ class TDSFitted(Calculator):
 
 
 def lowest_frequency(model, mesh=(6, 6, 6)) -> float:
-    """The lowest phonon frequency (THz, imaginary as negative) of `model` on a Γ-centred q mesh, Γ left out."""
+    """The lowest phonon frequency (THz, imaginary as negative) of `model` on a Γ-centred q mesh, Γ left out.
+
+    Args:
+        model (ForceConstantModel): ForceConstantModel (or anything with `frequencies(q)` and a primitive cell).
+        mesh (tuple[int, int, int]): (3,) q points per reciprocal axis of the primitive cell.
+
+    Returns:
+        The lowest frequency, THz; negative for an imaginary mode.
+    """
     return float(model.frequencies(mesh_q(model, mesh)[1:]).min())
 
 
 def model_from_phonopy(source) -> ForceConstantModel:
     """ForceConstantModel of phonopy force constants, for TDSFitted.
 
-    source: a phonopy.Phonopy with force constants, a phonopy.load-able file, or a folder holding
-    phonopy_params.yaml. The cutoff takes in every neighbour shell with a force-constant element above
+    The cutoff takes in every neighbour shell with a force-constant element above
     NEGLIGIBLE, but stays below half the shortest translation of phonopy's supercell; the force constants
     are projected onto that model's basis. Exact for files written by ase_tds (their supercells are
     larger than their cutoff needs); otherwise the pairs at and beyond half the supercell are dropped.
+
+    Args:
+        source (phonopy.Phonopy | str | Path): phonopy.Phonopy with force constants, a phonopy.load-able file,
+            or a folder holding phonopy_params.yaml.
+
+    Returns:
+        ForceConstantModel of phonopy's unit cell, θ (n_params,) eV/Å² projected from phonopy's Φ.
+
+    Raises:
+        TypeError: `source` holds no force constants.
+        StructureError: no force constant above NEGLIGIBLE (1e-8 eV/Å²) within half the shortest
+            translation of phonopy's supercell.
     """
     if isinstance(source, (str, os.PathLike)):
         source = load_phonopy(source)

@@ -20,13 +20,24 @@ FORMAT = "ase_tds fit checkpoint 1"
 
 
 def write_atomic(path, text: str) -> None:
-    """Write text to `path` through a temporary file and a rename: the old file or the new, never half."""
+    """Write text to `path` through a temporary file and a rename: the old file or the new, never half.
+
+    Args:
+        path (str | Path): the file; its folder must exist.
+        text: the whole content.
+    """
     with atomic_paths(path) as (partial,):
         partial.write_text(text)
 
 
 class Checkpoint:
-    """The checkpoint file `path` of a fit of a model with `labels` under `settings` (a JSON-able dict)."""
+    """The checkpoint file `path` of a fit of a model with `labels` under `settings` (a JSON-able dict).
+
+    Args:
+        path (str | Path): the JSON checkpoint file; it need not exist yet.
+        labels (Sequence[str]): (n,) the model's parameter labels: a checkpoint of other labels is refused.
+        settings: the fit settings (JSON-able): a checkpoint written under other values is refused.
+    """
 
     def __init__(self, path, labels, settings: dict):
         self.path = Path(path)
@@ -37,7 +48,13 @@ class Checkpoint:
     def load(self) -> dict | None:
         """The saved state (theta, iterations, history, whitening, adam, monte_carlo_theta), or None without a file.
 
-        Raises ValueError when the file belongs to another fit or cannot be read.
+        Returns:
+            None without a file; else a dict: theta (n,) eV/Å², iterations (int), history (list of losses or
+                None), whitening R (n, n) or None, adam (dict or None), monte_carlo_theta ((n,) list or None).
+                A bare {"theta": [...]} file gives iterations 0 and None for the rest.
+
+        Raises:
+            ValueError: the file belongs to another fit (labels or settings) or cannot be read.
         """
         if not self.path.exists():
             return None
@@ -68,7 +85,15 @@ class Checkpoint:
                 "monte_carlo_theta": saved.get("monte_carlo_theta")}
 
     def write(self, theta, iterations: int, history, whitening, adam: dict | None = None) -> None:
-        """Rewrite the file (atomically; under torch.distributed rank 0 only: every rank holds the same state)."""
+        """Rewrite the file (atomically; under torch.distributed rank 0 only: every rank holds the same state).
+
+        Args:
+            theta (array_like): θ (n,) eV/Å².
+            iterations: optimiser iterations done.
+            history (Sequence[float]): the loss after each iteration (floats).
+            whitening (array_like): the whitening matrix R (n, n) the optimiser works in.
+            adam: Adam's state (x, moments, step size, best point) as a dict of arrays and numbers; None = none.
+        """
         from . import distributed
 
         if not distributed.is_main():

@@ -34,11 +34,25 @@ class TDSError(ValueError):
 class TDSData:
     """Diffuse intensities on N points of reciprocal space.
 
-    q (N, 3) Å⁻¹ Cartesian; intensity (N,) in `units` ("e.u./atom" = absolute, docs/theory.md; anything else
-    or None = arbitrary); hkl (N, 3) r.l.u. of `cell` (3, 3) Å, or None for Q-only data; sigma (N,) > 0
-    or None; mask (N,) bool, True = use (None = all); temperature in K or None; source names the file
-    (or "TDSData") in error messages; provenance: how simulated data were made (the model's settings and its
-    own error estimate), written to and read from the file's `provenance` attribute (JSON). Build with `from_hkl`, `from_q` or `read`; methods return new objects.
+    Build with `from_hkl`, `from_q` or `read`; methods return new objects. Every field is checked on
+    construction (finite values, matching shapes, σ > 0, Q = 2π·hkl·inv(cell)ᵀ).
+
+    Args:
+        q: Cartesian Q (N, 3), Å⁻¹.
+        intensity: (N,) in `units`.
+        hkl: (N, 3) r.l.u. of `cell`; None for Q-only data.
+        sigma: 1σ of the intensity (N,), > 0, same units; None = not known.
+        mask: (N,) bool, True = use the point; None = use all.
+        temperature: K; None = not known (give it later, e.g. `require_temperature(override)`).
+        units: "e.u./atom" = absolute (docs/theory.md); anything else or None = arbitrary units.
+        cell: lattice vectors (3, 3) Å as rows, the cell the hkl index; None for Q-only data.
+        source: names the file (or "TDSData") in error messages.
+        provenance: how simulated data were made (the model's settings and its own error estimate), written
+            to and read from the file's `provenance` attribute (JSON); None for measured data.
+
+    Raises:
+        TDSError: a field is missing, malformed, non-finite or inconsistent; the message names the field and
+            the fix.
     """
 
     q: np.ndarray
@@ -90,7 +104,25 @@ class TDSData:
     @classmethod
     def from_hkl(cls, hkl, intensity, cell, sigma=None, mask=None, temperature=None, units=None,
                  source="TDSData", provenance=None) -> TDSData:
-        """Points at hkl (N, 3) r.l.u. of `cell` (3, 3) Å (or ase.Atoms / ase.cell.Cell); Q is computed."""
+        """Points at hkl (N, 3) r.l.u. of `cell` (3, 3) Å (or ase.Atoms / ase.cell.Cell); Q is computed.
+
+        Args:
+            hkl (array_like): (N, 3) r.l.u. of `cell`.
+            intensity (array_like): (N,) in `units`.
+            cell (array_like | Atoms): lattice vectors (3, 3) Å as rows, or an ase.Atoms / ase.cell.Cell.
+            sigma (array_like | None): 1σ (N,) > 0, or None.
+            mask (array_like | None): (N,) bool, True = use; None = all.
+            temperature (float | None): K, or None.
+            units (str | None): "e.u./atom" for absolute intensities, else arbitrary (None).
+            source (str): the name used in error messages.
+            provenance (dict | None): how simulated data were made (dict), or None.
+
+        Returns:
+            The data, with Q = 2π·hkl·inv(cell)ᵀ (N, 3) Å⁻¹.
+
+        Raises:
+            TDSError: malformed or inconsistent fields.
+        """
         cell, hkl = _as_cell(cell), np.asarray(hkl)
         usable = _is_rows_of_3(hkl) and _is_rows_of_3(cell) and len(cell) == 3 and abs(np.linalg.det(cell)) >= 1e-6
         q = reciprocal_q(hkl, cell) if usable else hkl  # a malformed hkl or cell is reported by the validation
@@ -100,7 +132,25 @@ class TDSData:
     @classmethod
     def from_q(cls, q, intensity, sigma=None, mask=None, temperature=None, units=None, cell=None,
                source="TDSData") -> TDSData:
-        """Points at Cartesian Q (N, 3) Å⁻¹; with a `cell` (3, 3) Å their hkl = Q·cellᵀ/2π are kept too."""
+        """Points at Cartesian Q (N, 3) Å⁻¹; with a `cell` (3, 3) Å their hkl = Q·cellᵀ/2π are kept too.
+
+        Args:
+            q (array_like | torch.Tensor): Cartesian Q (N, 3), Å⁻¹.
+            intensity (array_like): (N,) in `units`.
+            sigma (array_like | None): 1σ (N,) > 0, or None.
+            mask (array_like | None): (N,) bool, True = use; None = all.
+            temperature (float | None): K, or None.
+            units (str | None): "e.u./atom" for absolute intensities, else arbitrary (None).
+            cell (array_like | Atoms | None): lattice vectors (3, 3) Å as rows (or ase.Atoms / ase.cell.Cell); None = Q
+                only, no hkl, so `mask_bragg`, `mask_window` by hkl, `slice` and `write` are not available.
+            source (str): the name used in error messages.
+
+        Returns:
+            The data.
+
+        Raises:
+            TDSError: malformed or inconsistent fields.
+        """
         q = np.asarray(q, dtype=float)
         hkl = None
         if cell is not None:
@@ -133,7 +183,17 @@ class TDSData:
     # ---- checks -------------------------------------------------------------------------------
 
     def require_temperature(self, override=None) -> float:
-        """The temperature (K) to model: `override` (e.g. --temperature) wins, else the file's."""
+        """The temperature (K) to model: `override` (e.g. --temperature) wins, else the file's.
+
+        Args:
+            override (float | None): K; None = use the data's own temperature.
+
+        Returns:
+            The temperature, K (> 0).
+
+        Raises:
+            TDSError: neither is given, or the temperature is not a positive number.
+        """
         if override is not None:
             return self._positive_temperature(override, "temperature (override)")
         if self.temperature is None:
@@ -144,7 +204,15 @@ class TDSData:
     def check_cell(self, structure_cell, structure_name="the structure") -> None:
         """Refuse a structure whose cell (3, 3) Å differs from the cell the hkl index.
 
-        Lengths must agree to 1e-3 relative and angles to 0.1°; the orientation may differ.
+        Lengths must agree to 1e-3 relative and angles to 0.1°; the orientation may differ. Data without a
+        cell (Q only) are not checked.
+
+        Args:
+            structure_cell (array_like | Atoms): lattice vectors (3, 3) Å as rows, or an ase.Atoms / ase.cell.Cell.
+            structure_name (str): how the error message names the structure.
+
+        Raises:
+            TDSError: the cells differ.
         """
         if self.cell is not None:
             _compare_cells(self.cell, _as_cell(structure_cell), self.source, structure_name)
@@ -152,12 +220,32 @@ class TDSData:
     # ---- selections ---------------------------------------------------------------------------
 
     def with_mask(self, extra_mask) -> TDSData:
-        """A copy whose mask also requires `extra_mask` (N,) bool to be True."""
+        """A copy whose mask also requires `extra_mask` (N,) bool to be True.
+
+        Args:
+            extra_mask (array_like): (N,) bool (or 0/1), True = keep using the point.
+
+        Returns:
+            A copy with mask = mask & extra_mask.
+
+        Raises:
+            TDSError: `extra_mask` is not (N,) boolean.
+        """
         extra = self._boolean_mask(extra_mask, len(self), field="extra_mask")
         return dataclasses.replace(self, mask=self.mask & extra)
 
     def select(self, points) -> TDSData:
-        """A copy holding only `points`: a boolean (N,) array or integer indices."""
+        """A copy holding only `points`: a boolean (N,) array or integer indices.
+
+        Args:
+            points (array_like): (N,) bool, True = keep; or integer indices (M,) of the points to keep, in that order.
+
+        Returns:
+            The M selected points, with their hkl, σ and mask.
+
+        Raises:
+            TDSError: a boolean `points` of another shape than (N,).
+        """
         points = np.asarray(points)
         if points.dtype == bool and points.shape != (len(self),):
             raise self._error("select", f"got a boolean array of shape {points.shape}", f"give shape ({len(self)},)")
@@ -174,6 +262,17 @@ class TDSData:
         Bragg peaks lie on the reciprocal lattice of `primitive_cell` (3, 3) Å, in the same Cartesian
         frame as `cell` (ase.Atoms accepted); None = Bragg at every integer hkl of `cell`. For a conventional
         fcc cell pass the primitive cell, so that only all-even / all-odd hkl count as peaks.
+
+        Args:
+            radius: r.l.u. of `cell`, Euclidean in hkl.
+            primitive_cell (array_like | Atoms | None): lattice vectors (3, 3) Å (rows) or ase.Atoms; None = every
+                integer hkl is a peak.
+
+        Returns:
+            A copy with the points near a Bragg peak masked out (still held, mask False).
+
+        Raises:
+            TDSError: Q-only data (no hkl), or `primitive_cell` does not span the lattice of `cell`.
         """
         hkl = self._require_hkl("mask_bragg")
         # a primitive reciprocal-lattice vector with integer coordinates m sits at hkl = m·Mᵀ, M = cell·inv(P)
@@ -194,6 +293,18 @@ class TDSData:
         """A copy with the points outside a detector-like window masked out.
 
         q_min ≤ |Q| ≤ q_max in Å⁻¹ and hkl_min ≤ hkl ≤ hkl_max (each (3,) r.l.u., per component); None = open.
+
+        Args:
+            q_min (float | None): smallest |Q| kept, Å⁻¹; None = no lower bound.
+            q_max (float | None): largest |Q| kept, Å⁻¹; None = no upper bound.
+            hkl_min (array_like | None): (3,) r.l.u., lower bound per component; None = none.
+            hkl_max (array_like | None): (3,) r.l.u., upper bound per component; None = none.
+
+        Returns:
+            A copy with the points outside the window masked out (still held, mask False).
+
+        Raises:
+            TDSError: an hkl bound for Q-only data.
         """
         keep = np.ones(len(self), dtype=bool)
         if q_min is not None:
@@ -213,6 +324,17 @@ class TDSData:
 
         Keeps the points whose Euclidean distance in hkl from the plane normal·hkl = offset is at most
         thickness/2 (r.l.u.); e.g. h + k + l = 2 is normal=(1, 1, 1), offset=2.
+
+        Args:
+            normal (array_like): (3,) the plane's normal in hkl (any length).
+            offset: r.l.u. along the unit normal times |normal|: the plane is normal·hkl = offset.
+            thickness: full thickness of the slab, r.l.u.
+
+        Returns:
+            Only the points of the slab (the others are dropped, not masked).
+
+        Raises:
+            TDSError: Q-only data, or no point within the slab.
         """
         hkl = self._require_hkl("slice")
         normal = np.asarray(normal, dtype=float)
@@ -229,12 +351,26 @@ class TDSData:
     def read(cls, path, structure=None, temperature=None, bin: int = 1) -> TDSData:
         """Read a data file: an HDF5 point list (docs/data-format.md), a NeXus NXdata volume, or an `.npz` point list.
 
-        structure: the ase.Atoms (or cell (3, 3) Å) whose cell the hkl index. It may be left out only
-        when the file stores that cell in a `cell` dataset; when both are there they must agree.
-        temperature (K): overrides the file's attribute.
-        bin: NeXus volumes only: average bin³ voxels into one point (their mean hkl and mean intensity, σ =
-        √Σσ²/n over the n measured voxels of the block; a remainder at the end of an axis is left out), for a
-        quick first fit. A volume is read in slabs, and only its measured (finite) voxels are kept.
+        The structure may be left out only when the file stores the cell in a `cell` dataset; when both are
+        there they must agree. `bin` (NeXus volumes only) averages bin³ voxels into one point (their mean hkl
+        and mean intensity, σ = √Σσ²/n over the n measured voxels of the block; a remainder at the end of an
+        axis is left out), for a quick first fit. A volume is read in slabs, and only its measured (finite)
+        voxels are kept.
+
+        Args:
+            path (str | Path): the data file.
+            structure (Atoms | array_like | None): ase.Atoms or cell (3, 3) Å whose cell the hkl index;
+                None = the file's `cell` dataset.
+            temperature (float | None): K, overrides the file's attribute; None = the file's.
+            bin: voxels per axis averaged into one point (NeXus volumes only); 1 = every voxel.
+
+        Returns:
+            The data; `source` is the path.
+
+        Raises:
+            FileNotFoundError: no file at `path`.
+            TDSError: an unreadable format, a missing or malformed field, a cell that differs from the
+                structure's, or `bin` for a point list; the message names the file, the field and the fix.
         """
         if not (isinstance(bin, (int, np.integer)) and bin >= 1):
             raise TDSError(f"bin must be a whole number of voxels ≥ 1 per axis, got {bin!r}")
@@ -267,7 +403,14 @@ class TDSData:
         return data
 
     def write(self, path) -> None:
-        """Write the HDF5 point list (docs/data-format.md) plus a `cell` dataset; atomic: all or nothing on disk."""
+        """Write the HDF5 point list (docs/data-format.md) plus a `cell` dataset; atomic: all or nothing on disk.
+
+        Args:
+            path (str | Path): the HDF5 file to write; an existing one is replaced.
+
+        Raises:
+            TDSError: Q-only data (the point list stores hkl).
+        """
         path = Path(path)
         hkl = self._require_hkl("write")
         with atomic_paths(path) as (tmp,), h5py.File(tmp, "w") as f:
@@ -340,7 +483,18 @@ def add_poisson_noise(data: TDSData, counts: float, rng=None) -> TDSData:
 
     scale = counts / mean(intensity[mask]); count ~ Poisson(scale·intensity); intensity = count/scale,
     sigma = √max(count, 1)/scale, so the relative σ at the mean intensity is ≈ 1/√counts.
-    rng: numpy Generator or seed (deterministic for a given one). Intensities must be ≥ 0.
+    Deterministic for a given Generator or seed. Intensities must be ≥ 0.
+
+    Args:
+        data: noise-free data, intensities ≥ 0.
+        counts: counts at the mean used intensity, > 0 (e.g. 1e4: ≈ 1 % σ there).
+        rng (np.random.Generator | int | None): numpy Generator, seed, or None (fresh entropy).
+
+    Returns:
+        A copy with noisy intensities and their σ (N,), in the units of `data`.
+
+    Raises:
+        TDSError: counts ≤ 0, negative intensities, or no positive used intensity.
     """
     rng = np.random.default_rng(rng)
     if counts <= 0:
@@ -555,6 +709,24 @@ def simulate(model, hkl, temperature: float, method: str = "gaussian", statistic
     method "sampling" (give tds_options=dict(sampler=...)): σ holds the Monte-Carlo standard error of the
     sampled mean (floored at 1e-9 of the largest |I|, for Q where every sample scatters alike, e.g. Q = 0),
     added in quadrature to the counting σ when counts are given.
+
+    Args:
+        model (ForceConstantModel | PhonopyForceConstants): ForceConstantModel or PhonopyForceConstants.
+        hkl (array_like): (N, 3) r.l.u. of `cell`.
+        temperature: K.
+        method: "one-phonon", "gaussian" (all orders) or "sampling" (`TDSModel`).
+        statistics: "quantum" (Bose–Einstein) or "classical" phonon occupation.
+        cell (array_like | None): lattice vectors (3, 3) Å as rows; None = the model's unit cell.
+        counts: counts at the mean intensity for Poisson noise; None = noise-free.
+        rng (np.random.Generator | int | None): numpy Generator or seed for the noise; None = fresh entropy.
+        tds_options: further keyword arguments of `TDSModel` (e.g. sampler, grid, dw_mesh); None = defaults.
+
+    Returns:
+        TDSData in e.u./atom at the N points, with temperature, provenance and (with noise or sampling) σ.
+
+    Raises:
+        ValueError: an unknown method or statistics, or invalid `TDSModel` options.
+        UnstableError: force constants that are not dynamically stable (imaginary modes).
     """
     import torch
 

@@ -44,13 +44,33 @@ def thermal_configurations(model: ForceConstantModel, supercell, temperature: fl
                            source: str | None = None, progress: bool = True):
     """An iterator over `n_samples` ase.Atoms: the L1×L2×L3 supercell of `model.unitcell` with thermal displacements.
 
-    supercell: (L1, L2, L3) positive integers, any size (in one shorter than twice the cutoff each pair's images
-    are summed: the Hessian of that periodic supercell); atoms cell by cell (C order), unit-cell atom fastest, as
-    in `ase_tds.sampling`. temperature: K (> 0; 0 allowed for quantum zero-point motion). statistics:
-    "classical" | "quantum". seed: int for reproducible draws. sampler: "dense" (classical only),
-    "qspace", or "auto" (dense up to DENSE_MAX_ATOMS atoms). Each frame holds E (eV) in
-    info[energy_key] and F (N, 3) eV/Å in arrays[forces_key], with also_plain the same as its
-    calculator's `energy`/`forces`, and info METADATA_KEYS (`source` names the force constants).
+    Any supercell size works: in one shorter than twice the cutoff each pair's images are summed (the Hessian of
+    that periodic supercell). Atoms go cell by cell (C order), unit-cell atom fastest, as in `ase_tds.sampling`.
+    Each frame holds E (eV) in info[energy_key] and F (N, 3) eV/Å in arrays[forces_key], and info
+    METADATA_KEYS (`source` names the force constants).
+
+    Args:
+        model: ForceConstantModel; its θ (eV/Å²) at the call is used.
+        supercell (tuple[int, int, int]): (L1, L2, L3) positive integers, repetitions of the unit cell.
+        temperature: K (> 0; 0 allowed for quantum zero-point motion).
+        n_samples: number of configurations (≥ 1).
+        statistics: "classical" | "quantum".
+        seed: int for reproducible draws; None = fresh entropy.
+        sampler: "dense" (classical only), "qspace", or "auto" (dense for classical up to DENSE_MAX_ATOMS = 500
+            atoms, q-space beyond).
+        energy_key: info key of E (eV); "energy" = only the calculator's.
+        forces_key: arrays key of F (N, 3) eV/Å; "forces" = only the calculator's.
+        also_plain: also attach E and F as each frame's calculator results (`get_potential_energy`,
+            `get_forces`).
+        source: the name written to info["source"]; None = repr(model).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        (Iterator[Atoms]): a generator of n_samples ase.Atoms (N = L1·L2·L3 × atoms of the unit cell), drawn lazily.
+
+    Raises:
+        ValueError: a bad supercell, temperature, n_samples, statistics, sampler or key name.
+        UnstableError: force constants that are not dynamically stable.
     """
     supercell, n_samples = _check_arguments(supercell, temperature, n_samples, statistics, energy_key, forces_key)
     if sampler not in ("auto", "dense", "qspace"):
@@ -106,11 +126,34 @@ def write_training_data(source, path, supercell, temperature: float, n_samples: 
                         sampler: str = "auto", device=None, progress: bool = True) -> Path:
     """Write `n_samples` thermal configurations as extxyz at `path` (what MACE and NequIP read); returns the path.
 
-    source: a ForceConstantModel, an `ase-tds fit`/`demo` output folder, a phonopy.load-able file or a
-    phonopy.Phonopy — resolved as TDSFitted resolves it. The other arguments are those of
-    `thermal_configurations`; device: torch device to draw on (default the model's; a given model is
-    copied there, not moved). The file is written under a temporary name beside `path` and renamed
-    when complete: an error or interruption leaves no half-written file.
+    The file is written under a temporary name beside `path` and renamed when complete: an error or
+    interruption leaves no half-written file.
+
+    Args:
+        source (ForceConstantModel | phonopy.Phonopy | str | Path): a ForceConstantModel, an `ase-tds fit`/`demo` output
+            folder, a phonopy.load-able file or a phonopy.Phonopy — resolved as TDSFitted resolves it.
+        path (str | Path): the extxyz file to write; its folder must exist.
+        supercell (tuple[int, int, int]): (L1, L2, L3) positive integers, repetitions of the unit cell.
+        temperature: K (> 0; 0 allowed for quantum zero-point motion).
+        n_samples: number of configurations (≥ 1).
+        statistics: "classical" | "quantum".
+        seed: int for reproducible draws; None = fresh entropy.
+        energy_key: info key of E (eV), as in `thermal_configurations`.
+        forces_key: arrays key of F (N, 3) eV/Å, as in `thermal_configurations`.
+        also_plain: also write E and F as the frames' plain energy/forces.
+        sampler: "auto", "dense" or "qspace", as in `thermal_configurations`.
+        device (str | torch.device | None): torch device to draw on; None = the model's (a given model is copied there,
+            not moved).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        `path`, as a Path.
+
+    Raises:
+        IsADirectoryError: `path` is a folder.
+        FileNotFoundError: the folder of `path` does not exist.
+        PermissionError: the folder is not writable.
+        ValueError: a bad supercell, temperature, n_samples, statistics, sampler or key name.
     """
     path = Path(path)
     if path.is_dir():

@@ -32,7 +32,15 @@ THZ_PER_SQRT_EV_A2_AMU = 15.633302300230191
 
 
 def reciprocal_q(hkl, cell) -> np.ndarray:
-    """Cartesian Q (N, 3) in Å⁻¹ from hkl (N, 3) in reciprocal-lattice units of `cell` (3, 3): 2π·hkl·inv(cell)ᵀ."""
+    """Cartesian Q (N, 3) in Å⁻¹ from hkl (N, 3) in reciprocal-lattice units of `cell` (3, 3): 2π·hkl·inv(cell)ᵀ.
+
+    Args:
+        hkl (array_like): (N, 3) r.l.u. of `cell`.
+        cell (array_like): lattice vectors (3, 3) Å as rows.
+
+    Returns:
+        Q (N, 3) Å⁻¹, Cartesian.
+    """
     return 2.0 * np.pi * np.asarray(hkl, dtype=float) @ np.linalg.inv(np.asarray(cell, dtype=float)).T
 
 
@@ -42,6 +50,17 @@ class ForceConstantModel(torch.nn.Module):
     ForceConstantModel(atoms, shells=5) or ForceConstantModel(atoms, cutoff=5.8): `atoms` is any
     periodic ase.Atoms (a conventional cell is fine); the primitive cell is found with spglib.
     θ (n_params,) in eV/Å², labelled in `labels` (Born–von Kármán style: θ = −Φ of one element).
+    θ starts at zero: set it with one of the `set_from_*` methods or `set_parameters`.
+
+    Args:
+        atoms: periodic ase.Atoms of the crystal (kept as `unitcell`).
+        shells: number of neighbour shells within the cutoff; give this or `cutoff`.
+        cutoff: pair cutoff, Å, between two neighbour shells; give this or `shells`.
+        symprec: symmetry tolerance, Å (spglib's and symfc's).
+        dtype: torch dtype of θ and of everything computed from it.
+
+    Raises:
+        StructureError: a non-periodic structure, both or neither of shells and cutoff, or a bad cutoff.
     """
 
     def __init__(self, atoms: Atoms, shells: int | None = None, cutoff: float | None = None,
@@ -93,11 +112,22 @@ class ForceConstantModel(torch.nn.Module):
                 f"{self.n_params} parameters)")
 
     def parameter_dict(self) -> dict[str, float]:
-        """{label: value in eV/Å²}."""
+        """{label: value in eV/Å²}.
+
+        Returns:
+            dict from each label in `labels` to its θ (float, eV/Å²), in the order of θ.
+        """
         return dict(zip(self.labels, self.theta.detach().cpu().tolist()))
 
     def table(self, uncertainties=None) -> str:
-        """Plain-text table of label, value (eV/Å²) and unit, and 1σ when `uncertainties` (n_params,) are given."""
+        """Plain-text table of label, value (eV/Å²) and unit, and 1σ when `uncertainties` (n_params,) are given.
+
+        Args:
+            uncertainties (array_like | None): 1σ (n_params,) eV/Å² in the order of θ; None = no 1σ column.
+
+        Returns:
+            The table, one line per parameter after a header line.
+        """
         lines = [f"{'label':<14}{'value':>12}  unit" + ("         1σ" if uncertainties is not None else "")]
         for i, (label, value) in enumerate(self.parameter_dict().items()):
             line = f"{label:<14}{value:>12.5f}  eV/Å²"
@@ -108,13 +138,24 @@ class ForceConstantModel(torch.nn.Module):
 
     # ------------------------------------------------------------------ θ → Φ → D(q)
     def pair_force_constants(self) -> torch.Tensor:
-        """Φ(κ0; κ'l') per pair of the basis, (P, 3, 3) eV/Å²."""
+        """Φ(κ0; κ'l') per pair of the basis, (P, 3, 3) eV/Å².
+
+        Returns:
+            Φ (P, 3, 3) eV/Å², differentiable in θ; pairs as in `basis`.
+        """
         flat = torch.zeros(9 * len(self.basis.atom0), dtype=self.theta.dtype, device=self.theta.device)
         flat = flat.index_add(0, self.tensor_entry, self.theta[self.tensor_param] * self.tensor_value)
         return flat.reshape(-1, 3, 3)
 
     def dynamical_matrix(self, q) -> torch.Tensor:
-        """D(q) (B, 3n, 3n) complex, eV/Å²/amu, for Cartesian q (B, 3) in Å⁻¹ (phases from atomic positions)."""
+        """D(q) (B, 3n, 3n) complex, eV/Å²/amu, for Cartesian q (B, 3) in Å⁻¹ (phases from atomic positions).
+
+        Args:
+            q (array_like | torch.Tensor): Cartesian q (B, 3) Å⁻¹ (array or tensor; reshaped to (B, 3)).
+
+        Returns:
+            D(q) (B, 3n, 3n) complex eV/Å²/amu, n = `n_atoms`, differentiable in θ.
+        """
         q = torch.as_tensor(q, dtype=self.theta.dtype, device=self.theta.device).reshape(-1, 3)
         angle = torch.einsum("ba,kma->bkm", q, self.block_vectors)
         return assemble_dynamical_matrix(angle, self.block_weighted, self.n_atoms)
@@ -125,17 +166,36 @@ class ForceConstantModel(torch.nn.Module):
         return self.pair_force_constants()[self.block_pairs] * self.block_inv_sqrt_mass[..., None, None]
 
     def eigenvalue_bound(self) -> float:
-        """An upper bound (eV/Å²/amu) on the eigenvalues of D(q) at every q (see `row_sum_bound`)."""
+        """An upper bound (eV/Å²/amu) on the eigenvalues of D(q) at every q (see `row_sum_bound`).
+
+        Returns:
+            The bound, eV/Å²/amu.
+        """
         return row_sum_bound(self.block_weighted, self.n_atoms)
 
     def frequencies(self, q) -> np.ndarray:
-        """Phonon frequencies (B, 3n) in THz at Cartesian q (B, 3) Å⁻¹; imaginary modes as negative numbers."""
+        """Phonon frequencies (B, 3n) in THz at Cartesian q (B, 3) Å⁻¹; imaginary modes as negative numbers.
+
+        Args:
+            q (array_like | torch.Tensor): Cartesian q (B, 3) Å⁻¹.
+
+        Returns:
+            ν (B, 3n) THz, ascending per q (not differentiable).
+        """
         with torch.no_grad():
             eig = torch.linalg.eigvalsh(self.dynamical_matrix(q)).cpu().numpy()
         return np.sign(eig) * np.sqrt(np.abs(eig)) * THZ_PER_SQRT_EV_A2_AMU
 
     def q_from_hkl(self, hkl, cell=None) -> np.ndarray:
-        """Cartesian q (N, 3) Å⁻¹ from hkl (N, 3) in r.l.u. of `cell` (3, 3) Å (default: the model's unit cell)."""
+        """Cartesian q (N, 3) Å⁻¹ from hkl (N, 3) in r.l.u. of `cell` (3, 3) Å (default: the model's unit cell).
+
+        Args:
+            hkl (array_like): (N, 3) r.l.u. of `cell`.
+            cell (array_like | None): lattice vectors (3, 3) Å as rows; None = the model's `unitcell`.
+
+        Returns:
+            q (N, 3) Å⁻¹, Cartesian.
+        """
         return reciprocal_q(hkl, self.unitcell.cell[:] if cell is None else cell)
 
     # ------------------------------------------------------------------ phonopy layouts
@@ -145,6 +205,17 @@ class ForceConstantModel(torch.nn.Module):
         positions (N, 3) Å and cell (3, 3) of a supercell of this crystal (any atom order); rows: the
         supercell atoms whose force-constant rows are wanted. Returns (entries (M, 3): row position,
         pair, column atom).
+
+        Args:
+            positions (array_like): Cartesian positions (N, 3) Å of the supercell's atoms.
+            cell (array_like): the supercell's lattice vectors (3, 3) Å as rows.
+            rows (array_like): indices (R,) of the supercell atoms whose rows are wanted.
+
+        Returns:
+            entries (M, 3) int: (index into `rows`, pair of the basis, column atom of the supercell).
+
+        Raises:
+            StructureError: an atom on no lattice site, or a neighbour that falls on no atom.
         """
         positions = np.asarray(positions, dtype=float)
         cell = np.asarray(cell, dtype=float)
@@ -163,7 +234,18 @@ class ForceConstantModel(torch.nn.Module):
         return np.concatenate(entries)
 
     def site_of(self, positions, tol: float = 1e-3) -> np.ndarray:
-        """Primitive-cell atom κ (N,) of each Cartesian position (N, 3), by lattice translation."""
+        """Primitive-cell atom κ (N,) of each Cartesian position (N, 3), by lattice translation.
+
+        Args:
+            positions (array_like): Cartesian positions (N, 3) Å in the model's frame.
+            tol: Å, the largest distance from a lattice site.
+
+        Returns:
+            κ (N,) int, the nearest site's primitive-cell atom.
+
+        Raises:
+            StructureError: a position farther than `tol` from every lattice site.
+        """
         prim_cell = np.array(self.primitive.cell[:])
         frac = np.asarray(positions) @ np.linalg.inv(prim_cell)
         ref = self.primitive.get_scaled_positions()
@@ -182,6 +264,17 @@ class ForceConstantModel(torch.nn.Module):
 
         `supercell`: a phonopy.Phonopy object (its supercell and primitive are used). The supercell must
         hold the cutoff (every pair a unique minimum image).
+
+        Args:
+            supercell (phonopy.Phonopy): phonopy.Phonopy of this crystal; its supercell has N atoms, its primitive n_p.
+            layout: "compact" (rows of the primitive atoms, phonopy's p2s_map) | "full" (all N rows).
+
+        Returns:
+            Φ (n_p, N, 3, 3) or (N, N, 3, 3) eV/Å², differentiable in θ.
+
+        Raises:
+            StructureError: a supercell too small for the cutoff, or not of this crystal.
+            ValueError: an unknown layout.
         """
         sc = supercell.supercell
         if not holds_cutoff(sc.cell, self.cutoff):
@@ -197,7 +290,18 @@ class ForceConstantModel(torch.nn.Module):
         return fold_pairs(pair_fc, self.supercell_columns(positions, cell, rows), len(rows), len(positions))
 
     def to_phonopy(self, supercell_matrix):
-        """A phonopy.Phonopy with this model's force constants (compact, eV/Å²) on `supercell_matrix` (3, 3) × unitcell."""
+        """A phonopy.Phonopy with this model's force constants (compact, eV/Å²) on `supercell_matrix` (3, 3) × unitcell.
+
+        Args:
+            supercell_matrix (array_like): (3, 3) int (or (3,) diagonal) relative to `unitcell`; it must hold the
+                cutoff.
+
+        Returns:
+            (phonopy.Phonopy): with `force_constants` (n_p, N, 3, 3) eV/Å² set.
+
+        Raises:
+            StructureError: a supercell too small for the cutoff.
+        """
         from phonopy import Phonopy
 
         ph = Phonopy(to_phonopy_atoms(self.unitcell), supercell_matrix=np.asarray(supercell_matrix),
@@ -209,7 +313,17 @@ class ForceConstantModel(torch.nn.Module):
     # ------------------------------------------------------------------ initial values
     @torch.no_grad()
     def set_parameters(self, theta) -> "ForceConstantModel":
-        """Set θ (n_params,) eV/Å² in place; returns the model."""
+        """Set θ (n_params,) eV/Å² in place; returns the model.
+
+        Args:
+            theta (array_like): θ (n_params,) eV/Å², in the order of `labels`.
+
+        Returns:
+            The model itself.
+
+        Raises:
+            ValueError: θ of another shape.
+        """
         theta = torch.as_tensor(np.asarray(theta, dtype=float))
         if theta.shape != self.theta.shape:
             raise ValueError(f"expected {self.n_params} parameters ({', '.join(self.labels)}), got shape {tuple(theta.shape)}")
@@ -217,14 +331,37 @@ class ForceConstantModel(torch.nn.Module):
         return self
 
     def set_from_bvk(self, constants: dict) -> "ForceConstantModel":
-        """Set θ from a {label: value eV/Å²} dict (labels as in `self.labels`; missing ones become 0)."""
+        """Set θ from a {label: value eV/Å²} dict (labels as in `self.labels`; missing ones become 0).
+
+        Args:
+            constants: {label: value eV/Å²}, e.g. {"1XX": 1.2, "1ZZ": -0.3} (Born–von Kármán θ = −Φ).
+
+        Returns:
+            The model itself.
+
+        Raises:
+            KeyError: a label the model does not have.
+        """
         unknown = sorted(set(constants) - set(self.labels))
         if unknown:
             raise KeyError(f"unknown force-constant label(s) {unknown}; this model's labels are {self.labels}")
         return self.set_parameters([float(constants.get(label, 0.0)) for label in self.labels])
 
     def set_from_phonopy(self, phonopy_or_path) -> "ForceConstantModel":
-        """Least-squares projection of phonopy force constants (a Phonopy object or a phonopy.load-able file)."""
+        """Least-squares projection of phonopy force constants (a Phonopy object or a phonopy.load-able file).
+
+        Args:
+            phonopy_or_path (phonopy.Phonopy | str | Path): phonopy.Phonopy with force constants, a phonopy.load-able
+                yaml, or a folder holding phonopy_params.yaml (see `load_phonopy`).
+
+        Returns:
+            The model itself, θ (n_params,) eV/Å² the least-squares fit to phonopy's Φ.
+
+        Raises:
+            StructureError: other species on the sites, or a supercell too small to determine every θ.
+            FileNotFoundError: no such file.
+            ValueError: an unreadable file, or one without force constants.
+        """
         ph = load_phonopy(phonopy_or_path)
         fc = np.asarray(ph.force_constants)
         sc = ph.supercell
@@ -244,6 +381,17 @@ class ForceConstantModel(torch.nn.Module):
         from the sum rule: symmetric under every isometry, so exact in the basis. k₀ sets the Debye temperature
         (K) of the result, from the Debye model's ⟨ω²⟩ = (3/5) ω_D² over the zone (mesh 8³). Raises
         StructureError where springs within the cutoff leave the crystal unstable (raise the cutoff).
+
+        Args:
+            debye_temperature: K (> 0), the Debye temperature the springs are scaled to.
+            decay: fall-off length of k(r), in units of the shortest pair distance r₁.
+
+        Returns:
+            The model itself.
+
+        Raises:
+            ValueError: a Debye temperature that is not positive.
+            StructureError: springs within the cutoff leave the crystal unstable.
         """
         from ase import units
 
@@ -277,8 +425,19 @@ class ForceConstantModel(torch.nn.Module):
                             progress: bool = True) -> "ForceConstantModel":
         """Finite displacements (phonopy) with any ASE calculator, then projection onto the basis.
 
-        supercell_matrix: relative to `unitcell`; default the smallest diagonal one holding the cutoff.
-        displacement: Å.
+        Args:
+            calc (ase.calculators.calculator.Calculator): any ASE calculator of the crystal (e.g. EMT(), a DFT or ML
+                potential).
+            supercell_matrix (array_like | None): (3, 3) int (or (3,) diagonal) relative to `unitcell`; None = the
+                smallest diagonal one holding the cutoff.
+            displacement: finite-displacement amplitude, Å.
+            progress: show a tqdm progress bar over the displaced supercells.
+
+        Returns:
+            The model itself, θ (n_params,) eV/Å² projected from the finite-difference Φ.
+
+        Raises:
+            StructureError: a supercell too small to determine every θ.
         """
         from phonopy import Phonopy
 
@@ -308,6 +467,13 @@ def group_by_block(block: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 
     m is the largest group; shorter groups are padded with pair 0 and filled = 0, so that a padded
     pair contributes nothing once its weight is multiplied by `filled`.
+
+    Args:
+        block: (P,) int block index κ·n + κ' of each pair.
+        n: atoms in the primitive cell.
+
+    Returns:
+        slots (n², m) int pair indices and filled (n², m) float 0/1.
     """
     block = np.asarray(block)
     counts = np.bincount(block, minlength=n * n)
@@ -325,6 +491,14 @@ def assemble_dynamical_matrix(angle: torch.Tensor, weighted: torch.Tensor, n: in
 
     angle (B, n², m) rad; weighted (n², m, 3, 3) Φ/√(m_κ m_κ') in eV/Å²/amu, zero for padding (see
     `group_by_block`). Two real batched matmuls, cos and sin: no scatter, no complex exponentials.
+
+    Args:
+        angle: q·r per pair (B, n², m) rad.
+        weighted: Φ/√(m_κ m_κ') (n², m, 3, 3) eV/Å²/amu.
+        n: atoms in the primitive cell.
+
+    Returns:
+        D (B, 3n, 3n) complex eV/Å²/amu.
     """
     w = weighted.reshape(n * n, -1, 9)
     real = torch.einsum("bkm,kme->bke", torch.cos(angle), w)
@@ -339,6 +513,13 @@ def row_sum_bound(weighted: torch.Tensor, n: int) -> float:
 
     Every |D_ij(q)| ≤ Σ_pairs |w_ij|, so this bounds ‖D(q)‖∞ and ‖D(q)‖₁, hence every eigenvalue of
     D(q) (and of (D + D†)/2), at every q.
+
+    Args:
+        weighted: Φ/√(m_κ m_κ') (n², m, 3, 3) eV/Å²/amu.
+        n: atoms in the primitive cell.
+
+    Returns:
+        The bound, eV/Å²/amu.
     """
     with torch.no_grad():
         entries = weighted.abs().reshape(n, n, -1, 3, 3).sum(2)  # (κ, κ', α, β)
@@ -347,7 +528,17 @@ def row_sum_bound(weighted: torch.Tensor, n: int) -> float:
 
 
 def fold_pairs(pair_fc: torch.Tensor, entries, n_rows: int, n_super: int) -> torch.Tensor:
-    """Sum per-pair blocks (P, ...) into (n_rows, n_super, ...) at `entries` (M, 3): (row, pair, column)."""
+    """Sum per-pair blocks (P, ...) into (n_rows, n_super, ...) at `entries` (M, 3): (row, pair, column).
+
+    Args:
+        pair_fc: per-pair blocks (P, ...), e.g. Φ (P, 3, 3) eV/Å².
+        entries (array_like): (M, 3) int (row, pair, column), as `ForceConstantModel.supercell_columns` gives.
+        n_rows: rows of the result.
+        n_super: atoms N of the supercell.
+
+    Returns:
+        (n_rows, n_super, ...) in the units of `pair_fc`, differentiable in it.
+    """
     entries = torch.as_tensor(entries, device=pair_fc.device)
     flat = torch.zeros(n_rows * n_super, *pair_fc.shape[1:], dtype=pair_fc.dtype, device=pair_fc.device)
     flat.index_add_(0, entries[:, 0] * n_super + entries[:, 2], pair_fc[entries[:, 1]])
@@ -360,6 +551,17 @@ def load_phonopy(source):
 
     Force constants are read as stored, or produced from forces when the file holds only those.
     Bare FORCE_CONSTANTS / force_constants.hdf5 files are refused: they lack the crystal structure.
+
+    Args:
+        source (phonopy.Phonopy | str | Path): phonopy.Phonopy, a phonopy.load-able yaml, or a folder holding
+            phonopy_params.yaml.
+
+    Returns:
+        (phonopy.Phonopy): with force constants (eV/Å²).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a bare force-constants file, an unreadable file, or no force constants nor forces.
     """
     if isinstance(source, (str, Path)):
         import phonopy

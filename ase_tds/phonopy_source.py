@@ -30,6 +30,15 @@ class PhonopyForceConstants(torch.nn.Module):
     PhonopyForceConstants(source): a phonopy.Phonopy with force constants, a phonopy.load-able file,
     or a folder holding phonopy_params.yaml. `primitive` and `unitcell` are phonopy's, as ase.Atoms;
     masses (n,) amu are phonopy's primitive masses. Move with .to(device).
+
+    Args:
+        source (phonopy.Phonopy | str | Path): phonopy.Phonopy with force constants, a phonopy.load-able file, or a
+            folder holding phonopy_params.yaml.
+        dtype: torch dtype of D(q) (its complex counterpart) and of the buffers.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an unreadable file, or one without force constants (see `load_phonopy`).
     """
 
     def __init__(self, source, dtype: torch.dtype = torch.float64):
@@ -72,19 +81,38 @@ class PhonopyForceConstants(torch.nn.Module):
         return f"PhonopyForceConstants({self.primitive.get_chemical_formula()}, {self.n_terms} image terms)"
 
     def dynamical_matrix(self, q) -> torch.Tensor:
-        """D(q) (B, 3n, 3n) complex, eV/Å²/amu, for Cartesian q (B, 3) Å⁻¹: phonopy's, made Hermitian."""
+        """D(q) (B, 3n, 3n) complex, eV/Å²/amu, for Cartesian q (B, 3) Å⁻¹: phonopy's, made Hermitian.
+
+        Args:
+            q (array_like | torch.Tensor): Cartesian q (B, 3) Å⁻¹ (array or tensor; reshaped to (B, 3)).
+
+        Returns:
+            D(q) (B, 3n, 3n) complex eV/Å²/amu, n = `n_atoms`.
+        """
         q = torch.as_tensor(q, dtype=self.theta.dtype, device=self.theta.device).reshape(-1, 3)
         angle = torch.einsum("ba,kma->bkm", q, self.block_vectors)
         dyn = assemble_dynamical_matrix(angle, self.block_weighted, self.n_atoms)
         return 0.5 * (dyn + dyn.mH)
 
     def eigenvalue_bound(self) -> float:
-        """An upper bound (eV/Å²/amu) on the eigenvalues of D(q) at every q."""
+        """An upper bound (eV/Å²/amu) on the eigenvalues of D(q) at every q.
+
+        Returns:
+            The bound, eV/Å²/amu.
+        """
         return row_sum_bound(self.block_weighted, self.n_atoms)
 
     # ν(q) from D(q): the same few lines as the model's (eigvalsh, signed √, THz)
     frequencies = ForceConstantModel.frequencies
 
     def q_from_hkl(self, hkl, cell=None) -> np.ndarray:
-        """Cartesian q (N, 3) in Å⁻¹ from hkl in r.l.u. of `cell` (default phonopy's unit cell)."""
+        """Cartesian q (N, 3) in Å⁻¹ from hkl in r.l.u. of `cell` (default phonopy's unit cell).
+
+        Args:
+            hkl (array_like): (N, 3) r.l.u. of `cell`.
+            cell (array_like | None): lattice vectors (3, 3) Å as rows; None = phonopy's unit cell.
+
+        Returns:
+            q (N, 3) Å⁻¹, Cartesian.
+        """
         return reciprocal_q(hkl, self.unitcell.cell[:] if cell is None else cell)

@@ -14,6 +14,16 @@ def dispersion_path(model, npoints: int = 200):
     """ASE's standard band path of the primitive cell: (q_cart (K, 3) Å⁻¹, x (K,), ticks, labels).
 
     A break in the path (two special points at one x) is one tick labelled as phonopy does, e.g. "K|U".
+
+    Args:
+        model (ForceConstantModel | PhonopyForceConstants): its `primitive` cell sets the path.
+        npoints: number K of q points along the whole path.
+
+    Returns:
+        q (np.ndarray): Cartesian q (K, 3) Å⁻¹ along the path.
+        x (np.ndarray): the path coordinate (K,) for plotting.
+        ticks (list[float]): x of the special points.
+        labels (list[str]): their names for the ticks, e.g. "X", "K|U" (Γ as matplotlib mathtext).
     """
     path = model.primitive.cell.bandpath(npoints=npoints)
     q = 2 * np.pi * path.kpts @ np.linalg.inv(np.array(model.primitive.cell[:])).T
@@ -37,6 +47,12 @@ def plot_dispersion(models: dict, path, title: str = "phonon dispersion", covari
     UserWarning naming the model. covariance: (n, n) (eV/Å²)² of the first model's θ (a fit's): its ±1σ band of
     frequencies (`uncertainty.frequency_sigma`) is shaded around it. Written as an image to `path` (format from
     its suffix, e.g. .png).
+
+    Args:
+        models: {name: ForceConstantModel or PhonopyForceConstants}, the legend's names; the first sets the path.
+        path (str | Path): the image file; its suffix sets the format (.png, .svg, .pdf, ...).
+        title: the plot's title.
+        covariance (array_like | None): (n, n) (eV/Å²)² of the first model's θ; None = no ±1σ band.
     """
     first = next(iter(models.values()))
     q, x, ticks, labels = dispersion_path(first)
@@ -84,7 +100,13 @@ def plot_tds_fit(q_norm, observed, model, sigma, path, title: str = "TDS fit") -
 
     The data are small dots drawn over the model's open circles: both stay visible where they agree.
 
-    q_norm, observed, model, sigma: (N,) arrays of the used points; written as an image to `path`.
+    Args:
+        q_norm (array_like): |Q| (N,) Å⁻¹ of the used points.
+        observed (array_like): measured intensity (N,) e.u./atom (or the data's units).
+        model (array_like): modelled intensity (N,), same units.
+        sigma (array_like): 1σ of the data (N,), same units.
+        path (str | Path): the image file; its suffix sets the format (.png, .svg, .pdf, ...).
+        title: the plot's title.
     """
     q_norm, observed, model, sigma = (np.asarray(a, dtype=float) for a in (q_norm, observed, model, sigma))
     fig = Figure(figsize=(7, 8))
@@ -110,6 +132,12 @@ def plot_identifiability(combinations: list, path, title: str = "what the data d
     fraction of the largest |θ|, log scale, with the line above which a combination counts as undetermined.
 
     Each bar is labelled with its combination of force constants. Written as an image to `path`.
+
+    Args:
+        combinations: list of dicts as `uncertainty.parameter_combinations` returns (keys relative,
+            determined, text); an infinite 1σ is drawn at 1000.
+        path (str | Path): the image file; its suffix sets the format (.png, .svg, .pdf, ...).
+        title: the plot's title.
     """
     from .uncertainty import UNDETERMINED
 

@@ -25,7 +25,14 @@ MIN_INTERATOMIC_DISTANCE = 0.5
 
 
 def check_periodic(atoms: Atoms) -> None:
-    """Refuse structures that are not fully periodic 3D crystals."""
+    """Refuse structures that are not fully periodic 3D crystals.
+
+    Args:
+        atoms: the structure.
+
+    Raises:
+        StructureError: not an ase.Atoms, no atoms, not periodic in all three directions, or a zero-volume cell.
+    """
     if not isinstance(atoms, Atoms):
         raise StructureError(f"expected an ase.Atoms crystal, got {type(atoms).__name__}")
     if len(atoms) == 0:
@@ -40,6 +47,14 @@ def check_periodic(atoms: Atoms) -> None:
 
 
 def to_phonopy_atoms(atoms: Atoms) -> PhonopyAtoms:
+    """The same crystal as phonopy's PhonopyAtoms (symbols, cell Å, scaled positions, masses amu).
+
+    Args:
+        atoms: ase.Atoms.
+
+    Returns:
+        PhonopyAtoms.
+    """
     return PhonopyAtoms(
         symbols=atoms.get_chemical_symbols(),
         cell=np.array(atoms.cell[:]),
@@ -49,6 +64,14 @@ def to_phonopy_atoms(atoms: Atoms) -> PhonopyAtoms:
 
 
 def to_ase_atoms(atoms: PhonopyAtoms) -> Atoms:
+    """The same crystal as a periodic ase.Atoms (symbols, cell Å, scaled positions, masses amu).
+
+    Args:
+        atoms: phonopy's PhonopyAtoms (or its Primitive / Supercell).
+
+    Returns:
+        ase.Atoms with pbc = True.
+    """
     return Atoms(
         symbols=atoms.symbols,
         cell=atoms.cell,
@@ -61,8 +84,17 @@ def to_ase_atoms(atoms: PhonopyAtoms) -> Atoms:
 def find_primitive(atoms: Atoms, symprec: float = 1e-5) -> tuple[Atoms, np.ndarray]:
     """The primitive cell of `atoms` (spglib through phonopy), in the same Cartesian frame.
 
-    Returns (primitive, primitive_matrix) with primitive.cell = primitive_matrixᵀ · atoms.cell
-    (phonopy's convention for `primitive_matrix`, shape (3, 3)).
+    Args:
+        atoms: periodic ase.Atoms of the crystal.
+        symprec: symmetry tolerance, Å (> 0).
+
+    Returns:
+        primitive: the primitive cell, in the Cartesian frame of `atoms`.
+        primitive_matrix: (3, 3) float with primitive.cell = primitive_matrixᵀ · atoms.cell (phonopy's
+            convention for `primitive_matrix`).
+
+    Raises:
+        StructureError: a non-periodic structure, symprec ≤ 0, atoms closer than 0.5 Å, or spglib failing.
     """
     check_periodic(atoms)
     if not (np.isfinite(symprec) and symprec > 0):  # spglib crashes (segfault) on a negative one
@@ -87,19 +119,42 @@ def find_primitive(atoms: Atoms, symprec: float = 1e-5) -> tuple[Atoms, np.ndarr
 
 
 def shortest_lattice_vector(cell: np.ndarray) -> float:
-    """Length (Å) of the shortest non-zero translation of the lattice spanned by the rows of `cell`."""
+    """Length (Å) of the shortest non-zero translation of the lattice spanned by the rows of `cell`.
+
+    Args:
+        cell: lattice vectors (3, 3) Å as rows.
+
+    Returns:
+        The length, Å.
+    """
     reduced, _ = minkowski_reduce(np.asarray(cell, dtype=float))
     steps = np.array([n for n in itertools.product((-1, 0, 1), repeat=3) if any(n)])
     return float(np.min(np.linalg.norm(steps @ reduced, axis=1)))
 
 
 def holds_cutoff(cell: np.ndarray, cutoff: float) -> bool:
-    """True when every pair closer than `cutoff` is a unique minimum image in this periodic cell."""
+    """True when every pair closer than `cutoff` is a unique minimum image in this periodic cell.
+
+    Args:
+        cell: lattice vectors (3, 3) Å as rows.
+        cutoff: pair cutoff, Å.
+
+    Returns:
+        True when the shortest translation exceeds 2·cutoff.
+    """
     return shortest_lattice_vector(cell) > 2.0 * cutoff
 
 
 def diagonal_supercell_for(cell: np.ndarray, cutoff: float) -> np.ndarray:
-    """The smallest diagonal repetition (3, 3) int of `cell` whose supercell holds `cutoff`."""
+    """The smallest diagonal repetition (3, 3) int of `cell` whose supercell holds `cutoff`.
+
+    Args:
+        cell: lattice vectors (3, 3) Å as rows.
+        cutoff: pair cutoff, Å.
+
+    Returns:
+        diag(L1, L2, L3), (3, 3) int.
+    """
     reps = np.ones(3, dtype=int)
     while not holds_cutoff(np.diag(reps) @ cell, cutoff):
         # grow the direction whose repeated vector is shortest
@@ -108,7 +163,15 @@ def diagonal_supercell_for(cell: np.ndarray, cutoff: float) -> np.ndarray:
 
 
 def pair_distances(primitive: Atoms, rmax: float) -> np.ndarray:
-    """Sorted distinct interatomic distances (Å) up to `rmax`, over all atom pairs and images."""
+    """Sorted distinct interatomic distances (Å) up to `rmax`, over all atom pairs and images.
+
+    Args:
+        primitive: periodic ase.Atoms.
+        rmax: largest distance, Å.
+
+    Returns:
+        (S,) distances, Å, ascending; those within 1e-4 Å of each other count as one.
+    """
     cell = np.array(primitive.cell[:])
     nmax = np.ceil(rmax * np.linalg.norm(np.linalg.inv(cell), axis=0)).astype(int) + 1
     grid = np.array(list(itertools.product(*[range(-n, n + 1) for n in nmax])))
@@ -124,7 +187,18 @@ def pair_distances(primitive: Atoms, rmax: float) -> np.ndarray:
 
 
 def cutoff_for_shells(primitive: Atoms, shells: int) -> float:
-    """A cutoff (Å) mid-way between neighbour shell `shells` and the next one."""
+    """A cutoff (Å) mid-way between neighbour shell `shells` and the next one.
+
+    Args:
+        primitive: periodic ase.Atoms.
+        shells: number of neighbour shells to include (≥ 1).
+
+    Returns:
+        The cutoff, Å.
+
+    Raises:
+        StructureError: shells not a positive integer.
+    """
     if int(shells) != shells or shells < 1:
         raise StructureError(f"shells must be a positive integer, got {shells!r}")
     rmax = 2.0 * max(np.linalg.norm(primitive.cell[:], axis=1).max(), 1.0)

@@ -19,10 +19,18 @@ SHOWN_WEIGHT = 0.2  # labels with |weight| ≥ this are named in a combination's
 def parameter_combinations(labels, theta, precision) -> list[dict]:
     """The eigen-combinations of the Gauss–Newton matrix of θ, least determined first.
 
-    labels (n,); theta (n,) eV/Å²; precision (n, n) (eV/Å²)⁻²: JᵀWJ profiled over the nuisance values, whose
-    eigenvalue λ_k gives a combination's 1σ = 1/√λ_k (infinite where λ_k ≤ 0). Returns per combination {"sigma": 1σ (eV/Å²),
-    "relative": 1σ / max|θ|, "determined": bool, "weights": {label: weight} (a unit vector, its largest weight
-    positive), "text": e.g. "+0.71·2XX -0.70·2ZZ", the labels of weight ≥ 0.2}.
+    The eigenvalue λ_k of the precision gives a combination's 1σ = 1/√λ_k (infinite where λ_k ≤ 0); it is
+    determined when 1σ ≤ UNDETERMINED (0.05) × max|θ|.
+
+    Args:
+        labels (Sequence[str]): (n,) parameter labels, e.g. `model.labels`.
+        theta (array_like): θ (n,) eV/Å².
+        precision (array_like): (n, n) (eV/Å²)⁻²: JᵀWJ profiled over the nuisance values.
+
+    Returns:
+        One dict per combination, least determined first: {"sigma": 1σ (eV/Å²), "relative": 1σ / max|θ|,
+            "determined": bool, "weights": {label: weight} (a unit vector, its largest weight positive),
+            "text": e.g. "+0.71·2XX -0.70·2ZZ", the labels of weight ≥ 0.2}.
     """
     precision = np.asarray(precision, dtype=float)
     eigenvalues, vectors = np.linalg.eigh((precision + precision.T) / 2)  # ascending: least determined first
@@ -44,6 +52,15 @@ def frequency_sigma(model, q, covariance, step: float = 1e-4) -> np.ndarray:
 
     ∂ν/∂θ by central differences of the sorted frequencies (steps `step`·max(|θ_k|, 0.01) eV/Å²) on a copy of
     `model` (a ForceConstantModel); at a degeneracy the sorted branches are continuous, so this stays finite.
+
+    Args:
+        model (ForceConstantModel): ForceConstantModel at the fitted θ (not changed: a copy is used).
+        q (array_like): Cartesian q (B, 3) Å⁻¹.
+        covariance (array_like): θ's covariance (n, n) (eV/Å²)².
+        step: relative finite-difference step of each θ_k.
+
+    Returns:
+        σ_ν (B, 3n) THz, the 1σ of each sorted branch at each q.
     """
     work = copy.deepcopy(model)
     theta = work.theta.detach().cpu().numpy().copy()

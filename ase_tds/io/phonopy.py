@@ -26,10 +26,20 @@ def write_phonopy_files(model, folder, supercell_matrix=None) -> dict[str, Path]
       read it with `phonopy.load(path, produce_fc=False)` or the command line (`phonopy phonopy_params.yaml ...`).
     - FORCE_CONSTANTS (text) and force_constants.hdf5: the same compact array on its own.
 
-    supercell_matrix: (3, 3) or (3,) int relative to `model.unitcell`; default the smallest diagonal
-    multiple holding the model's cutoff. All files are first written under temporary names in `folder`
-    and renamed only once every one is complete: an error leaves no new or half-written file behind.
-    Returns {file name: path}.
+    All files are first written under temporary names in `folder` and renamed only once every one is
+    complete: an error leaves no new or half-written file behind.
+
+    Args:
+        model (ForceConstantModel): ForceConstantModel; its θ (eV/Å²) at the call is written.
+        folder (str | Path): the output folder, created if needed; existing files of these names are replaced.
+        supercell_matrix (array_like | None): (3, 3) or (3,) int relative to `model.unitcell`; None = the smallest
+            diagonal multiple holding the model's cutoff.
+
+    Returns:
+        {file name: path} of phonopy_params.yaml, FORCE_CONSTANTS and force_constants.hdf5.
+
+    Raises:
+        StructureError: a supercell too small for the model's cutoff.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
