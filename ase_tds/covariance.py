@@ -9,9 +9,15 @@ C̃_κκ'(q) = Σ_l ⟨u_κ0 u_κ'lᵀ⟩ e^{iq·(r_κ'l − r_κ0)}  (Å², (B,
   −7.8 % at X of fcc Ni).
 At q = Γ (any reciprocal-lattice vector) the three mass-weighted rigid translations are removed: a
 crystal whose centre of mass is fixed.
+
+`ThermalCovariance` is the one object that chooses among these routes; the forward models (`ase_tds.tds`,
+`ase_tds.scattering`) and both samplers (`ase_tds.sampling`) take C̃(q), the self covariance (Debye–Waller) and
+the real-space correlation from it.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -186,35 +192,206 @@ def translation_projector(masses: torch.Tensor, phase: torch.Tensor | None = Non
     return t[:, :, None] * t.conj()[:, None, :] * mask
 
 
-def is_gamma(model, q: torch.Tensor, tol: float = 1e-8) -> torch.Tensor:
+def is_gamma(source, q: torch.Tensor, tol: float = 1e-8) -> torch.Tensor:
     """(B,) bool: q a reciprocal-lattice vector of the primitive cell."""
-    cell = torch.as_tensor(np.array(model.primitive.cell[:]), dtype=q.dtype, device=q.device)
+    cell = torch.as_tensor(np.array(source.primitive.cell[:]), dtype=q.dtype, device=q.device)
     reduced = q @ cell.T / (2 * np.pi)
     return (reduced - torch.round(reduced)).abs().amax(dim=-1) < tol
 
 
-def mass_weighted_inverse_covariance(model, q: torch.Tensor):
-    """D(q) with, at Γ points, the translations lifted to a positive eigenvalue c.
-
-    Returns (D + c·P (B, 3n, 3n), P the per-q translation projector (zero away from Γ) or None when
-    no q is a Γ point, c).
-    """
-    dyn = model.dynamical_matrix(q)
-    c = torch.diagonal(dyn, dim1=-2, dim2=-1).real.mean().detach().abs() + 1.0
-    gamma = is_gamma(model, q)
-    if not gamma.any():
-        return dyn, None, c
-    pos = torch.as_tensor(model.primitive.positions, dtype=q.dtype, device=q.device)
-    proj = translation_projector(model.masses, torch.exp(-1j * (q @ pos.T))) * gamma[:, None, None]
-    return dyn + c * proj, proj, c
+def gamma_lift(dyn: torch.Tensor) -> torch.Tensor:
+    """c = |mean diagonal of D| + 1 (eV/Å²/amu): the eigenvalue the three translations get at Γ (any c > 0 gives
+    the same covariance; this one keeps D + cP as well conditioned as D), for D (..., m, m)."""
+    return torch.diagonal(dyn, dim1=-2, dim2=-1).real.mean().abs() + 1.0
 
 
 def positive_cholesky(dyn: torch.Tensor, where: str) -> torch.Tensor:
     """L (B, m, m) with dyn = LL†, or UnstableError counting the matrices that are not positive definite."""
     chol, info = torch.linalg.cholesky_ex(dyn)
     if torch.any(info > 0):
-        raise UnstableError(f"dynamical matrix not positive definite at {int((info > 0).sum())} of {len(dyn)} {where}")
+        raise UnstableError(f"dynamical matrix not positive definite at {int(torch.count_nonzero(info > 0))} of "
+                            f"{info.numel()} {where}")
     return chol
+
+
+class LiftedDynamicalMatrix(NamedTuple):
+    """D(q) with, at Γ points, the three translations lifted to the eigenvalue `lift` (`gamma_lift`).
+
+    plain: D (B, m, m) complex, eV/Å²/amu; lifted: D + c·P; projector: P (B, m, m), the per-q translation
+    projector (zero away from Γ), or None where no q is a Γ point; lift: c (a 0-d tensor).
+    """
+
+    plain: torch.Tensor
+    lifted: torch.Tensor
+    projector: torch.Tensor | None
+    lift: torch.Tensor
+
+
+class RealSpaceCovariance(NamedTuple):
+    """C_{κ0,κ'l} of a periodic grid of primitive cells (`ThermalCovariance.real_space`).
+
+    separations: (G, n, n, 3) Å, r_κ'l − r_κ0; correlation: (G, n, n, 3, 3) Å², ⟨u_κ0 u_κ'lᵀ⟩; G = L1·L2·L3 in
+    FFT order, l in [−L/2, L/2) along each axis.
+    """
+
+    separations: torch.Tensor
+    correlation: torch.Tensor
+
+    def self_covariance(self) -> torch.Tensor:
+        """C_{κ0,κ0} (n, 3, 3) Å² of this crystal: its Debye–Waller factor."""
+        return torch.stack([self.correlation[0, k, k] for k in range(self.correlation.shape[1])])
+
+
+class ThermalCovariance:
+    """The thermal displacement covariance of a harmonic crystal: one object for every route (docs/theory.md).
+
+    It owns the per-q choice of route (classical: Cholesky; quantum: Cholesky plus the power series of x·coth x
+    where it converges, else the eigen-decomposition with the Daleckii–Krein backward), the Γ lift of the three
+    translations (removed again: a crystal whose centre of mass is fixed), and the quantum function h(ω²).
+    The one-phonon, all-order and sampling models and both samplers take their covariance from it.
+
+    source: the force constants (ForceConstantModel or PhonopyForceConstants: `dynamical_matrix(q)`, `masses`,
+    `primitive`, `theta` for dtype and device, `eigenvalue_bound()`); temperature: K (> 0, or 0 with quantum
+    statistics); statistics: "classical" | "quantum".
+    """
+
+    def __init__(self, source, temperature: float, statistics: str = "quantum"):
+        check_statistics(statistics)
+        check_temperature(temperature, statistics)
+        self.source = source
+        self.temperature = float(temperature)
+        self.statistics = statistics
+
+    def __repr__(self) -> str:
+        return f"ThermalCovariance({self.source.primitive.get_chemical_formula()}, {self.temperature:g} K, {self.statistics})"
+
+    @property
+    def kbt(self) -> float:
+        """k_BT in eV."""
+        return KB * self.temperature
+
+    def _q(self, q) -> torch.Tensor:
+        theta = self.source.theta
+        return torch.as_tensor(q, dtype=theta.dtype, device=theta.device).reshape(-1, 3)
+
+    def _series(self) -> np.ndarray | None:
+        """The series coefficients b_k where the quantum series converges (`quantum_series`), else None."""
+        return quantum_series(self.source, self.temperature) if self.statistics == "quantum" else None
+
+    def lifted(self, q) -> LiftedDynamicalMatrix:
+        """D(q) of the source at Cartesian q (B, 3) Å⁻¹, with the translations lifted at Γ points."""
+        q = self._q(q)
+        dyn = self.source.dynamical_matrix(q)
+        c = gamma_lift(dyn).detach()  # C̃ does not depend on c: no gradient through it
+        gamma = is_gamma(self.source, q)
+        if not gamma.any():
+            return LiftedDynamicalMatrix(dyn, dyn, None, c)
+        pos = torch.as_tensor(self.source.primitive.positions, dtype=q.dtype, device=q.device)
+        proj = translation_projector(self.source.masses, torch.exp(-1j * (q @ pos.T))) * gamma[:, None, None]
+        return LiftedDynamicalMatrix(dyn, dyn + c * proj, proj, c)
+
+    def mass_weighted(self, q) -> torch.Tensor:
+        """M^{1/2} C̃(q) M^{1/2} (B, 3n, 3n) complex, Å²·amu: k_BT·D⁻¹ (classical) or h(D) (quantum)."""
+        d = self.lifted(q)
+        series = self._series()
+        if self.statistics == "quantum" and series is None:
+            func = _quantum_h(self.temperature)
+            cov = HermitianFunction.apply(d.lifted, func)
+            h_c = func(d.lift.reshape(1).to(d.lifted.real.dtype))[0][0]
+            return cov if d.projector is None else cov - h_c * d.projector
+        cov = self.kbt * HermitianInverse.apply(d.lifted, "q")
+        if d.projector is not None:
+            cov = cov - self.kbt / d.lift * d.projector
+        return cov if series is None else cov + quantum_series_matrix(d.plain, series, d.projector)
+
+    def __call__(self, q) -> torch.Tensor:
+        """C̃(q) (B, 3n, 3n) complex in Å² at Cartesian q (B, 3) Å⁻¹ (phase convention of docs/theory.md)."""
+        inv_sqrt_m = (1.0 / torch.sqrt(self.source.masses)).repeat_interleave(3)
+        cov = self.mass_weighted(q)
+        return cov * (inv_sqrt_m[:, None] * inv_sqrt_m[None, :]).to(cov.dtype)
+
+    def mass_weighted_form(self, q, v: torch.Tensor) -> torch.Tensor:
+        """v†(M^{1/2} C̃(q) M^{1/2})v (B,) real, Å²·amu·|v|², for real v (B, 3n): the one-phonon intensity's form.
+
+        Classical: k_BT ‖L⁻¹v‖² with D = LL† (one triangular solve per q); quantum: the same plus the series
+        (matrix–vector products), or where it does not converge the full matrix function.
+        """
+        if self.statistics == "quantum" and self._series() is None:  # the eigen route
+            cov = self.mass_weighted(q)
+            vc = v.to(cov.dtype)
+            return torch.einsum("bi,bij,bj->b", vc.conj(), cov, vc).real
+        d = self.lifted(q)
+        value = self.kbt * InverseForm.apply(d.lifted, v, "Q")
+        if d.projector is not None:  # the lifted translations: subtract k_BT/c · v†Pv
+            vc = v.to(d.projector.dtype)
+            value = value - self.kbt / d.lift * torch.einsum("bi,bij,bj->b", vc.conj(), d.projector, vc).real
+        series = self._series()
+        return value if series is None else value + quantum_series_form(d.plain, v, series, d.projector)
+
+    def square_root(self, lifted: torch.Tensor, projector: torch.Tensor | None) -> torch.Tensor:
+        """S (B, m, m) with S S† = M^{1/2} C̃ M^{1/2}, the translations removed: √(k_BT) L⁻† for D + cP = LL†
+        (classical) or the Cholesky factor of h(D + cP) (quantum), then (1 − P) S.
+
+        lifted: D + cP (B, m, m) in any phase convention (the samplers' cell-origin one); projector: P (B, m, m)
+        (zero away from Γ) or None. For the q-space sampler.
+        """
+        if self.statistics == "classical":
+            chol = positive_cholesky(lifted, "commensurate q of the supercell")
+            eye = torch.eye(lifted.shape[-1], dtype=lifted.dtype, device=lifted.device)
+            root = np.sqrt(self.kbt) * torch.linalg.solve_triangular(chol, eye, upper=False).mH
+        else:
+            root = torch.linalg.cholesky(HermitianFunction.apply(lifted, _quantum_h(self.temperature)))
+        return root if projector is None else root - projector.to(root.dtype) @ root
+
+    def mean_square_displacement(self, mesh=(16, 16, 16), chunk: int | None = None) -> torch.Tensor:
+        """C_{κ0,κ0} (n, 3, 3) Å²: the Brillouin-zone average of C̃_κκ(q) on a Γ-centred `mesh`.
+
+        The Γ point contributes its optical modes only; the missing long-wave part falls as 1/mesh
+        (`converged_mean_square_displacement` extrapolates it away).
+        """
+        q = mesh_q(self.source, mesh)
+        n = self.source.n_atoms
+        sums = map_chunks(lambda qc: self(qc).sum(dim=0), (q,), chunk or matrix_chunk(n, 4096))
+        blocks = (sum(sums) / len(q)).real.reshape(n, 3, n, 3)
+        return torch.stack([blocks[k, :, k, :] for k in range(n)])
+
+    def converged_mean_square_displacement(self, mesh: int = 12) -> torch.Tensor:
+        """C_{κ0,κ0} (n, 3, 3) Å², Richardson-extrapolated from Γ-centred meshes `mesh`³ and (2·`mesh`)³.
+
+        The error of one mesh falls as 1/mesh (the missing long waves); for EMT Ni at 300 K meshes 12/24
+        give 5e-4 relative to the 24/48 value.
+        """
+        coarse = self.mean_square_displacement((mesh,) * 3)
+        fine = self.mean_square_displacement((2 * mesh,) * 3)
+        return 2 * fine - coarse
+
+    def real_space(self, grid=(15, 15, 15), chunk: int | None = None) -> RealSpaceCovariance:
+        """C_{κ0,κ'l} on a periodic grid of L1×L2×L3 primitive cells, by FFT of C̃(q) on the commensurate q mesh.
+
+        The exact covariance of a periodic L1×L2×L3 crystal with its centre of mass fixed; l in [−L/2, L/2)
+        along each axis (odd L avoid the ambiguous half-way plane).
+        """
+        grid = tuple(int(x) for x in grid)
+        source = self.source
+        q = mesh_q(source, grid)
+        n = source.n_atoms
+        pos = torch.as_tensor(source.primitive.positions, dtype=q.dtype, device=q.device)
+
+        def origin_convention(qc):
+            cov = self(qc).reshape(-1, n, 3, n, 3)
+            # to the cell-origin phase convention: × e^{−iq·(r_κ' − r_κ)}
+            shift = torch.exp(-1j * (qc @ pos.T))  # (b, n): e^{−iq·r_κ}
+            return cov * shift.conj()[:, :, None, None, None] * shift[:, None, None, :, None]
+
+        cov = torch.cat(map_chunks(origin_convention, (q,), chunk or matrix_chunk(n, 4096))).reshape(*grid, n, 3, n, 3)
+        corr = torch.fft.fftn(cov, dim=(0, 1, 2)).real / len(q)
+        index = np.stack(np.meshgrid(*[np.arange(m) for m in grid], indexing="ij"), -1).reshape(-1, 3)
+        index = index - np.array(grid) * (index >= (np.array(grid) + 1) // 2)
+        cell = np.array(source.primitive.cell[:])
+        lattice = torch.as_tensor(index @ cell, dtype=q.dtype, device=q.device)
+        separations = lattice[:, None, None, :] + pos[None, None, :, :] - pos[None, :, None, :]
+        correlation = corr.reshape(-1, n, 3, n, 3).permute(0, 1, 3, 2, 4)
+        return RealSpaceCovariance(separations, correlation)
 
 
 class HermitianInverse(torch.autograd.Function):
@@ -262,47 +439,6 @@ class InverseForm(torch.autograd.Function):
         return grad_dyn, grad_v, None
 
 
-def thermal_routes(model, q: torch.Tensor, temperature: float, statistics: str):
-    """What the covariance routes need at q (B, 3): (D + cP, P or None, c, D, series b_k or None).
-
-    The series (`quantum_series`) is None classically, and for quantum statistics where it does not
-    converge: then the eigen route (HermitianFunction) is taken.
-    """
-    dyn, proj, c = mass_weighted_inverse_covariance(model, q)
-    plain = dyn if proj is None else dyn - c * proj
-    series = quantum_series(model, temperature) if statistics == "quantum" else None
-    return dyn, proj, c, plain, series
-
-
-def covariance_from_routes(routes, temperature: float, statistics: str) -> torch.Tensor:
-    """M^{1/2} C̃ M^{1/2} (B, m, m) complex, Å²·amu, from `thermal_routes`, the translations removed."""
-    dyn, proj, c, plain, series = routes
-    if statistics == "quantum" and series is None:
-        func = _quantum_h(temperature)
-        cov = HermitianFunction.apply(dyn, func)
-        h_c = func(torch.as_tensor([c], dtype=dyn.real.dtype, device=dyn.device))[0][0]
-        return cov if proj is None else cov - h_c * proj
-    cov = KB * temperature * HermitianInverse.apply(dyn, "q")
-    if proj is not None:
-        cov = cov - KB * temperature / c * proj
-    return cov if series is None else cov + quantum_series_matrix(plain, series, proj)
-
-
-def mass_weighted_covariance(model, q, temperature: float, statistics: str = "classical") -> torch.Tensor:
-    """M^{1/2} C̃(q) M^{1/2}: k_BT·D⁻¹ (classical) or h(D) (quantum), (B, 3n, 3n) complex, Å²·amu."""
-    check_statistics(statistics)
-    check_temperature(temperature, statistics)
-    q = torch.as_tensor(q, dtype=model.theta.dtype, device=model.theta.device).reshape(-1, 3)
-    return covariance_from_routes(thermal_routes(model, q, temperature, statistics), temperature, statistics)
-
-
-def thermal_covariance(model, q, temperature: float, statistics: str = "classical") -> torch.Tensor:
-    """C̃(q) (B, 3n, 3n) complex in Å² at Cartesian q (B, 3) Å⁻¹ (phase convention of docs/theory.md)."""
-    inv_sqrt_m = (1.0 / torch.sqrt(model.masses)).repeat_interleave(3)
-    cov = mass_weighted_covariance(model, q, temperature, statistics)
-    return cov * (inv_sqrt_m[:, None] * inv_sqrt_m[None, :]).to(cov.dtype)
-
-
 def reduced_grid(mesh, shift: bool = False) -> np.ndarray:
     """Points (N, 3) of an n1×n2×n3 mesh in reduced coordinates, Γ-centred or shifted by half a step."""
     mesh = np.asarray(mesh, dtype=int)
@@ -314,60 +450,3 @@ def mesh_q(model, mesh, shift: bool = False) -> torch.Tensor:
     """Cartesian q (N, 3) Å⁻¹ of a mesh in the primitive reciprocal cell."""
     q = 2 * np.pi * reduced_grid(mesh, shift) @ np.linalg.inv(np.array(model.primitive.cell[:])).T
     return torch.as_tensor(q, dtype=model.theta.dtype, device=model.theta.device)
-
-
-def mean_square_displacement(model, temperature: float, statistics: str = "classical",
-                             mesh=(16, 16, 16), chunk: int | None = None) -> torch.Tensor:
-    """C_{κ0,κ0} (n, 3, 3) Å²: the Brillouin-zone average of C̃_κκ(q) on a Γ-centred `mesh`.
-
-    The Γ point contributes its optical modes only; the missing long-wave part falls as 1/mesh
-    (see `debye_waller` for the extrapolated value).
-    """
-    q = mesh_q(model, mesh)
-    chunk = chunk or matrix_chunk(model.n_atoms, 4096)
-    sums = map_chunks(lambda qc: thermal_covariance(model, qc, temperature, statistics).sum(dim=0), (q,), chunk)
-    n = model.n_atoms
-    blocks = (sum(sums) / len(q)).real.reshape(n, 3, n, 3)
-    return torch.stack([blocks[k, :, k, :] for k in range(n)])
-
-
-def converged_mean_square_displacement(model, temperature: float, statistics: str = "classical",
-                                       mesh: int = 12) -> torch.Tensor:
-    """C_{κ0,κ0} (n, 3, 3) Å², Richardson-extrapolated from Γ-centred meshes `mesh`³ and (2·`mesh`)³.
-
-    The error of one mesh falls as 1/mesh (the missing long waves); for EMT Ni at 300 K meshes 12/24
-    give 5e-4 relative to the 24/48 value.
-    """
-    coarse = mean_square_displacement(model, temperature, statistics, (mesh,) * 3)
-    fine = mean_square_displacement(model, temperature, statistics, (2 * mesh,) * 3)
-    return 2 * fine - coarse
-
-
-def real_space_covariance(model, temperature: float, statistics: str = "classical", grid=(15, 15, 15),
-                          chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """C_{κ0,κ'l} on a periodic grid of primitive cells, by FFT of C̃(q) on the commensurate q mesh.
-
-    Returns (separations (G, n, n, 3) Å: r_κ'l − r_κ0, correlation (G, n, n, 3, 3) Å²), G = L1·L2·L3,
-    with l taken in [−L/2, L/2) along each axis (odd L avoid the ambiguous half-way plane). This is
-    the exact covariance of a periodic L1×L2×L3 supercell with its centre of mass fixed.
-    """
-    grid = tuple(int(x) for x in grid)
-    q = mesh_q(model, grid)
-    n = model.n_atoms
-    pos = torch.as_tensor(model.primitive.positions, dtype=q.dtype, device=q.device)
-
-    def origin_convention(qc):
-        cov = thermal_covariance(model, qc, temperature, statistics).reshape(-1, n, 3, n, 3)
-        # to the cell-origin phase convention: × e^{−iq·(r_κ' − r_κ)}
-        shift = torch.exp(-1j * (qc @ pos.T))  # (b, n): e^{−iq·r_κ}
-        return cov * shift.conj()[:, :, None, None, None] * shift[:, None, None, :, None]
-
-    cov = torch.cat(map_chunks(origin_convention, (q,), chunk or matrix_chunk(n, 4096))).reshape(*grid, n, 3, n, 3)
-    corr = torch.fft.fftn(cov, dim=(0, 1, 2)).real / len(q)
-    index = np.stack(np.meshgrid(*[np.arange(m) for m in grid], indexing="ij"), -1).reshape(-1, 3)
-    index = index - np.array(grid) * (index >= (np.array(grid) + 1) // 2)
-    cell = np.array(model.primitive.cell[:])
-    lattice = torch.as_tensor(index @ cell, dtype=q.dtype, device=q.device)
-    separations = lattice[:, None, None, :] + pos[None, None, :, :] - pos[None, :, None, :]
-    correlation = corr.reshape(-1, n, 3, n, 3).permute(0, 1, 3, 2, 4)
-    return separations, correlation

@@ -20,15 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .covariance import (
-    KB,
-    HermitianFunction,
-    UnstableError,
-    _quantum_h,
-    check_statistics,
-    check_temperature,
-    translation_projector,
-)
+from .covariance import ThermalCovariance, UnstableError, gamma_lift, translation_projector
 from .model import assemble_dynamical_matrix, fold_pairs, group_by_block
 from .scattering import debye_waller_exponent
 
@@ -38,14 +30,13 @@ class _Sampler:
 
     def __init__(self, model, supercell, temperature: float, statistics: str = "classical",
                  n_samples: int = 64, seed: int | None = None, progress: bool = True, chunk: int = 2**21):
-        check_statistics(statistics)
-        check_temperature(temperature, statistics)
+        self.covariance = ThermalCovariance(model, temperature, statistics)
         supercell = tuple(int(x) for x in np.ravel(supercell))
         if len(supercell) != 3 or min(supercell) < 1:
             raise ValueError(f"supercell must be three positive repetitions (L1, L2, L3), got {supercell!r}")
         self.model = model
         self.supercell = supercell
-        self.temperature = float(temperature)
+        self.temperature = self.covariance.temperature
         self.statistics = statistics
         self.n_samples = int(n_samples)
         self.seed = seed
@@ -200,7 +191,7 @@ class DenseSampler(_Sampler):
         masses = self._masses()
         inv_sqrt_m = (1.0 / torch.sqrt(masses)).repeat_interleave(3)
         dyn = self.hessian() * inv_sqrt_m[:, None] * inv_sqrt_m[None, :]
-        c = torch.diagonal(dyn).mean().abs() + 1.0  # in the graph: u(θ) depends on c, its distribution not
+        c = gamma_lift(dyn)  # in the graph: u(θ) depends on c, its distribution not
         chol, info = torch.linalg.cholesky_ex(dyn + c * translation_projector(masses))
         if info > 0:
             raise UnstableError("the supercell Hessian is not positive definite beyond the three translations "
@@ -212,7 +203,7 @@ class DenseSampler(_Sampler):
         masses = self._masses()
         n_samples = len(z)
         y = torch.linalg.solve_triangular(chol.mT, z.reshape(n_samples, -1).T, upper=True)
-        y = np.sqrt(KB * self.temperature) * y.T.reshape(n_samples, self.n_atoms, 3)
+        y = np.sqrt(self.covariance.kbt) * y.T.reshape(n_samples, self.n_atoms, 3)
         t = torch.sqrt(masses / masses.sum())  # the mass-weighted translations: (1 − P) y
         y = y - t[:, None] * torch.einsum("j,sja->sa", t, y)[:, None, :]
         return y / torch.sqrt(masses)[:, None]
@@ -226,7 +217,7 @@ class DenseSampler(_Sampler):
         blocks = torch.diagonal(columns[:k].reshape(len(masses), 3, len(masses), 3), dim1=0, dim2=2)
         eye = torch.eye(3, dtype=chol.dtype, device=chol.device)
         blocks = blocks.permute(2, 0, 1) - (masses / self._masses().sum() / c)[:, None, None] * eye  # − P/c: D⁺
-        return KB * self.temperature * blocks / masses[:, None, None]
+        return self.covariance.kbt * blocks / masses[:, None, None]
 
 
 class QSpaceSampler(_Sampler):
@@ -275,22 +266,14 @@ class QSpaceSampler(_Sampler):
         inv_sqrt_m = (1.0 / torch.sqrt(masses)).repeat_interleave(3)
         step = max(1, self.chunk // max(self._filled.size, 9 * len(masses) ** 2))  # q per block
         # the lift at Γ, in the graph: u(θ) depends on c, its distribution not
-        c = torch.diagonal(self.unit_dynamical_matrix(np.zeros((1, 3))), dim1=-2, dim2=-1).real.mean().abs() + 1.0
+        c = gamma_lift(self.unit_dynamical_matrix(np.zeros((1, 3))))
         roots = []
         for start in range(0, len(self._q_frac), step):
             frac = self._q_frac[start:start + step]
             gamma = self._tensor(np.all(frac == 0, axis=1))[:, None, None]
-            dyn = self.unit_dynamical_matrix(frac) + gamma * c * proj
-            if self.statistics == "classical":
-                chol, info = torch.linalg.cholesky_ex(dyn)
-                if torch.any(info > 0):
-                    raise UnstableError(f"dynamical matrix not positive definite at {int((info > 0).sum())} "
-                                        "commensurate q of the supercell")
-                eye = torch.eye(dyn.shape[-1], dtype=dyn.dtype, device=dyn.device)
-                root = np.sqrt(KB * self.temperature) * torch.linalg.solve_triangular(chol, eye, upper=False).mH
-            else:
-                root = torch.linalg.cholesky(HermitianFunction.apply(dyn, _quantum_h(self.temperature)))
-            root = root - gamma * (proj.to(root.dtype) @ root)  # at Γ: (1 − P) S, centre of mass fixed
+            at_gamma = gamma * proj if gamma.any() else None  # P at Γ, zero elsewhere
+            dyn = self.unit_dynamical_matrix(frac)
+            root = self.covariance.square_root(dyn if at_gamma is None else dyn + c * at_gamma, at_gamma)
             roots.append(inv_sqrt_m[:, None] * root)
         return torch.cat(roots)
 

@@ -14,13 +14,7 @@ import torch
 import xraydb
 from torch.autograd.function import once_differentiable
 
-from .covariance import (
-    KB,
-    InverseForm,
-    covariance_from_routes,
-    quantum_series_form,
-    thermal_routes,
-)
+from .covariance import ThermalCovariance
 
 # (a, b) of the partition of unity over the lattice: w = 1 within a·L, 0 beyond b·L (a + b = 1)
 TRANSITION = (0.3, 0.7)
@@ -65,30 +59,16 @@ def debye_waller_exponent(q: torch.Tensor, msd: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.einsum("ba,kac,bc->bk", q, msd, q)
 
 
-def one_phonon_intensity(model, q: torch.Tensor, amplitude: torch.Tensor, temperature: float,
-                         statistics: str) -> torch.Tensor:
-    """I₁(Q) = (1/n) Σ_κκ' A_κ A_κ' Q·C̃_κκ'(Q)·Q, (B,) e.u., with A_κ = f_κ e^{−W_κ} (B, n).
+def one_phonon_intensity(covariance: ThermalCovariance, q: torch.Tensor, amplitude: torch.Tensor) -> torch.Tensor:
+    """I₁(Q) = (1/n) Σ_κκ' A_κ A_κ' Q·C̃_κκ'(Q)·Q, (B,) e.u., with A_κ = f_κ e^{−W_κ} (B, n), for q (B, 3) Å⁻¹.
 
-    C̃ at the unreduced Q. Classical: k_BT ‖L⁻¹v‖² with D = LL† (one triangular solve per Q). Quantum:
-    the same plus the series of `quantum_series` (matrix–vector products), or where it does not
-    converge (low T) the full matrix function.
+    C̃ at the unreduced Q, as the form v†(M^{1/2}C̃M^{1/2})v with v_κα = A_κ Q_α/√m_κ
+    (`ThermalCovariance.mass_weighted_form`: one triangular solve per Q classically).
     """
     n = amplitude.shape[-1]
-    inv_sqrt_m = 1.0 / torch.sqrt(model.masses)
+    inv_sqrt_m = 1.0 / torch.sqrt(covariance.source.masses)
     v = ((amplitude * inv_sqrt_m)[:, :, None] * q[:, None, :]).reshape(len(q), 3 * n)
-    routes = thermal_routes(model, q, temperature, statistics)
-    dyn, proj, c, plain, series = routes
-    if statistics == "quantum" and series is None:
-        cov = covariance_from_routes(routes, temperature, statistics)
-        vc = v.to(cov.dtype)
-        return torch.einsum("bi,bij,bj->b", vc.conj(), cov, vc).real / n
-    value = KB * temperature * InverseForm.apply(dyn, v, "Q")
-    if proj is not None:  # the lifted translations: subtract k_BT/c · v†Pv
-        vc = v.to(proj.dtype)
-        value = value - KB * temperature / c * torch.einsum("bi,bij,bj->b", vc.conj(), proj, vc).real
-    if series is not None:
-        value = value + quantum_series_form(plain, v, series, proj)
-    return value / n
+    return covariance.mass_weighted_form(q, v) / n
 
 
 def multi_phonon_intensity(q: torch.Tensor, amplitude: torch.Tensor, separations: torch.Tensor,
@@ -127,7 +107,7 @@ class LatticeWindow:
     equal (same X, cos(Q·d) even) and are stored once with weight 2.
 
     Geometry only (no θ): source (n², m) indices into correlation.reshape(G·n², 9) of the
-    `real_space_covariance` grid (FFT order), separation (n², m, 3) Å, weight (n², m) (0 = padding),
+    `ThermalCovariance.real_space` grid (FFT order), separation (n², m, 3) Å, weight (n², m) (0 = padding),
     for pairs p = κ·n + κ'.
     """
 

@@ -19,17 +19,13 @@ one grid makes the intensity converge fast in L (docs/theory.md, "Convergence").
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
 from .chunks import map_chunks, matrix_chunk
-from .covariance import (
-    check_statistics,
-    check_temperature,
-    converged_mean_square_displacement,
-    mean_square_displacement,
-    real_space_covariance,
-)
+from .covariance import ThermalCovariance
 from .scattering import FormFactors, LatticeWindow, debye_waller_exponent, one_phonon_intensity
 
 METHODS = ("one-phonon", "gaussian", "sampling")
@@ -70,8 +66,7 @@ class TDSModel(torch.nn.Module):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        check_statistics(statistics)
-        check_temperature(temperature, statistics)
+        covariance = ThermalCovariance(force_constants, temperature, statistics)
         if method == "sampling" and sampler is None:
             raise ValueError("method='sampling' needs a sampler (ase_tds.sampling.DenseSampler or QSpaceSampler)")
         if not (dw_mesh == "grid" or (isinstance(dw_mesh, (int, np.integer)) and dw_mesh >= 1)):
@@ -79,7 +74,8 @@ class TDSModel(torch.nn.Module):
         if not (np.isfinite(accuracy) and 0 < accuracy < 1):
             raise ValueError(f"accuracy must be a relative error in (0, 1), e.g. 1e-3; got {accuracy!r}")
         self.force_constants = force_constants
-        self.temperature = float(temperature)
+        self.covariance = covariance
+        self.temperature = covariance.temperature
         self.method = method
         self.statistics = statistics
         self.form_factors = FormFactors(force_constants.primitive.get_chemical_symbols(), form_factors)
@@ -89,6 +85,7 @@ class TDSModel(torch.nn.Module):
         self.accuracy = float(accuracy)
         self._chunk = None if chunk is None else int(chunk)
         self._cache, self._windows = {}, {}
+        self._shared = None  # inside covariance_once: {name: (value in θ's graph, its detached leaves)}
         if grid is None:
             grid = converged_grid(self, q_max) if method == "gaussian" else (1, 1, 1)
         self.grid = _check_grid(grid)
@@ -96,10 +93,16 @@ class TDSModel(torch.nn.Module):
     # ------------------------------------------------------------------ pieces
     def _at_fixed_theta(self, name, compute):
         """compute() once per θ where no gradient is wanted (repeated evaluations at fixed force
-        constants); recomputed in the graph whenever θ needs a gradient."""
+        constants); in the graph whenever θ needs a gradient: recomputed at every call, or once inside
+        `covariance_once`."""
         theta = self.force_constants.theta
         if torch.is_grad_enabled() and theta.requires_grad:
-            return compute()
+            if self._shared is None:
+                return compute()
+            if name not in self._shared:
+                value = compute()
+                self._shared[name] = (value, tuple(v.detach().requires_grad_(True) for v in value))
+            return self._shared[name][1]
         key, value = self._cache.get(name, (None, None))
         if key is None or key.device != theta.device or not torch.equal(key, theta):
             key, value = theta.detach().clone(), compute()
@@ -109,22 +112,35 @@ class TDSModel(torch.nn.Module):
     def mean_square_displacement(self) -> torch.Tensor:
         """C_{κ0,κ0} (n, 3, 3) Å², converged in the Brillouin-zone mesh (`dw_mesh`): the crystal's Debye–Waller
         factor, used by the one-phonon model (the gaussian model uses its grid's own, `grid_covariance`)."""
-        fc, t, s = self.force_constants, self.temperature, self.statistics
         if self.dw_mesh == "grid":
-            return self._at_fixed_theta("msd", lambda: mean_square_displacement(fc, t, s, self.grid))
-        return self._at_fixed_theta("msd", lambda: converged_mean_square_displacement(fc, t, s, int(self.dw_mesh)))
+            return self._at_fixed_theta("msd", lambda: (self.covariance.mean_square_displacement(self.grid),))[0]
+        mesh = int(self.dw_mesh)
+        return self._at_fixed_theta("msd", lambda: (self.covariance.converged_mean_square_displacement(mesh),))[0]
 
     def grid_covariance(self, level: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(C_{κ0,κ'l} (G, n, n, 3, 3) Å² of the crystal `level_grid(level)` in FFT order, and its self covariance
         (n, 3, 3) Å²)."""
-        fc, t, s = self.force_constants, self.temperature, self.statistics
-        grid = self.level_grid(level)
-
         def compute():
-            correlation = real_space_covariance(fc, t, s, grid)[1]
-            return correlation, torch.stack([correlation[0, k, k] for k in range(fc.n_atoms)])
+            crystal = self.covariance.real_space(self.level_grid(level))
+            return crystal.correlation, crystal.self_covariance()
 
         return self._at_fixed_theta(f"grid{level}", compute)
+
+    @contextlib.contextmanager
+    def covariance_once(self):
+        """Inside, the covariances that depend on θ alone (the gaussian model's real-space covariance of each crystal,
+        the one-phonon model's Debye–Waller factor) enter θ's graph once, as leaves: gradients of many evaluations
+        (a fit's chunks of points) collect on them, and on leaving one backward pass carries their sum to θ.
+        Without it each chunk's backward pass would go through the covariance again."""
+        self._shared = {}
+        try:
+            yield
+            pairs = [(v, leaf.grad) for value, leaves in self._shared.values() for v, leaf in zip(value, leaves)
+                     if leaf.grad is not None]
+            if pairs:
+                torch.autograd.backward([v for v, _ in pairs], [g for _, g in pairs])
+        finally:
+            self._shared = None
 
     def level_grid(self, level: int) -> tuple[int, int, int]:
         """The periodic crystal of `level`: `grid` × GRID_FACTORS[level] (levels > 0 near Bragg peaks)."""
@@ -180,8 +196,7 @@ class TDSModel(torch.nn.Module):
             return self.sampler.intensity(self, q)[0]
         if self.method == "one-phonon":
             amplitude = self.amplitude(q, self.mean_square_displacement())  # here: form factors may call xraydb
-            return torch.cat(map_chunks(lambda qc, amp: one_phonon_intensity(fc, qc, amp, self.temperature,
-                                                                             self.statistics),
+            return torch.cat(map_chunks(lambda qc, amp: one_phonon_intensity(self.covariance, qc, amp),
                                         (q, amplitude), self._chunk or matrix_chunk(fc.n_atoms)))
         levels = self.levels(q) if levels is None else torch.as_tensor(levels, device=q.device).reshape(-1)
         if len(levels) != len(q) or levels.min() < 0 or levels.max() >= len(GRID_FACTORS):
@@ -200,7 +215,7 @@ class TDSModel(torch.nn.Module):
         window = self._window(level)
         terms = window.gather(correlation)
         amplitude = self.amplitude(q, self_cov)
-        first = map_chunks(lambda qc, amp: one_phonon_intensity(fc, qc, amp, self.temperature, self.statistics),
+        first = map_chunks(lambda qc, amp: one_phonon_intensity(self.covariance, qc, amp),
                            (q, amplitude), self._chunk or matrix_chunk(fc.n_atoms))
         higher = map_chunks(lambda qc, amp: window.intensity(qc, amp, terms), (q, amplitude),
                             self._chunk or max(2**21 // window.n_terms, 8))

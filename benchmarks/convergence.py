@@ -56,20 +56,20 @@ def old_intensity(source, q, grid=(9, 9, 9), dw_mesh: int = 12):
     """ase_tds 0.1's gaussian model: converged Debye–Waller (meshes m³, (2m)³ extrapolated) with the grid's higher
     orders summed sharply over one period, chunked as it was."""
     from ase_tds.chunks import map_chunks, matrix_chunk
-    from ase_tds.covariance import converged_mean_square_displacement, real_space_covariance
+    from ase_tds.covariance import ThermalCovariance
     from ase_tds.scattering import FormFactors, debye_waller_exponent, multi_phonon_intensity, one_phonon_intensity
 
     q = torch.as_tensor(q, dtype=torch.float64)
-    msd = converged_mean_square_displacement(source, T, "quantum", dw_mesh)
-    separations, correlation = real_space_covariance(source, T, "quantum", grid)
+    covariance = ThermalCovariance(source, T, "quantum")
+    msd = covariance.converged_mean_square_displacement(dw_mesh)
+    separations, correlation = covariance.real_space(grid)
     form = FormFactors(source.primitive.get_chemical_symbols())
     amp = form(torch.linalg.norm(q, dim=-1)) * torch.exp(-debye_waller_exponent(q, msd))
     n = source.n_atoms
     chunk = int(min(matrix_chunk(n), max(2**22 // (np.prod(grid) * n * n), 16)))
 
     def intensity(qc, a):
-        return one_phonon_intensity(source, qc, a, T, "quantum") + multi_phonon_intensity(qc, a, separations,
-                                                                                          correlation)
+        return one_phonon_intensity(covariance, qc, a) + multi_phonon_intensity(qc, a, separations, correlation)
 
     return torch.cat(map_chunks(intensity, (q, amp), chunk))
 

@@ -134,7 +134,7 @@ def compare(truth, fitted) -> dict:
 
 def run_case(name, truth, data, sizes, progress) -> dict:
     from ase_tds import fit
-    from ase_tds.covariance import converged_mean_square_displacement
+    from ase_tds.covariance import ThermalCovariance
     from ase_tds.sampling import QSpaceSampler
 
     model = bad_start(truth)
@@ -148,7 +148,7 @@ def run_case(name, truth, data, sizes, progress) -> dict:
         kwargs = dict(method="sampling", tds_options=dict(OPTIONS, sampler=sampler), max_iter=sizes["sampling_iter"],
                       optimizer="lbfgs")
         reference = QSpaceSampler(truth, (repeat,) * 3, T_ROOM, statistics="quantum").mean_square_displacement()
-        converged = converged_mean_square_displacement(truth, T_ROOM, "quantum", OPTIONS["dw_mesh"])
+        converged = ThermalCovariance(truth, T_ROOM, "quantum").converged_mean_square_displacement(OPTIONS["dw_mesh"])
         extra = {"supercell": [repeat] * 3, "atoms": sampler.n_atoms, "n_samples": sizes["samples"],
                  "msd_supercell_over_converged": float(reference[0, 0, 0].detach() / converged[0, 0, 0].detach())}
     else:

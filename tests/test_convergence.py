@@ -21,7 +21,7 @@ from phonopy.structure.atoms import PhonopyAtoms
 
 import reference_tds as ref
 from ase_tds import PhonopyForceConstants, TDSModel
-from ase_tds.covariance import converged_mean_square_displacement, real_space_covariance
+from ase_tds.covariance import ThermalCovariance
 from ase_tds.scattering import multi_phonon_intensity, one_phonon_intensity
 
 from conftest import emt_phonopy
@@ -111,9 +111,10 @@ def test_converged_debye_waller_with_grid_correlations_is_biased(case):
     q = torch.as_tensor(case["q"])
     with torch.no_grad():
         tds = TDSModel(src, T, method="one-phonon", statistics="quantum")
-        amp = tds.amplitude(q, converged_mean_square_displacement(src, T, "quantum", 12))
-        old = (one_phonon_intensity(src, q, amp, T, "quantum")
-               + multi_phonon_intensity(q, amp, *real_space_covariance(src, T, "quantum", grid))).numpy()
+        covariance = ThermalCovariance(src, T, "quantum")
+        amp = tds.amplitude(q, covariance.converged_mean_square_displacement(12))
+        old = (one_phonon_intensity(covariance, q, amp)
+               + multi_phonon_intensity(q, amp, *covariance.real_space(grid))).numpy()
     bias = np.median(old / case["truth"] - 1)
     print(f"{case['name']}: converged W + grid-9 higher orders: median {bias:+.2%}")
     assert bias < -5e-3
@@ -130,8 +131,9 @@ def test_periodic_supercell_needs_no_debye_waller_correction(case):
     supercell = ref.periodic_crystal_intensity(ph, q, mesh, T)
     src = case["source"]
     with torch.no_grad():
-        b_inf = converged_mean_square_displacement(src, T, "quantum", 12)
-        b_l = torch.stack([real_space_covariance(src, T, "quantum", mesh)[1][0, k, k] for k in range(src.n_atoms)])
+        covariance = ThermalCovariance(src, T, "quantum")
+        b_inf = covariance.converged_mean_square_displacement(12)
+        b_l = covariance.real_space(mesh).self_covariance()
     missing = np.einsum("ba,ac,bc->b", q, (b_inf - b_l).mean(0).numpy(), q)
     err = supercell / limit - 1
     corrected = supercell * np.exp(-missing) / limit - 1

@@ -36,11 +36,8 @@ from ase_tds.covariance import (
     HermitianInverse,
     InverseForm,
     UnstableError,
-    converged_mean_square_displacement,
-    mean_square_displacement,
+    ThermalCovariance,
     quantum_series,
-    real_space_covariance,
-    thermal_covariance,
 )
 
 from conftest import cached_model
@@ -228,7 +225,7 @@ def test_thermal_covariance_matches_phonopy_dynamical_matrix(models, name, stati
     ph = supercell_phonopy(model, PHONOPY_SUPERCELL[name])
     q = np.vstack([np.zeros((1, 3)), model.q_from_hkl(rng.uniform(-3, 3, size=(10, 3)))])
     with torch.no_grad():
-        ours = thermal_covariance(model, q, T_ROOM, statistics).numpy()
+        ours = ThermalCovariance(model, T_ROOM, statistics)(q).numpy()
     worst = 0.0
     for i, qi in enumerate(q):
         dyn = phonopy_dynamical_matrix(model, ph, qi)
@@ -256,7 +253,7 @@ def _check_gamma(models, name, hkl, statistics):
     n = model.n_atoms
     q = model.q_from_hkl([hkl])
     with torch.no_grad():
-        ours = thermal_covariance(model, q, T_ROOM, statistics)[0].numpy()
+        ours = ThermalCovariance(model, T_ROOM, statistics)(q)[0].numpy()
     if n == 1:  # all three modes are translations
         ref = np.zeros_like(ours)
     else:
@@ -306,11 +303,11 @@ def test_quantum_series_equals_eigen_decomposition(models, name, rng, monkeypatc
         assert torch.linalg.eigvalsh(model.dynamical_matrix(q)).max() <= model.eigenvalue_bound()
         assert quantum_series(model, T_ROOM) is not None
         assert quantum_series(model, 20.0) is None
-        series_cov = thermal_covariance(model, q, T_ROOM, "quantum")
-        series_i1 = scattering.one_phonon_intensity(model, q, v, T_ROOM, "quantum")
+        series_cov = ThermalCovariance(model, T_ROOM, "quantum")(q)
+        series_i1 = scattering.one_phonon_intensity(ThermalCovariance(model, T_ROOM, "quantum"), q, v)
         _without_series(monkeypatch)
-        eigen_cov = thermal_covariance(model, q, T_ROOM, "quantum")
-        eigen_i1 = scattering.one_phonon_intensity(model, q, v, T_ROOM, "quantum")
+        eigen_cov = ThermalCovariance(model, T_ROOM, "quantum")(q)
+        eigen_i1 = scattering.one_phonon_intensity(ThermalCovariance(model, T_ROOM, "quantum"), q, v)
     cov_error = float((series_cov - eigen_cov).abs().max() / eigen_cov.abs().max())
     i1_error = float(((series_i1 - eigen_i1).abs() / eigen_i1.abs().max()).max())
     print(f"{name}: series vs eigh, C̃ {cov_error:.1e}, I₁ {i1_error:.1e}")
@@ -326,7 +323,7 @@ def test_quantum_series_gradient_equals_daleckii_krein_at_degeneracies(models, m
 
     def gradient():
         model.theta.grad = None
-        scattering.one_phonon_intensity(model, q, amplitude, T_ROOM, "quantum").sum().backward()
+        scattering.one_phonon_intensity(ThermalCovariance(model, T_ROOM, "quantum"), q, amplitude).sum().backward()
         return model.theta.grad.clone()
 
     series = gradient()
@@ -345,7 +342,7 @@ def test_real_space_covariance_matches_dense_supercell(models, name, L, statisti
     dense = dense_supercell(model, L)
     ref = dense.covariance(T_ROOM, statistics)
     with torch.no_grad():
-        seps, corr = (x.numpy() for x in real_space_covariance(model, T_ROOM, statistics, (L, L, L)))
+        seps, corr = (x.numpy() for x in ThermalCovariance(model, T_ROOM, statistics).real_space((L, L, L)))
     n = model.n_atoms
     assert seps.shape == (L ** 3, n, n, 3) and corr.shape == (L ** 3, n, n, 3, 3)
     origin = dense.index_of(model.primitive.positions)  # κ0
@@ -395,7 +392,7 @@ def test_mean_square_displacement_matches_phonopy_modes_on_the_same_mesh(models,
     ours = {}
     for statistics in STATISTICS:
         with torch.no_grad():
-            ours[statistics] = mean_square_displacement(model, T_ROOM, statistics, (mesh,) * 3).numpy()
+            ours[statistics] = ThermalCovariance(model, T_ROOM, statistics).mean_square_displacement((mesh,) * 3).numpy()
         ref = phonopy_mesh_msd(model, ph, mesh, T_ROOM, statistics)
         err = np.abs(ours[statistics] - ref).max() / np.abs(ref).max()
         print(f"{name} {statistics}: mesh {mesh}³ vs phonopy modes {err:.2e}")
@@ -436,8 +433,8 @@ def test_converged_mean_square_displacement_matches_phonopy_fine_mesh(models):
         u = {m: phonopy_isotropic_msd(ph, *freqs[m], T_ROOM, statistics) for m in freqs}
         ref = (8 * u[64] - 6 * u[32] + u[16]) / 3
         with torch.no_grad():
-            ours = converged_mean_square_displacement(model, T_ROOM, statistics, mesh=12)[0].numpy()
-            single = mean_square_displacement(model, T_ROOM, statistics, (12,) * 3)[0].numpy()
+            ours = ThermalCovariance(model, T_ROOM, statistics).converged_mean_square_displacement(mesh=12)[0].numpy()
+            single = ThermalCovariance(model, T_ROOM, statistics).mean_square_displacement((12,) * 3)[0].numpy()
         err = abs(np.trace(ours) / 3 / ref - 1)
         print(f"{statistics}: <u_x²> {np.trace(ours) / 3:.6e} Å² vs phonopy extrapolated {ref:.6e} "
               f"({err:.1e}); one 12³ mesh {abs(np.trace(single) / 3 / ref - 1):.1e}")
@@ -454,7 +451,7 @@ def test_mean_square_displacement_physics(models):
     ni = models["Ni"]
     mesh = (8, 8, 8)
     with torch.no_grad():
-        msd = {(s, t): mean_square_displacement(ni, t, s, mesh)[0].numpy()
+        msd = {(s, t): ThermalCovariance(ni, t, s).mean_square_displacement(mesh)[0].numpy()
                for s, t in [("classical", 300.0), ("classical", 600.0), ("quantum", 300.0), ("quantum", 0.0),
                             ("quantum", 3000.0), ("classical", 3000.0)]}
     for value in msd.values():
@@ -472,7 +469,7 @@ def test_mean_square_displacement_physics(models):
           f"zero point {u['quantum', 0.0]:.5e} Å²")
 
     with torch.no_grad():
-        au = mean_square_displacement(models["AuCu3"], T_ROOM, "quantum", (6, 6, 6)).numpy()
+        au = ThermalCovariance(models["AuCu3"], T_ROOM, "quantum").mean_square_displacement((6, 6, 6)).numpy()
     pos = models["AuCu3"].primitive.positions
     assert np.abs(au[0] - np.trace(au[0]) / 3 * np.eye(3)).max() < 1e-12 * au[0].max()
     for k in (1, 2, 3):
@@ -555,15 +552,15 @@ def test_hermitian_function_inverse_gradient_equals_linalg_inv(rng):
 def test_covariance_rejects_bad_statistics_and_temperature(models):
     model, q = models["Ni"], np.array([[0.3, 0.2, 0.1]])
     with pytest.raises(ValueError, match="statistics"):
-        thermal_covariance(model, q, T_ROOM, "bose")
+        ThermalCovariance(model, T_ROOM, "bose")(q)
     for bad in (-1.0, float("nan"), float("inf")):
         for statistics in STATISTICS:
             with pytest.raises(ValueError, match="temperature"):
-                thermal_covariance(model, q, bad, statistics)
+                ThermalCovariance(model, bad, statistics)(q)
     with pytest.raises(ValueError, match="temperature"):
-        thermal_covariance(model, q, 0.0, "classical")
+        ThermalCovariance(model, 0.0, "classical")(q)
     with torch.no_grad():
-        zero_point = thermal_covariance(model, q, 0.0, "quantum")
+        zero_point = ThermalCovariance(model, 0.0, "quantum")(q)
     assert torch.isfinite(zero_point).all() and torch.linalg.eigvalsh(zero_point[0]).min() > 0
 
 
@@ -574,10 +571,9 @@ def test_unstable_force_constants_raise(models, statistics):
     theta["1XX"] = -theta["1XX"]
     model.set_from_bvk(theta)
     with pytest.raises(UnstableError):
-        thermal_covariance(model, model.q_from_hkl([[0.5, 0.5, 0.5], [1, 0, 0], [0.1, 0.2, 0.3]]),
-                           T_ROOM, statistics)
+        ThermalCovariance(model, T_ROOM, statistics)(model.q_from_hkl([[0.5, 0.5, 0.5], [1, 0, 0], [0.1, 0.2, 0.3]]))
     with pytest.raises(UnstableError):
-        mean_square_displacement(model, T_ROOM, statistics, (4, 4, 4))
+        ThermalCovariance(model, T_ROOM, statistics).mean_square_displacement((4, 4, 4))
 
 
 def _hermitian_path(rng, m=7):

@@ -23,7 +23,7 @@ import xraydb
 from ase import units
 
 from ase_tds import TDSModel
-from ase_tds.covariance import UnstableError, mean_square_displacement, real_space_covariance
+from ase_tds.covariance import ThermalCovariance, UnstableError
 from ase_tds.scattering import LatticeWindow, multi_phonon_intensity, one_phonon_intensity, partition_of_unity
 
 from test_covariance import (  # noqa: F401  (models: a module fixture re-used here)
@@ -223,7 +223,7 @@ def test_windowed_sum_equals_the_sharp_sum_on_the_grid_lattice(models, rng):  # 
     weight 2) the sharp sum over one period; off it the two differ (the window interpolates)."""
     for name, grid in (("Ni", (5, 5, 5)), ("AuCu3", (3, 4, 5))):
         model = models[name]
-        separations, correlation = real_space_covariance(model, T_ROOM, "quantum", grid)
+        separations, correlation = ThermalCovariance(model, T_ROOM, "quantum").real_space(grid)
         window = LatticeWindow(model.primitive, grid)
         recip = 2 * np.pi * np.linalg.inv(np.array(model.primitive.cell[:])).T
         on = torch.as_tensor((rng.integers(-12, 13, size=(20, 3)) / np.array(grid)) @ recip)
@@ -253,12 +253,12 @@ def test_real_space_first_order_equals_q_space_at_commensurate_q(models, name, L
     model = models[name]
     q = model_commensurate_q(model, L, rng, 12)
     with torch.no_grad():
-        seps, corr = real_space_covariance(model, T_ROOM, statistics, (L, L, L))
+        seps, corr = ThermalCovariance(model, T_ROOM, statistics).real_space((L, L, L))
         amp = torch.as_tensor(rng.uniform(5, 30, size=(len(q), model.n_atoms)))
         x = torch.einsum("ba,gklac,bc->bgkl", q, corr, q)
         phase = torch.cos(torch.einsum("ba,gkla->bgkl", q, seps))
         real = torch.einsum("bk,bgkl,bl->b", amp, phase * x, amp) / model.n_atoms
-        ref = one_phonon_intensity(model, q, amp, T_ROOM, statistics)
+        ref = one_phonon_intensity(ThermalCovariance(model, T_ROOM, statistics), q, amp)
     err = (torch.abs(real / ref - 1)).max().item()
     print(f"{name} L={L} {statistics}: real-space first order vs q-space {err:.1e}")
     assert err < 1e-10
@@ -367,7 +367,7 @@ def test_quantum_tends_to_classical_at_high_temperature(models, method, rng):  #
         with torch.no_grad():
             i_q, i_c = (TDSModel(model, t, method=method, statistics=s, dw_mesh=4, grid=(7, 7, 7))(q).numpy()
                         for s in ("quantum", "classical"))
-            k_q, k_c = (one_phonon_intensity(model, torch.as_tensor(q), amp, t, s).numpy()
+            k_q, k_c = (one_phonon_intensity(ThermalCovariance(model, t, s), torch.as_tensor(q), amp).numpy()
                         for s in ("quantum", "classical"))
         ratios.append(i_q / i_c)
         kernel.append(k_q / k_c)
@@ -469,7 +469,7 @@ def test_unstable_force_constants_raise_unstable_error(models, statistics):  # n
         TDSModel(model, T_ROOM, method="one-phonon", statistics=statistics, dw_mesh=3)(q)
     amp = torch.full((len(q), 1), 20.0, dtype=torch.float64)  # the kernel alone, without a Debye–Waller mesh
     with pytest.raises(UnstableError):
-        one_phonon_intensity(model, q, amp, T_ROOM, statistics)
+        one_phonon_intensity(ThermalCovariance(model, T_ROOM, statistics), q, amp)
 
 
 def test_fixed_theta_cache_follows_theta(models, rng):  # noqa: F811
@@ -520,8 +520,8 @@ def test_chunks_in_worker_threads_equal_one_block(models, rng, statistics):  # n
             assert torch.equal(model.theta.grad, grads[0])
         with torch.no_grad():
             assert not TDSModel(model, T_ROOM, chunk=3, **options)(q).requires_grad
-            meshes = [(mean_square_displacement(model, T_ROOM, statistics, (3, 3, 3), chunk=chunk),
-                       real_space_covariance(model, T_ROOM, statistics, (3, 3, 3), chunk=chunk)[1])
+            meshes = [(ThermalCovariance(model, T_ROOM, statistics).mean_square_displacement((3, 3, 3), chunk=chunk),
+                       ThermalCovariance(model, T_ROOM, statistics).real_space((3, 3, 3), chunk=chunk)[1])
                       for chunk in (5, None)]
         assert torch.get_num_threads() == 2
         with torch.no_grad():
