@@ -77,9 +77,9 @@ def unstable(dataset, tmp_path_factory):
 
 
 def drawn_figures(monkeypatch) -> list:
-    """The matplotlib figures drawn from now on, kept when the plot module closes them."""
-    figures, close = [], tds_plot.plt.close
-    monkeypatch.setattr(tds_plot.plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    """The matplotlib figures drawn from now on, kept when the plot module saves them."""
+    figures, save = [], tds_plot._save
+    monkeypatch.setattr(tds_plot, "_save", lambda fig, path: (figures.append(fig), save(fig, path)))
     return figures
 
 
