@@ -257,10 +257,11 @@ class _Objective:
             beta = self.profile(intensity)
             value = 0.0
             chunks = tqdm(self.chunks, desc="evaluation (chunks)", leave=False, disable=not self.progress)
-            for chunk in chunks:  # each chunk's graph is freed before the next is built
-                part = self.value(self.nuisance.model(self.intensity(chunk), beta, chunk), chunk)
-                part.backward()
-                value = value + part.detach()
+            with self.tds.covariance_once():  # the covariance's backward once, not once per chunk
+                for chunk in chunks:  # each chunk's graph is freed before the next is built
+                    part = self.value(self.nuisance.model(self.intensity(chunk), beta, chunk), chunk)
+                    part.backward()
+                    value = value + part.detach()
         grad = distributed.total(fc.theta.grad.detach().cpu().numpy().copy())
         value = distributed.total(float(torch.as_tensor(value).detach()))
         if self.prior is not None:
