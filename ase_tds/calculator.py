@@ -15,21 +15,12 @@ import warnings
 
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
-from ase.geometry import find_mic
 from scipy.sparse import coo_matrix
 
 from .covariance import mesh_q
-from .model import ForceConstantModel, load_phonopy
-from .structure import (
-    StructureError,
-    find_primitive,
-    pair_distances,
-    shortest_lattice_vector,
-    to_ase_atoms,
-)
+from .model import ForceConstantModel
+from .structure import StructureError, pair_distances
 
-# eV/Å²: force constants below this are rounding noise of a file (phonopy writes 15 decimals)
-NEGLIGIBLE = 1e-8
 # THz: force constants with a mode more imaginary than this are dynamically unstable
 UNSTABLE_THZ = 1e-3
 
@@ -38,7 +29,7 @@ class TDSFitted(Calculator):
     """Harmonic ASE calculator: E = ½ uᵀΦu (eV), F = −Φu (eV/Å) with fitted force constants Φ (eV/Å²).
 
     Phonopy force constants are projected onto a ForceConstantModel of phonopy's unit cell (see
-    `model_from_phonopy`): exact for files written by ase_tds; for others, pairs at and beyond half the
+    `ForceConstantModel.from_phonopy`): exact for files written by ase_tds; for others, pairs at and beyond half the
     shortest translation of phonopy's supercell are dropped.
 
     The atoms may be any supercell of the crystal (any supercell matrix, any atom order, wrapped or
@@ -68,7 +59,7 @@ class TDSFitted(Calculator):
     Raises:
         ValueError: `tolerance` outside (0, half the shortest site-to-site distance).
         StructureError: `reference` is not the force constants' crystal up to a translation, or no usable
-            phonopy force constants (see `model_from_phonopy`).
+            phonopy force constants (see `ForceConstantModel.from_phonopy`).
         TypeError: `source` is none of the accepted kinds.
     """
 
@@ -77,7 +68,7 @@ class TDSFitted(Calculator):
     def __init__(self, source, reference=None, tolerance: float | None = None,
                  warn_displacement: float = 0.5, **kwargs):
         super().__init__(**kwargs)
-        self.model = source if isinstance(source, ForceConstantModel) else model_from_phonopy(source)
+        self.model = source if isinstance(source, ForceConstantModel) else ForceConstantModel.from_phonopy(source)
         lowest = lowest_frequency(self.model)
         if lowest < -UNSTABLE_THZ:
             name = source if isinstance(source, (str, os.PathLike)) else repr(self.model)
@@ -213,46 +204,10 @@ def lowest_frequency(model, mesh=(6, 6, 6)) -> float:
 
 
 def model_from_phonopy(source) -> ForceConstantModel:
-    """ForceConstantModel of phonopy force constants, for TDSFitted.
-
-    The cutoff takes in every neighbour shell with a force-constant element above
-    NEGLIGIBLE, but stays below half the shortest translation of phonopy's supercell; the force constants
-    are projected onto that model's basis. Exact for files written by ase_tds (their supercells are
-    larger than their cutoff needs); otherwise the pairs at and beyond half the supercell are dropped.
-
-    Args:
-        source (phonopy.Phonopy | str | Path): phonopy.Phonopy with force constants, a phonopy.load-able file,
-            or a folder holding phonopy_params.yaml.
-
-    Returns:
-        ForceConstantModel of phonopy's unit cell, θ (n_params,) eV/Å² projected from phonopy's Φ.
-
-    Raises:
-        TypeError: `source` holds no force constants.
-        StructureError: no force constant above NEGLIGIBLE (1e-8 eV/Å²) within half the shortest
-            translation of phonopy's supercell.
-    """
-    if isinstance(source, (str, os.PathLike)):
-        source = load_phonopy(source)
-    if getattr(source, "force_constants", None) is None:
-        raise TypeError("expected a ForceConstantModel, a folder holding phonopy_params.yaml, a phonopy file "
-                        f"or a phonopy.Phonopy with force constants; got {type(source).__name__} without them")
-    fc, cell = np.asarray(source.force_constants), source.supercell.cell
-    rows = source.primitive.p2s_map if fc.shape[0] != fc.shape[1] else np.arange(fc.shape[0])
-    positions = source.supercell.positions
-    _, distances = find_mic((positions[None, :] - positions[rows][:, None]).reshape(-1, 3), cell)
-    reach = distances[np.abs(fc).max(axis=(2, 3)).ravel() > NEGLIGIBLE].max(initial=0.0)
-
-    unitcell = to_ase_atoms(source.unitcell)
-    half = 0.5 * shortest_lattice_vector(cell)
-    radii = pair_distances(find_primitive(unitcell)[0], half + 1.0)
-    kept = radii[(radii < half - 1e-3) & (radii < reach + 1e-3)]
-    if len(kept) == 0:
-        raise StructureError(f"no force constants to use: none above {NEGLIGIBLE} eV/Å² within half the "
-                             f"shortest translation ({half:.3f} Å) of phonopy's supercell")
-    cutoff = 0.5 * (kept[-1] + np.append(radii[len(kept):], half).min())
-    return ForceConstantModel(unitcell, cutoff=cutoff).set_from_phonopy(source)
-
+    """Deprecated: use `ForceConstantModel.from_phonopy(source)`, the same model."""
+    warnings.warn("model_from_phonopy is deprecated; use ForceConstantModel.from_phonopy (the same model)",
+                  DeprecationWarning, stacklevel=2)
+    return ForceConstantModel.from_phonopy(source)
 
 
 try:  # ASE's experimental calculator plug-ins (entry-point group "ase.plugins"); absent in older ASE

@@ -569,16 +569,15 @@ def _tds_options(model, settings) -> dict:
 
 
 def _run_simulate(args) -> int:
-    from .calculator import model_from_phonopy
     from .covariance import UnstableError
     from .data import simulate
-    from .model import reciprocal_q
+    from .model import ForceConstantModel, reciprocal_q
     from .phonopy_source import PhonopyForceConstants
 
     _check_sampling_arguments(args, seed_is_sampling=False)
     structure = _read_structure(args.structure)
     # the sampling model needs a ForceConstantModel (its pairs on a supercell); the others use phonopy's as they are
-    fc = model_from_phonopy(args.fc) if args.model == "sampling" else PhonopyForceConstants(args.fc)
+    fc = ForceConstantModel.from_phonopy(args.fc) if args.model == "sampling" else PhonopyForceConstants(args.fc)
     _check_same_lattice(structure, args.structure, fc, args.fc)
     hkl = _read_hkl(Path(args.hkl), structure)
     fc.to(_device(args.device))
@@ -674,9 +673,9 @@ def _run_export(args) -> int:
 
 
 def _run_plot(args) -> int:
-    from .calculator import model_from_phonopy
     from .data import TDSData
     from .fit import FitResult
+    from .model import ForceConstantModel
     from .phonopy_source import PhonopyForceConstants
     from .plot import plot_dispersion, plot_identifiability
 
@@ -698,7 +697,7 @@ def _run_plot(args) -> int:
         fitted = models[labels[0]]
         result = FitResult.from_dict(json.loads((first / "fit.json").read_text()),
                                      symbols=fitted.primitive.get_chemical_symbols())
-        symmetric = model_from_phonopy(first).to(device)  # θ with the fit's labels: its 1σ band and its sampler
+        symmetric = ForceConstantModel.from_phonopy(first).to(device)  # θ with the fit's labels: its 1σ band and its sampler
         if symmetric.labels == result.labels:
             models[labels[0]], covariance = symmetric, result.covariance
         if result.settings["method"] == "sampling":

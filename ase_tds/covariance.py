@@ -26,6 +26,7 @@ from scipy.special import zeta
 from torch.autograd.function import once_differentiable
 
 from .chunks import map_chunks, matrix_chunk
+from .source import ForceConstantSource
 
 KB = units.kB  # eV/K
 # ħω in eV for ω² = 1 eV/Å²/amu
@@ -250,12 +251,11 @@ class ThermalCovariance:
     translations (removed again: a crystal whose centre of mass is fixed), and the quantum function h(ω²).
     The one-phonon, all-order and sampling models and both samplers take their covariance from it.
 
-    source: the force constants (ForceConstantModel or PhonopyForceConstants: `dynamical_matrix(q)`, `masses`,
-    `primitive`, `theta` for dtype and device, `eigenvalue_bound()`); temperature: K (> 0, or 0 with quantum
-    statistics); statistics: "classical" | "quantum".
+    source: the force constants, a `ForceConstantSource` (ForceConstantModel or PhonopyForceConstants);
+    temperature: K (> 0, or 0 with quantum statistics); statistics: "classical" | "quantum".
     """
 
-    def __init__(self, source, temperature: float, statistics: str = "quantum"):
+    def __init__(self, source: ForceConstantSource, temperature: float, statistics: str = "quantum"):
         check_statistics(statistics)
         check_temperature(temperature, statistics)
         self.source = source
@@ -271,8 +271,7 @@ class ThermalCovariance:
         return KB * self.temperature
 
     def _q(self, q) -> torch.Tensor:
-        theta = self.source.theta
-        return torch.as_tensor(q, dtype=theta.dtype, device=theta.device).reshape(-1, 3)
+        return torch.as_tensor(q, dtype=self.source.dtype, device=self.source.device).reshape(-1, 3)
 
     def _series(self) -> np.ndarray | None:
         """The series coefficients b_k where the quantum series converges (`quantum_series`), else None."""
@@ -449,4 +448,4 @@ def reduced_grid(mesh, shift: bool = False) -> np.ndarray:
 def mesh_q(model, mesh, shift: bool = False) -> torch.Tensor:
     """Cartesian q (N, 3) Å⁻¹ of a mesh in the primitive reciprocal cell."""
     q = 2 * np.pi * reduced_grid(mesh, shift) @ np.linalg.inv(np.array(model.primitive.cell[:])).T
-    return torch.as_tensor(q, dtype=model.theta.dtype, device=model.theta.device)
+    return torch.as_tensor(q, dtype=model.dtype, device=model.device)

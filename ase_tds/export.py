@@ -24,7 +24,7 @@ from ase.io.extxyz import write_extxyz
 from tqdm.auto import tqdm
 
 from .atomic import atomic_paths
-from .calculator import TDSFitted, model_from_phonopy
+from .calculator import TDSFitted
 from .covariance import check_statistics, check_temperature
 from .model import ForceConstantModel
 from .sampling import DenseSampler, QSpaceSampler
@@ -85,7 +85,7 @@ def thermal_configurations(model: ForceConstantModel, supercell, temperature: fl
 
     info = dict(temperature=float(temperature), statistics=statistics, supercell=np.array(supercell),
                 source=source or repr(model), ase_tds_version=__version__)
-    generator = torch.Generator(device=model.theta.device)
+    generator = torch.Generator(device=model.device)
     if seed is None:
         generator.seed()
     else:
@@ -164,9 +164,9 @@ def write_training_data(source, path, supercell, temperature: float, n_samples: 
     if isinstance(source, ForceConstantModel):
         model, name = source, repr(source)
     else:
-        model = model_from_phonopy(source)
+        model = ForceConstantModel.from_phonopy(source)
         name = str(Path(source).resolve()) if isinstance(source, (str, os.PathLike)) else type(source).__name__
-    if device is not None and torch.device(device) != model.theta.device:
+    if device is not None and torch.device(device) != model.device:
         model = copy.deepcopy(model).to(device)
     with atomic_paths(path) as (partial,):
         try:

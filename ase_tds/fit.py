@@ -176,12 +176,12 @@ class _Objective:
         self.tds, self.loss = tds, loss
         if loss == "poisson" and distributed.size() > 1:
             raise ValueError("loss='poisson' runs on one process; shard a chi2 fit over ranks, or run without torchrun")
-        as_t = lambda x: torch.as_tensor(np.asarray(x, dtype=float), dtype=fc.theta.dtype, device=fc.theta.device)
+        as_t = lambda x: torch.as_tensor(np.asarray(x, dtype=float), dtype=fc.dtype, device=fc.device)
         self.q = as_t(data.q[used])
         self.y = as_t(data.intensity[used])
         self.chunks = [slice(k, k + CHUNK_POINTS) for k in range(0, len(used), CHUNK_POINTS)] or [slice(0, 0)]
         self.nuisance = Nuisance(scale, background, compton, np.linalg.norm(data.q[used], axis=1),
-                                 fc.primitive.get_chemical_symbols(), fc.theta.dtype, fc.theta.device)
+                                 fc.primitive.get_chemical_symbols(), fc.dtype, fc.device)
         self.scale_mode, self.background_mode = scale, background
         if loss == "poisson":
             self.exposure = as_t(_exposure(data, exposure, used, len(data)))

@@ -7,11 +7,13 @@ symmetry-adapted basis. Everything from θ on is a differentiable torch graph on
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from ase import Atoms
+from ase.geometry import find_mic
 from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
@@ -24,9 +26,14 @@ from .structure import (
     diagonal_supercell_for,
     find_primitive,
     holds_cutoff,
+    pair_distances,
+    shortest_lattice_vector,
+    to_ase_atoms,
     to_phonopy_atoms,
 )
 
+# eV/Å²: force constants below this are rounding noise of a file (phonopy writes 15 decimals)
+NEGLIGIBLE = 1e-8
 # √(eV/Å²/amu) in THz (ν = √λ · THZ_PER_SQRT_EV_A2_AMU / 2π folded in); phonopy's VaspToTHz
 THZ_PER_SQRT_EV_A2_AMU = 15.633302300230191
 
@@ -98,6 +105,16 @@ class ForceConstantModel(torch.nn.Module):
 
     # ------------------------------------------------------------------ basic views
     @property
+    def dtype(self) -> torch.dtype:
+        """The real dtype of θ and of every tensor the model returns (D(q): its complex counterpart)."""
+        return self.theta.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where θ and the model's tensors live (move with `.to(device)`)."""
+        return self.theta.device
+
+    @property
     def n_atoms(self) -> int:
         """Atoms in the primitive cell."""
         return len(self.primitive)
@@ -143,7 +160,7 @@ class ForceConstantModel(torch.nn.Module):
         Returns:
             Φ (P, 3, 3) eV/Å², differentiable in θ; pairs as in `basis`.
         """
-        flat = torch.zeros(9 * len(self.basis.atom0), dtype=self.theta.dtype, device=self.theta.device)
+        flat = torch.zeros(9 * len(self.basis.atom0), dtype=self.dtype, device=self.device)
         flat = flat.index_add(0, self.tensor_entry, self.theta[self.tensor_param] * self.tensor_value)
         return flat.reshape(-1, 3, 3)
 
@@ -156,7 +173,7 @@ class ForceConstantModel(torch.nn.Module):
         Returns:
             D(q) (B, 3n, 3n) complex eV/Å²/amu, n = `n_atoms`, differentiable in θ.
         """
-        q = torch.as_tensor(q, dtype=self.theta.dtype, device=self.theta.device).reshape(-1, 3)
+        q = torch.as_tensor(q, dtype=self.dtype, device=self.device).reshape(-1, 3)
         angle = torch.einsum("ba,kma->bkm", q, self.block_vectors)
         return assemble_dynamical_matrix(angle, self.block_weighted, self.n_atoms)
 
@@ -346,6 +363,49 @@ class ForceConstantModel(torch.nn.Module):
         if unknown:
             raise KeyError(f"unknown force-constant label(s) {unknown}; this model's labels are {self.labels}")
         return self.set_parameters([float(constants.get(label, 0.0)) for label in self.labels])
+
+    @classmethod
+    def from_phonopy(cls, source) -> ForceConstantModel:
+        """The ForceConstantModel of phonopy force constants: the one way from a phonopy file to a model.
+
+        The cutoff takes in every neighbour shell with a force-constant element above NEGLIGIBLE, but stays below
+        half the shortest translation of phonopy's supercell; the force constants are projected onto that model's
+        basis (`set_from_phonopy`). Exact for files written by ase_tds (their supercells are larger than their
+        cutoff needs); otherwise the pairs at and beyond half the supercell are dropped. To use phonopy's force
+        constants exactly as they are (every pair, no symmetry basis), use `PhonopyForceConstants`.
+
+        Args:
+            source (phonopy.Phonopy | str | Path): phonopy.Phonopy with force constants, a phonopy.load-able file,
+                or a folder holding phonopy_params.yaml.
+
+        Returns:
+            ForceConstantModel of phonopy's unit cell, θ (n_params,) eV/Å² projected from phonopy's Φ.
+
+        Raises:
+            TypeError: `source` holds no force constants.
+            StructureError: no force constant above NEGLIGIBLE (1e-8 eV/Å²) within half the shortest
+                translation of phonopy's supercell.
+        """
+        if isinstance(source, (str, os.PathLike)):
+            source = load_phonopy(source)
+        if getattr(source, "force_constants", None) is None:
+            raise TypeError("expected a ForceConstantModel, a folder holding phonopy_params.yaml, a phonopy file or a phonopy.Phonopy "
+                            f"with force constants; got {type(source).__name__} without them")
+        fc, cell = np.asarray(source.force_constants), source.supercell.cell
+        rows = source.primitive.p2s_map if fc.shape[0] != fc.shape[1] else np.arange(fc.shape[0])
+        positions = source.supercell.positions
+        _, distances = find_mic((positions[None, :] - positions[rows][:, None]).reshape(-1, 3), cell)
+        reach = distances[np.abs(fc).max(axis=(2, 3)).ravel() > NEGLIGIBLE].max(initial=0.0)
+
+        unitcell = to_ase_atoms(source.unitcell)
+        half = 0.5 * shortest_lattice_vector(cell)
+        radii = pair_distances(find_primitive(unitcell)[0], half + 1.0)
+        kept = radii[(radii < half - 1e-3) & (radii < reach + 1e-3)]
+        if len(kept) == 0:
+            raise StructureError(f"no force constants to use: none above {NEGLIGIBLE} eV/Å² within half the "
+                                 f"shortest translation ({half:.3f} Å) of phonopy's supercell")
+        cutoff = 0.5 * (kept[-1] + np.append(radii[len(kept):], half).min())
+        return cls(unitcell, cutoff=cutoff).set_from_phonopy(source)
 
     def set_from_phonopy(self, phonopy_or_path) -> "ForceConstantModel":
         """Least-squares projection of phonopy force constants (a Phonopy object or a phonopy.load-able file).

@@ -67,10 +67,20 @@ class PhonopyForceConstants(torch.nn.Module):
         keep = np.abs(weight).max(axis=(1, 2)) > 0
         slots, filled = group_by_block(term_kappa[keep] * n + kappa2[keep], n)  # (n², m), padded
         self.n_terms = int(keep.sum())
-        self.register_buffer("theta", torch.zeros(0, dtype=dtype))  # no parameters; carries dtype and device
+        self.register_buffer("theta", torch.zeros(0, dtype=dtype))  # no parameters (ForceConstantSource.theta)
         self.register_buffer("masses", torch.tensor(masses, dtype=dtype))
         self.register_buffer("block_vectors", torch.tensor(vectors[keep][slots] * filled[..., None], dtype=dtype))
         self.register_buffer("block_weighted", torch.tensor(weight[keep][slots] * filled[..., None, None], dtype=dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The real dtype of every tensor this source returns (D(q): its complex counterpart)."""
+        return self.masses.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where this source's tensors live (move with `.to(device)`)."""
+        return self.masses.device
 
     @property
     def n_atoms(self) -> int:
@@ -89,7 +99,7 @@ class PhonopyForceConstants(torch.nn.Module):
         Returns:
             D(q) (B, 3n, 3n) complex eV/Å²/amu, n = `n_atoms`.
         """
-        q = torch.as_tensor(q, dtype=self.theta.dtype, device=self.theta.device).reshape(-1, 3)
+        q = torch.as_tensor(q, dtype=self.dtype, device=self.device).reshape(-1, 3)
         angle = torch.einsum("ba,kma->bkm", q, self.block_vectors)
         dyn = assemble_dynamical_matrix(angle, self.block_weighted, self.n_atoms)
         return 0.5 * (dyn + dyn.mH)

@@ -62,8 +62,7 @@ class _Sampler:
                 f"{self.temperature:g} K, {self.statistics})")
 
     def _tensor(self, array) -> torch.Tensor:
-        theta = self.model.theta
-        return torch.as_tensor(np.asarray(array), dtype=theta.dtype, device=theta.device)
+        return torch.as_tensor(np.asarray(array), dtype=self.model.dtype, device=self.model.device)
 
     def _unit_masses(self) -> torch.Tensor:
         """Masses (n_unit,) amu of the unit-cell atoms."""
@@ -72,12 +71,12 @@ class _Sampler:
     # ------------------------------------------------------------------ drawing
     def _generator(self, generator):
         if generator is None and self.seed is not None:
-            return torch.Generator(device=self.model.theta.device).manual_seed(int(self.seed))
+            return torch.Generator(device=self.model.device).manual_seed(int(self.seed))
         return generator
 
     def _noise(self, n_samples: int, generator) -> torch.Tensor:
-        theta = self.model.theta
-        return torch.randn(n_samples, self.n_atoms, 3, generator=generator, dtype=theta.dtype, device=theta.device)
+        return torch.randn(n_samples, self.n_atoms, 3, generator=generator, dtype=self.model.dtype,
+                           device=self.model.device)
 
     def sample(self, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """u (S, N, 3) Å, differentiable in θ. With `seed` set and no generator, the same z every call."""
@@ -85,8 +84,7 @@ class _Sampler:
 
     def displacements(self, z: torch.Tensor) -> torch.Tensor:
         """u (S, N, 3) Å from given white noise z (S, N, 3): the reparameterised map, linear in z."""
-        return self._transform(self._factor(), torch.as_tensor(z, dtype=self.model.theta.dtype,
-                                                               device=self.model.theta.device))
+        return self._transform(self._factor(), torch.as_tensor(z, dtype=self.model.dtype, device=self.model.device))
 
     def mean_square_displacement(self) -> torch.Tensor:
         """⟨u uᵀ⟩ (n_unit, 3, 3) Å² of each unit-cell atom in this supercell: the covariance sampled from."""
@@ -137,7 +135,7 @@ class _Sampler:
         Differentiable in θ through u (reparameterisation) and through W.
         """
         self._check_tds_model(tds_model)
-        q = torch.as_tensor(q, dtype=self.model.theta.dtype, device=self.model.theta.device).reshape(-1, 3)
+        q = torch.as_tensor(q, dtype=self.model.dtype, device=self.model.device).reshape(-1, 3)
         self.check_q(q)
         n_samples = self.n_samples if n_samples is None else int(n_samples)
         if n_samples < 2:

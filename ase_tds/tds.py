@@ -27,6 +27,7 @@ import torch
 from .chunks import map_chunks, matrix_chunk
 from .covariance import ThermalCovariance
 from .scattering import FormFactors, LatticeWindow, debye_waller_exponent, one_phonon_intensity
+from .source import ForceConstantSource
 
 METHODS = ("one-phonon", "gaussian", "sampling")
 # Grid selection (converged_grid): starting mesh spacing (Å⁻¹), the factor between candidates, the largest
@@ -46,7 +47,8 @@ Q_MAX = 8.0
 class TDSModel(torch.nn.Module):
     """I(Q) (B,) e.u./atom at Cartesian Q (B, 3) Å⁻¹; differentiable in the force constants' θ.
 
-    force_constants: a ForceConstantModel (its θ is this module's only parameter) or PhonopyForceConstants.
+    force_constants: a `ForceConstantSource`: a ForceConstantModel (its θ is this module's only parameter) or
+    PhonopyForceConstants (nothing trainable).
     temperature: K. method: "one-phonon" | "gaussian" | "sampling". statistics: "classical" | "quantum".
     form_factors: "xraydb" or {symbol: constant or f(|Q|)}.
     dw_mesh: the one-phonon model's Debye–Waller mesh: int m (meshes m³ and (2m)³, Richardson-extrapolated) or
@@ -59,7 +61,7 @@ class TDSModel(torch.nn.Module):
     entries and terms per Q).
     """
 
-    def __init__(self, force_constants, temperature: float, method: str = "gaussian",
+    def __init__(self, force_constants: ForceConstantSource, temperature: float, method: str = "gaussian",
                  statistics: str = "quantum", form_factors="xraydb", dw_mesh=12, grid=None,
                  sampler=None, chunk: int | None = None, refine: bool = True, accuracy: float = ACCURACY,
                  q_max: float = Q_MAX):
@@ -148,9 +150,9 @@ class TDSModel(torch.nn.Module):
 
     def _window(self, level: int) -> LatticeWindow:
         fc = self.force_constants
-        key = (level, fc.theta.dtype, fc.theta.device)
+        key = (level, fc.dtype, fc.device)
         if key not in self._windows:
-            self._windows[key] = LatticeWindow(fc.primitive, self.level_grid(level), fc.theta.dtype, fc.theta.device)
+            self._windows[key] = LatticeWindow(fc.primitive, self.level_grid(level), fc.dtype, fc.device)
         return self._windows[key]
 
     def levels(self, q: torch.Tensor) -> torch.Tensor:
@@ -191,7 +193,7 @@ class TDSModel(torch.nn.Module):
         GRID_FACTORS[k]-fold enlargement.
         """
         fc = self.force_constants
-        q = torch.as_tensor(q, dtype=fc.theta.dtype, device=fc.theta.device).reshape(-1, 3)
+        q = torch.as_tensor(q, dtype=fc.dtype, device=fc.device).reshape(-1, 3)
         if self.method == "sampling":
             return self.sampler.intensity(self, q)[0]
         if self.method == "one-phonon":
@@ -231,7 +233,7 @@ class TDSModel(torch.nn.Module):
         at the same `levels` (zero for the one-phonon model, whose Debye–Waller mesh is extrapolated, and for
         sampling)."""
         fc = self.force_constants
-        q = torch.as_tensor(q, dtype=fc.theta.dtype, device=fc.theta.device).reshape(-1, 3)
+        q = torch.as_tensor(q, dtype=fc.dtype, device=fc.device).reshape(-1, 3)
         if self.method != "gaussian":
             return torch.zeros(len(q), dtype=q.dtype, device=q.device)
         levels = self.levels(q) if levels is None else levels
@@ -288,7 +290,7 @@ def converged_grid(tds: TDSModel, q_max: float = Q_MAX) -> tuple[int, int, int]:
     cells per axis. Uses the force constants as they are at the call (a fit: its start)."""
     fc = tds.force_constants
     recip = np.linalg.norm(2 * np.pi * np.linalg.inv(np.array(fc.primitive.cell[:])), axis=0)
-    q = torch.as_tensor(probe_q(fc.primitive, q_max), dtype=fc.theta.dtype, device=fc.theta.device)
+    q = torch.as_tensor(probe_q(fc.primitive, q_max), dtype=fc.dtype, device=fc.device)
     spacing = START_SPACING
     while True:
         grid = tuple(int(x) for x in np.minimum(np.ceil(recip / spacing), MAX_CELLS))

@@ -42,3 +42,47 @@ def test_error_types_are_the_ones_raised():
     assert ase_tds.UnstableError is UnstableError and issubclass(UnstableError, ArithmeticError)
     assert ase_tds.TDSError is TDSError and issubclass(TDSError, ValueError)
     assert ase_tds.StructureError is StructureError and issubclass(StructureError, ValueError)
+
+
+def test_both_force_constant_sources_satisfy_the_protocol_and_the_kernels_take_either(tmp_path):
+    """ForceConstantModel and PhonopyForceConstants are ForceConstantSources; the covariance of a model and of the
+    phonopy files written from it agree (an independent route to D(q): phonopy's own dynamical matrix)."""
+    import numpy as np
+    import torch
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from ase_tds import ForceConstantModel, ForceConstantSource, PhonopyForceConstants, ThermalCovariance
+    from ase_tds.io.phonopy import write_phonopy_files
+
+    model = ForceConstantModel(bulk("Cu", "fcc", a=3.6), shells=2).set_from_calculator(EMT(), progress=False)
+    write_phonopy_files(model, tmp_path, (4, 4, 4))
+    source = PhonopyForceConstants(tmp_path)
+    assert isinstance(model, ForceConstantSource) and isinstance(source, ForceConstantSource)
+    assert not isinstance(object(), ForceConstantSource)
+    assert source.dtype == model.dtype == torch.float64 and source.device == model.device
+    q = model.q_from_hkl(np.array([[0.1, 0.2, 0.3], [0.5, 0.5, 0.5], [1.0, 0.0, 0.0]]))
+    with torch.no_grad():
+        ours, theirs = (ThermalCovariance(s, 300.0, "quantum")(q) for s in (model, source))
+    assert torch.allclose(ours, theirs, rtol=1e-9, atol=1e-12 * float(ours.abs().max()))
+
+
+def test_one_name_from_phonopy_files_to_a_model(tmp_path):
+    """ForceConstantModel.from_phonopy reads back the θ of the files it wrote; the old name warns and agrees."""
+    import numpy as np
+    import pytest
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from ase_tds import ForceConstantModel
+    from ase_tds.calculator import model_from_phonopy
+    from ase_tds.io.phonopy import write_phonopy_files
+
+    model = ForceConstantModel(bulk("Ni", "fcc", a=3.52), shells=3).set_from_calculator(EMT(), progress=False)
+    write_phonopy_files(model, tmp_path, (4, 4, 4))
+    again = ForceConstantModel.from_phonopy(tmp_path)
+    assert again.labels == model.labels
+    np.testing.assert_allclose(again.theta.detach().numpy(), model.theta.detach().numpy(), atol=1e-9)
+    with pytest.warns(DeprecationWarning, match="ForceConstantModel.from_phonopy"):
+        old = model_from_phonopy(tmp_path)
+    np.testing.assert_array_equal(old.theta.detach().numpy(), again.theta.detach().numpy())

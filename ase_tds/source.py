@@ -1,0 +1,54 @@
+"""What the forward models need of harmonic force constants: the `ForceConstantSource` protocol.
+
+`ThermalCovariance`, `TDSModel`, `simulate` and `plot_dispersion` take any object with these members. Two
+implement it: `ForceConstantModel` (symmetry-reduced, θ trainable) and `PhonopyForceConstants` (phonopy's force
+constants used as they are, nothing trainable).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from ase import Atoms
+
+
+@runtime_checkable
+class ForceConstantSource(Protocol):
+    """Harmonic force constants of a crystal, as the forward models read them.
+
+    Attributes:
+        primitive: the primitive cell (ase.Atoms) that D(q) is written for; n = len(primitive).
+        unitcell: the cell whose r.l.u. hkl are given in (ase.Atoms; e.g. the conventional cell).
+        masses: (n,) amu, of the primitive cell's atoms.
+        theta: (n_params,) eV/Å², the parameters D(q) is differentiable in; empty for fixed constants.
+        dtype: the real dtype of every tensor the source returns (D(q) has its complex counterpart).
+        device: where its tensors live.
+    """
+
+    primitive: Atoms
+    unitcell: Atoms
+    masses: torch.Tensor
+    theta: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def n_atoms(self) -> int: ...
+
+    def dynamical_matrix(self, q) -> torch.Tensor:
+        """D(q) (B, 3n, 3n) complex, eV/Å²/amu, at Cartesian q (B, 3) Å⁻¹, phases from atomic positions."""
+
+    def eigenvalue_bound(self) -> float:
+        """An upper bound (eV/Å²/amu) on the eigenvalues of D(q) at every q."""
+
+    def frequencies(self, q) -> np.ndarray:
+        """ν (B, 3n) THz at Cartesian q (B, 3) Å⁻¹, ascending; negative for imaginary modes."""
+
+    def q_from_hkl(self, hkl, cell=None) -> np.ndarray:
+        """Cartesian q (N, 3) Å⁻¹ from hkl (N, 3) in r.l.u. of `cell` (default: `unitcell`)."""
