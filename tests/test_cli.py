@@ -622,3 +622,26 @@ def test_fit_from_springs_needs_no_calculator(dataset, tmp_path, capsys):
     assert code == 0, err
     fitted = parameters(tmp_path / "springs")
     np.testing.assert_allclose(fitted, truth.theta.detach().numpy(), rtol=1e-3)
+
+
+def test_tds_fit_of_a_whole_volume_draws_an_even_subset(fitted, tmp_path, monkeypatch):
+    """Above DRAWN_POINTS used points, tds_fit.png draws an evenly spaced subset of them (the same points with the
+    same model values as the full drawing), and its title says how many of how many."""
+    import ase_tds.cli as cli
+
+    calls, draw = [], tds_plot.plot_tds_fit
+
+    def spy(q_norm, observed, model, sigma, path, title="TDS fit"):
+        calls.append({"q_norm": q_norm, "observed": observed, "model": model, "sigma": sigma, "title": title})
+        draw(q_norm, observed, model, sigma, path, title=title)
+
+    monkeypatch.setattr(tds_plot, "plot_tds_fit", spy)
+    assert main(["plot", str(fitted), "--out", str(tmp_path / "all")]) == 0
+    monkeypatch.setattr(cli, "DRAWN_POINTS", 50)
+    assert main(["plot", str(fitted), "--out", str(tmp_path / "some")]) == 0
+    full, some = calls
+    n_used = len(full["q_norm"])
+    assert full["title"] == "TDS fit" and some["title"] == f"TDS fit (50 of {n_used} points drawn)"
+    pick = np.linspace(0, n_used - 1, 50).astype(int)
+    for key in ("q_norm", "observed", "model", "sigma"):
+        np.testing.assert_allclose(some[key], np.asarray(full[key])[pick], rtol=1e-12)
