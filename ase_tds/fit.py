@@ -216,7 +216,8 @@ class _Objective:
             mean, stderr = self.tds.sampler.intensity(self.tds, self.q)
         positive = mean > 0
         relative = torch.where(positive, stderr / torch.where(positive, mean, 1.0), 0.0)
-        typical = relative[positive].median() if positive.any() else relative.new_zeros(())
+        typical = distributed.gathered(relative[positive])  # the median of all ranks' points
+        typical = typical.median() if len(typical) else relative.new_zeros(())
         relative = torch.where(positive | (stderr == 0), relative, typical)
         self.w = 1.0 / (1.0 / self.w + (relative * self.y) ** 2)
 
@@ -346,9 +347,10 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
     if data.cell is not None:
         data.check_cell(model.unitcell.cell[:], "the model's structure")
     temperature = data.require_temperature(temperature)
-    if method == "sampling" and distributed.size() > 1:
-        raise ValueError("the sampling model runs on one process; shard a gaussian or one-phonon fit over ranks, or "
-                         "run without torchrun")
+    sampler = (tds_options or {}).get("sampler")
+    if method == "sampling" and distributed.size() > 1 and sampler is not None and sampler.seed is None:
+        raise ValueError("under torchrun every rank must draw the same displacements: give the sampler a seed "
+                         "(e.g. QSpaceSampler(..., seed=0)), or run without torchrun")
     progress = progress and distributed.is_main()
     options = dict(tds_options or {})
     options.setdefault("q_max", float(data.q_norm[np.asarray(data.mask, dtype=bool)].max()))
@@ -770,7 +772,7 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
     notes = _identifiability(fc.labels, corr, normal, objective.scale_mode, combinations, objective.prior)
     notes += [misfit] if misfit else []
     if tds.method == "sampling":
-        distinct = tds.sampler.distinct_q(objective.q)
+        distinct = tds.sampler.distinct_q(torch.stack([distributed.gathered(objective.q[:, k]) for k in range(3)], 1))
         if distinct < n_points:
             notes.append(f"sampling: {n_points} points on {distinct} distinct q of the supercell "
                          f"({n_points / distinct:.1f} per q); points with one q share its sampled modes, which 1σ "

@@ -48,9 +48,8 @@ def test_chunks_give_the_loss_and_gradient_of_one_pass(dataset, monkeypatch, los
     np.testing.assert_allclose(chunked[2], whole[2], rtol=1e-9)
 
 
-def _fit(folder, out, ranks):
-    command = ["-m", "ase_tds", "fit", str(folder / "Ni.cif"), str(folder / "data.h5"), "--shells", "2",
-               "--accuracy", "1e-2", "--start", "emt", "--out", str(out)]
+def _fit(folder, out, ranks, data="data.h5", options=("--shells", "2", "--accuracy", "1e-2", "--start", "emt")):
+    command = ["-m", "ase_tds", "fit", str(folder / "Ni.cif"), str(folder / data), *options, "--out", str(out)]
     if ranks > 1:  # the recipe of the docs: `--` keeps torchrun from reading the fit's own options
         command = ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", "29517",
                    *command[:2], "--", *command[2:]]
@@ -59,7 +58,6 @@ def _fit(folder, out, ranks):
     return json.loads((out / "fit.json").read_text()), done
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
 def test_two_ranks_reproduce_one_process(dataset, tmp_path):
     folder, truth, _ = dataset
     one, _ = _fit(folder, tmp_path / "one", 1)
@@ -72,3 +70,26 @@ def test_two_ranks_reproduce_one_process(dataset, tmp_path):
                                rtol=1e-8)
     assert done.stdout.count("χ²_red") == 1  # rank 0 alone prints
     assert np.abs(theta[0] - truth.theta.detach().numpy()).max() < 0.02
+
+
+def test_two_ranks_reproduce_one_process_with_the_sampling_model(dataset, tmp_path):
+    """The sampling model under torchrun: every rank draws the same seeded displacements and estimates the
+    intensity at its own points; the fit (L-BFGS on the seeded, deterministic loss) gives the θ, iterations and 1σ
+    of one process."""
+    folder, truth, _ = dataset
+    rng = np.random.default_rng(1)
+    hkl = rng.integers(-8, 9, size=(200, 3)) / 4  # on the reciprocal lattice of a 4×4×4 supercell
+    hkl = hkl[np.abs(hkl - np.round(hkl)).max(axis=1) > 0]
+    simulate(truth, hkl, 300.0, tds_options=dict(accuracy=1e-2)).write(folder / "quarter.h5")
+    options = ("--shells", "2", "--start", "emt", "--model", "sampling", "--statistics", "classical",
+               "--samples", "4", "--optimizer", "lbfgs")
+    one, _ = _fit(folder, tmp_path / "one", 1, "quarter.h5", options)
+    two, done = _fit(folder, tmp_path / "two", 2, "quarter.h5", options)
+    theta = [np.array([p["value"] for p in record["parameters"]]) for record in (one, two)]
+    np.testing.assert_allclose(theta[1], theta[0], rtol=1e-10, atol=1e-12)
+    assert two["settings"]["sampler"] == one["settings"]["sampler"] and one["settings"]["sampler"]["seed"] is not None
+    assert two["iterations"] == one["iterations"] and two["chi2"] == pytest.approx(one["chi2"], rel=1e-10)
+    np.testing.assert_allclose([p["sigma"] for p in two["parameters"]], [p["sigma"] for p in one["parameters"]],
+                               rtol=1e-8)
+    assert two["warnings"] == one["warnings"]  # e.g. the points per distinct q, counted over all ranks
+    assert done.stdout.count("χ²_red") == 1
