@@ -146,8 +146,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="K, the Debye temperature that --start springs is scaled to (default: the one of 100–1600 K "
                           "whose springs fit the data best)")
     fit.add_argument("--bin", type=int, default=1, metavar="K",
-                     help="NeXus volumes: average K×K×K voxels into one point (σ propagated) for a quick first fit "
-                          "(default: %(default)s, every measured voxel)")
+                     help="NeXus volumes: average K×K×K voxels into one point (σ propagated), for a look at the data: "
+                          "the model is evaluated at the block's mean hkl, which near Bragg peaks is far from the "
+                          "block's mean intensity, so a binned fit is biased (default: %(default)s, every measured "
+                          "voxel)")
     fit.add_argument("--prior-sigma", type=float, metavar="EV_PER_A2",
                      help="a ridge towards the start: each force constant gets a prior of this width (eV/Å²), so "
                           "that combinations the data do not determine (named by the fit, drawn in "
