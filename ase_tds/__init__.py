@@ -4,7 +4,7 @@ from .calculator import TDSFitted
 from .covariance import ThermalCovariance, UnstableError
 from .data import TDSData, TDSError, simulate
 from .export import write_training_data
-from .fit import FitResult, fit
+from .fit import FitResult, Optimizer, fit
 from .model import ForceConstantModel
 from .phonopy_source import PhonopyForceConstants
 from .sampling import DenseSampler, QSpaceSampler
@@ -13,6 +13,6 @@ from .structure import StructureError
 from .tds import TDSModel
 
 __version__ = "0.1.0"
-__all__ = ["DenseSampler", "FitResult", "ForceConstantModel", "ForceConstantSource", "PhonopyForceConstants",
+__all__ = ["DenseSampler", "FitResult", "ForceConstantModel", "ForceConstantSource", "Optimizer", "PhonopyForceConstants",
            "QSpaceSampler", "StructureError", "TDSData", "TDSError", "TDSFitted", "TDSModel", "ThermalCovariance",
            "UnstableError", "fit", "simulate", "write_training_data", "__version__"]

@@ -326,7 +326,7 @@ def _run_demo(args) -> int:
     from ase.calculators.emt import EMT
 
     from .data import simulate
-    from .fit import fit
+    from .fit import Optimizer, fit
     from .model import ForceConstantModel
 
     t0 = time.time()
@@ -343,7 +343,7 @@ def _run_demo(args) -> int:
     print("start: nearest-neighbour constants only, scaled by 0.7")
     model = copy.deepcopy(start)
     model.to(_device(args.device))
-    result = fit(model, data, tds_options=options, max_iter=60)
+    result = fit(model, data, tds_options=options, optimizer=Optimizer(max_iter=60))
     model.cpu()
     ok = _report_recovery(truth, start, model, result)
     _write_outputs(Path(args.out), model, result, data, start=start, reference=truth)
@@ -400,7 +400,7 @@ def _run_fit(args) -> int:
 def _fit_command(args) -> int:
     from . import distributed
     from .data import TDSData
-    from .fit import fit
+    from .fit import Optimizer, fit
     from .model import ForceConstantModel
     from .phonopy_source import PhonopyForceConstants
 
@@ -454,7 +454,7 @@ def _fit_command(args) -> int:
     options = {"sampler": _sampler(model, **sampling)} if args.model == "sampling" else _accuracy_options(args)
     result = fit(model, data, temperature=temperature, method=args.model, statistics=args.statistics,
                  scale=args.scale, background=args.background, compton=args.compton, loss=args.loss,
-                 max_iter=args.max_iter, checkpoint=checkpoint, tds_options=options, optimizer=args.optimizer,
+                 checkpoint=checkpoint, tds_options=options, optimizer=Optimizer(args.optimizer, max_iter=args.max_iter),
                  prior_sigma=args.prior_sigma)
     model.cpu()
     print(result.table())

@@ -13,6 +13,7 @@ search backtracks; Adam backs off), never turned into NaN. A start that is alrea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import platform
 import warnings
@@ -35,6 +36,56 @@ from .uncertainty import parameter_combinations
 LOSSES = ("chi2", "poisson")
 OPTIMIZERS = ("lbfgs", "adam")
 CHUNK_POINTS = 20000  # points per chunk of the loss and gradient: memory is set by a chunk, not by the data
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """How `fit` minimises the loss and when it stops; `fit(..., optimizer=Optimizer(max_iter=60))`.
+
+    Both optimisers work in coordinates whitened by the Gauss–Newton matrix (a unit step ≈ one standard deviation).
+
+    Args:
+        method: "lbfgs" | "adam" | None (L-BFGS; Adam for the sampling model). With a seeded sampler the
+            sampling loss is a smooth deterministic function of θ, and "lbfgs" converges in far fewer evaluations.
+        max_iter: iterations in all, those before a resumed checkpoint included.
+        rtol: L-BFGS stops when the relative change of the loss falls below it.
+        gtol: L-BFGS stops when the projected (whitened) gradient falls below it.
+        learning_rate: Adam's first step in whitened units (≈ standard deviations); None = a quarter of the first
+            gradient's rms. Adam stops when its step or gradient falls below 1e-3 standard deviations.
+
+    Raises:
+        ValueError: an unknown method or a negative max_iter.
+    """
+
+    method: str | None = None
+    max_iter: int = 200
+    rtol: float = 1e-9
+    gtol: float = 1e-6
+    learning_rate: float | None = None
+
+    def __post_init__(self):
+        if self.method not in (None, *OPTIMIZERS):
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS} (or None: the model's default), got "
+                             f"{self.method!r}")
+        if int(self.max_iter) != self.max_iter or self.max_iter < 0:
+            raise ValueError(f"max_iter must be a whole number of iterations ≥ 0, got {self.max_iter!r}")
+
+    def for_method(self, method: str) -> Optimizer:
+        """These settings with `method` resolved for the forward model `method` (Adam for "sampling")."""
+        return dataclasses.replace(self, method=self.method or ("adam" if method == "sampling" else "lbfgs"))
+
+
+@dataclass
+class _Run:
+    """What both optimisers carry between iterations: the whitening R (n, n), the iterations already done (a
+    resumed checkpoint's), the loss history (appended to), the checkpoint writer (or None), and the progress bar's
+    switch."""
+
+    whiten: np.ndarray
+    done: int
+    history: list
+    saver: Checkpoint | None
+    progress: bool
 
 
 @dataclass
@@ -293,13 +344,13 @@ def _exposure(data: TDSData, exposure, used, n_points: int) -> np.ndarray:
     return np.where(y > 0, y / np.where(y > 0, sigma, 1.0) ** 2, 1.0 / sigma)
 
 
-def fit(model, data: TDSData, temperature: float | None = None, method: str = "gaussian",
+def fit(model, data: TDSData, *, temperature: float | None = None, method: str = "gaussian",
         statistics: str = "quantum", scale: str | None = None, background: str = "free", compton=False,
-        loss: str = "chi2", exposure=None, max_iter: int = 200, rtol: float = 1e-9, gtol: float = 1e-6,
-        progress: bool = True, checkpoint=None, tds_options: dict | None = None,
-        learning_rate: float | None = None, optimizer: str | None = None,
-        prior_sigma: float | None = None) -> FitResult:
-    """Fit `model` (a ForceConstantModel, fitted in place from its current θ) to `data`.
+        loss: str = "chi2", exposure=None, optimizer: str | Optimizer | None = None,
+        prior_sigma: float | None = None, checkpoint=None, tds_options: dict | None = None, progress: bool = True,
+        max_iter: int | None = None, rtol: float | None = None, gtol: float | None = None,
+        learning_rate: float | None = None) -> FitResult:
+    """Fit `model` (a ForceConstantModel, fitted in place from its current θ) to `data`; options by keyword.
 
     scale: "free" | "fixed" (fixed needs absolute data, units "e.u./atom") | None: fixed for absolute data, free
     otherwise; background: "free" (a constant) |
@@ -308,9 +359,9 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
     loss: "chi2" | "poisson". The Poisson deviance needs the counts n = t·I_obs: `exposure` t (counts per unit of
     intensity, scalar or (N,)); None infers t = I_obs/σ² per point, exact when σ is pure counting error √n/t
     (as `add_poisson_noise` writes), and t = 1/σ where I_obs = 0 (its σ = 1 count convention).
-    Stopping: L-BFGS on relative loss change `rtol` and projected gradient `gtol` (whitened); Adam ("sampling")
-    when its step or gradient falls below 1e-3 standard deviations (whitened units), or at `max_iter`.
-    max_iter counts all iterations, those before a resumed checkpoint included.
+    optimizer: an `Optimizer` (method, max_iter, rtol, gtol, learning_rate), or its method alone ("lbfgs" |
+    "adam"), or None (the defaults: L-BFGS, Adam for "sampling"; 200 iterations). max_iter, rtol, gtol and
+    learning_rate as keywords of fit are deprecated: give them in the Optimizer.
     checkpoint: a JSON file written after every iteration; if it exists, the fit resumes from it (same model
     labels and settings, else ValueError): L-BFGS restarts its memory there, Adam continues exactly.
     tds_options: extra TDSModel arguments (grid, accuracy, dw_mesh, form_factors, sampler, ...). The gaussian model
@@ -321,9 +372,6 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
     sampler with a seed (common random numbers make the loss a smooth function of θ), and many samples rather than
     many points: points with one q of the supercell share its sampled modes (χ² weights then add the Monte-Carlo
     variance, and a warning says 1σ takes the points' errors as independent).
-    learning_rate: Adam's first step in whitened units (≈ standard deviations); None = from the first gradient.
-    optimizer: "lbfgs" | "adam" | None (L-BFGS, or Adam for "sampling"). With a seeded sampler the sampling loss
-    is a smooth deterministic function of θ, and "lbfgs" converges in far fewer evaluations than Adam.
     prior_sigma: eV/Å², a ridge towards the start θ₀: Σ_k ((θ_k − θ₀_k)/prior_sigma)² is added to the loss (and
     1/prior_sigma² to the Gauss–Newton matrix), so that combinations the data do not determine stay near the start
     (their 1σ then ≈ prior_sigma) while the determined ones converge. None: no prior. Either way the fit names the
@@ -332,9 +380,8 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    optimizer = optimizer or ("adam" if method == "sampling" else "lbfgs")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    optimizer = _optimizer_settings(optimizer, max_iter=max_iter, rtol=rtol, gtol=gtol,
+                                    learning_rate=learning_rate).for_method(method)
     if prior_sigma is not None and not (np.isfinite(prior_sigma) and prior_sigma > 0):
         raise ValueError(f"prior_sigma must be a positive width in eV/Å² (or None: no prior), got {prior_sigma!r}")
     if scale is None:
@@ -372,7 +419,7 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
                       "Adam anneals on that noise; give it a seed (common random numbers) for a smooth loss",
                       stacklevel=2)
     settings = dict(tds.settings(), scale=scale, background=background,
-                    compton=compton if isinstance(compton, bool) else "callable", loss=loss, optimizer=optimizer,
+                    compton=compton if isinstance(compton, bool) else "callable", loss=loss, optimizer=optimizer.method,
                     prior_sigma=prior_sigma, data=objective.fingerprint)
     if method == "sampling":  # what redraws the fitted model (and what a checkpoint must match)
         sampler = tds.sampler
@@ -399,16 +446,29 @@ def fit(model, data: TDSData, temperature: float | None = None, method: str = "g
             from err
     with _fixed_noise(tds):
         whiten = state["whitening"] if state and state.get("whitening") is not None else _whitening(objective, start)
-    history = state["history"] if state and state["history"] else [value0]
-    done = state["iterations"] if state else 0
-    if optimizer == "adam":
-        theta, iterations, status = _adam(objective, start, whiten, done, max_iter, progress, history, saver,
-                                  state.get("adam") if state else None, learning_rate)
+    run = _Run(whiten=whiten, done=state["iterations"] if state else 0,
+               history=state["history"] if state and state["history"] else [value0], saver=saver, progress=progress)
+    if optimizer.method == "adam":
+        theta, iterations, status = _adam(objective, start, optimizer, run, state.get("adam") if state else None)
     else:
-        theta, iterations, status = _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, history,
-                                           saver, rewhiten=lambda theta: _rewhiten(objective, theta))
+        theta, iterations, status = _lbfgs(objective, start, optimizer, run,
+                                           rewhiten=lambda theta: _rewhiten(objective, theta))
+    history = run.history
     with _fixed_noise(tds):
         return _result(model, tds, objective, theta, iterations, history, settings, compton, model_error, status)
+
+
+def _optimizer_settings(optimizer, **deprecated) -> Optimizer:
+    """An Optimizer from fit's `optimizer` (an Optimizer, a method name or None) and its deprecated keywords."""
+    given = {key: value for key, value in deprecated.items() if value is not None}
+    if given:
+        warnings.warn(f"fit({', '.join(f'{k}=' for k in given)}...) is deprecated; give "
+                      f"optimizer=Optimizer({', '.join(f'{k}=...' for k in given)})", DeprecationWarning, stacklevel=3)
+    if isinstance(optimizer, Optimizer):
+        return dataclasses.replace(optimizer, **given)
+    if optimizer is None or isinstance(optimizer, str):
+        return Optimizer(method=optimizer, **given)
+    raise TypeError(f"optimizer must be an Optimizer, 'lbfgs', 'adam' or None; got {type(optimizer).__name__}")
 
 
 # Debye temperatures (K) that `debye_temperature_from_data` tries for a spring start: 100 K to 1600 K, ×√2 apart
@@ -524,8 +584,8 @@ def _model_error_record(delta, intensity, sigma) -> dict:
             "fraction_above_fifth_sigma": float((over > MODEL_ERROR_FRACTION).mean())}
 
 
-def _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, history, saver, rewhiten=None):
-    """L-BFGS-B on x = Rθ (R from the Gauss–Newton matrix: the far shells as visible as the first).
+def _lbfgs(objective, start: np.ndarray, optimizer: Optimizer, run: _Run, rewhiten=None):
+    """L-BFGS-B on x = Rθ (R = run.whiten from the Gauss–Newton matrix: the far shells as visible as the first).
 
     It runs in rounds of at most ROUND_ITERATIONS iterations; after a full round R is recomputed at the best θ
     (`rewhiten(θ)`), since R from the start can be far from the curvature near the minimum (a single plane of
@@ -533,12 +593,22 @@ def _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, histo
     short (e.g. at the unstable region) also starts a new round from the best point, with a fresh memory.
     Returns (θ, iterations, status): θ the lowest loss evaluated (never worse than the start), status
     {"converged": bool, "reason": text} from SciPy's stop and the whitened gradient there.
+
+    Args:
+        objective: the fit's `_Objective` (loss and gradient of θ).
+        start: θ (n,) eV/Å² to start from.
+        optimizer: max_iter, rtol and gtol.
+        run: whitening, iterations done, loss history (appended to), checkpoint writer, progress switch.
+        rewhiten: θ → R at that θ, for the rounds (None: keep R).
     """
-    state = {"value": history[-1], "iterations": done, "whiten": whiten, "unwhiten": np.linalg.inv(whiten)}
-    if max_iter - done <= 0:
-        return np.asarray(start, dtype=float), done, {"converged": False, "reason": f"iteration limit ({max_iter})"}
+    max_iter, history, saver = optimizer.max_iter, run.history, run.saver
+    state = {"value": history[-1], "iterations": run.done, "whiten": run.whiten,
+             "unwhiten": np.linalg.inv(run.whiten)}
+    if max_iter - run.done <= 0:
+        return np.asarray(start, dtype=float), run.done, {"converged": False,
+                                                          "reason": f"iteration limit ({max_iter})"}
     best = {"value": np.inf, "theta": np.asarray(start, dtype=float), "grad": None}
-    bar = tqdm(total=max_iter, initial=done, desc="fit (L-BFGS)", disable=not progress)
+    bar = tqdm(total=max_iter, initial=run.done, desc="fit (L-BFGS)", disable=not run.progress)
 
     def fun(x):
         theta = state["unwhiten"] @ x
@@ -566,7 +636,8 @@ def _lbfgs(objective, start, whiten, done, max_iter, rtol, gtol, progress, histo
             before = best["value"]
             budget = max_iter - state["iterations"]
             res = minimize(fun, state["whiten"] @ best["theta"], jac=True, method="L-BFGS-B", callback=callback,
-                           options=dict(maxiter=min(budget, ROUND_ITERATIONS), ftol=rtol, gtol=gtol, maxcor=20))
+                           options=dict(maxiter=min(budget, ROUND_ITERATIONS), ftol=optimizer.rtol,
+                                        gtol=optimizer.gtol, maxcor=20))
             status = _lbfgs_status(res, best["grad"], max_iter)
             if (res.status not in (1, 2) or status["converged"] or not best["value"] < before
                     or state["iterations"] >= max_iter):
@@ -608,21 +679,35 @@ def _lbfgs_status(res, grad, max_iter) -> dict:
                                           f"{distance:.2g} σ from the local minimum"}
 
 
-def _adam(objective, start, whiten, done, max_iter, progress, history, saver, state=None, learning_rate=None,
+def _adam(objective, start: np.ndarray, optimizer: Optimizer, run: _Run, state: dict | None = None,
           xtol: float = 1e-3, decay: float = 0.5, betas=(0.9, 0.999)):
     """Adam on x = Rθ (whitened: a unit step ≈ one standard deviation), the best iterate returned.
 
-    The step size starts at `learning_rate` (None: a quarter of the first gradient's rms, ~1/8 of the
+    The step size starts at `optimizer.learning_rate` (None: a quarter of the first gradient's rms, ~1/8 of the
     Gauss–Newton step per coordinate). A step that raises the loss above the best so far, or makes the crystal
     unstable, is undone: back to the best point, moments reset, step size × `decay`. Stops when the step size,
     or the largest whitened gradient component / 2 (the distance to the minimum of the local quadratic), is
-    below `xtol`.
+    below `xtol`, or at `optimizer.max_iter`.
+
+    Args:
+        objective: the fit's `_Objective`.
+        start: θ (n,) eV/Å² to start from.
+        optimizer: max_iter and learning_rate.
+        run: whitening, iterations done, loss history (appended to), checkpoint writer, progress switch.
+        state: Adam's state from a checkpoint (None: a fresh start).
+        xtol: the stop, in standard deviations.
+        decay: the step size's factor after an undone step.
+        betas: Adam's moment decay rates.
+
+    Returns:
+        (θ (n,), iterations, status {"converged": bool, "reason": text}).
     """
+    whiten, history, saver, max_iter = run.whiten, run.history, run.saver, optimizer.max_iter
     unwhiten = np.linalg.inv(whiten)
     n = len(start)
     if state is None:
         x = whiten @ np.asarray(start, dtype=float)
-        state = dict(x=x, m=np.zeros(n), v=np.zeros(n), t=0, lr=learning_rate, best_value=np.inf,
+        state = dict(x=x, m=np.zeros(n), v=np.zeros(n), t=0, lr=optimizer.learning_rate, best_value=np.inf,
                      best_x=x.copy(), converged=False)
     state = {k: (np.array(v, dtype=float) if isinstance(v, list) else v) for k, v in state.items()}
 
@@ -630,8 +715,8 @@ def _adam(objective, start, whiten, done, max_iter, progress, history, saver, st
         lr = None if state["lr"] is None else state["lr"] * decay
         state.update(x=state["best_x"].copy(), m=np.zeros(n), v=np.zeros(n), t=0, lr=lr)
 
-    iterations = done
-    with tqdm(total=max_iter, initial=done, desc="fit (Adam)", disable=not progress) as bar:
+    iterations = run.done
+    with tqdm(total=max_iter, initial=run.done, desc="fit (Adam)", disable=not run.progress) as bar:
         while iterations < max_iter and not state["converged"]:
             iterations += 1
             bar.update(1)

@@ -133,7 +133,7 @@ def compare(truth, fitted) -> dict:
 
 
 def run_case(name, truth, data, sizes, progress) -> dict:
-    from ase_tds import fit
+    from ase_tds import Optimizer, fit
     from ase_tds.covariance import ThermalCovariance
     from ase_tds.sampling import QSpaceSampler
 
@@ -145,14 +145,14 @@ def run_case(name, truth, data, sizes, progress) -> dict:
         repeat = sizes["supercell"]
         sampler = QSpaceSampler(model, (repeat,) * 3, T_ROOM, statistics="quantum", n_samples=sizes["samples"],
                                 seed=0, progress=False)
-        kwargs = dict(method="sampling", tds_options=dict(OPTIONS, sampler=sampler), max_iter=sizes["sampling_iter"],
-                      optimizer="lbfgs")
+        kwargs = dict(method="sampling", tds_options=dict(OPTIONS, sampler=sampler),
+                      optimizer=Optimizer("lbfgs", max_iter=sizes["sampling_iter"]))
         reference = QSpaceSampler(truth, (repeat,) * 3, T_ROOM, statistics="quantum").mean_square_displacement()
         converged = ThermalCovariance(truth, T_ROOM, "quantum").converged_mean_square_displacement(OPTIONS["dw_mesh"])
         extra = {"supercell": [repeat] * 3, "atoms": sampler.n_atoms, "n_samples": sizes["samples"],
                  "msd_supercell_over_converged": float(reference[0, 0, 0].detach() / converged[0, 0, 0].detach())}
     else:
-        kwargs = dict(method="gaussian", tds_options=OPTIONS, max_iter=sizes["max_iter"])
+        kwargs = dict(method="gaussian", tds_options=OPTIONS, optimizer=Optimizer(max_iter=sizes["max_iter"]))
     start = compare(truth, model)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:

@@ -177,7 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.points, args.points_32, args.repeat, args.sampling_supercells = 500, 50, 1, [2]
-    from ase_tds import ForceConstantModel, fit
+    from ase_tds import ForceConstantModel, Optimizer, fit
 
     print(machine())
     truth = nickel_model()
@@ -235,7 +235,8 @@ def main() -> None:
         model = ForceConstantModel(truth.unitcell, shells=5).set_parameters(start.theta.detach().numpy())
         t0 = time.perf_counter()
         with ctx():
-            result = fit(model, data, scale="fixed", tds_options=OPTIONS, max_iter=args.max_iter, progress=False)
+            result = fit(model, data, scale="fixed", tds_options=OPTIONS,
+                         optimizer=Optimizer(max_iter=args.max_iter), progress=False)
         seconds = time.perf_counter() - t0
         err = max(abs(model.parameter_dict()[k] - v) for k, v in truth.parameter_dict().items())
         err /= abs(truth.parameter_dict()["1XX"])

@@ -25,7 +25,7 @@ import torch
 from ase.build import bulk
 from ase.calculators.emt import EMT
 
-from ase_tds import ForceConstantModel, TDSModel, fit, simulate
+from ase_tds import ForceConstantModel, Optimizer, TDSModel, fit, simulate
 from ase_tds.io.phonopy import write_phonopy_files
 from ase_tds.plot import plot_dispersion, plot_tds_fit
 
@@ -60,8 +60,8 @@ start = copy.deepcopy(truth).set_from_bvk(
 
 # 4. The fit: absolute data, so the intensity scale is fixed to 1; a constant background is free.
 model = copy.deepcopy(start)
-result = fit(model, data, method="gaussian", statistics="quantum", scale="fixed", max_iter=60,
-             tds_options=options)
+result = fit(model, data, method="gaussian", statistics="quantum", scale="fixed",
+             optimizer=Optimizer(max_iter=60), tds_options=options)
 print(f"\nfit: {result.iterations} L-BFGS iterations, χ²_red = {result.chi2_red:.3f} on {result.n_points} points")
 
 # 5. Recovery: parameters (eV/Å²) with their 1σ, and frequencies (THz) at X, L, W, K.
@@ -80,8 +80,8 @@ for name, f_true, f_start, f_fit in zip(points, truth.frequencies(q), start.freq
 #    magnitude of θ is broken only by the Debye–Waller and multi-phonon terms (and quantum statistics),
 #    so the 1σ of the large (nearest-neighbour) constants grow (Theory: what a fit can determine).
 free = copy.deepcopy(start)
-free_result = fit(free, data, method="gaussian", statistics="quantum", scale="free", max_iter=60,
-                  tds_options=options)
+free_result = fit(free, data, method="gaussian", statistics="quantum", scale="free",
+                  optimizer=Optimizer(max_iter=60), tds_options=options)
 print(f"\nscale free: fitted scale {free_result.scale:.4f} (true 1), χ²_red = {free_result.chi2_red:.3f}")
 print(f"{'label':<7}{'true':>9}{'fitted':>9}{'1σ':>8}{'1σ / 1σ(scale fixed)':>23}")
 for label, value, sigma, fixed_sigma in zip(free_result.labels, free_result.theta, free_result.sigma, result.sigma):

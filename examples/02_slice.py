@@ -25,7 +25,7 @@ import torch
 from ase.build import bulk
 from ase.calculators.emt import EMT
 
-from ase_tds import ForceConstantModel, TDSData, TDSModel, fit, simulate
+from ase_tds import ForceConstantModel, Optimizer, TDSData, TDSModel, fit, simulate
 from ase_tds.plot import plot_dispersion
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -96,7 +96,8 @@ print(f"(h k 0) slice: {len(plane)} points, {plane.n_used} used")
 start = copy.deepcopy(truth).set_from_bvk(
     {label: 0.7 * value for label, value in truth.parameter_dict().items() if label.startswith("1")})
 model = copy.deepcopy(start)
-result = fit(model, plane, scale="free", background="free", max_iter=80, tds_options=options)
+result = fit(model, plane, scale="free", background="free", optimizer=Optimizer(max_iter=80),
+             tds_options=options)
 print(f"\nfit: {result.iterations} iterations, χ²_red = {result.chi2_red:.3f}, "
       f"scale = {result.scale:.1f} (true 350), background = {result.background:.1f} (true 40)")
 print("warnings:\n  " + "\n  ".join(result.warnings))

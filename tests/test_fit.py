@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ase_tds import ForceConstantModel, TDSData, TDSModel, fit, simulate
+from ase_tds import ForceConstantModel, Optimizer, TDSData, TDSModel, fit, simulate
 from ase_tds.background import ComptonShape
 from ase_tds.covariance import UnstableError
 from ase_tds.data import add_poisson_noise
@@ -204,7 +204,7 @@ def test_interrupted_fit_resumes_to_the_same_theta(truth, tmp_path):
                   progress=False)
     whole = fit(_start(truth, 0.7), data, **kwargs)
     checkpoint = tmp_path / "fit.ckpt"
-    first = fit(_start(truth, 0.7), data, max_iter=3, checkpoint=checkpoint, **kwargs)
+    first = fit(_start(truth, 0.7), data, optimizer=Optimizer(max_iter=3), checkpoint=checkpoint, **kwargs)
     assert first.iterations == 3 and np.abs(first.theta - whole.theta).max() > 10 * whole.sigma.max()
     resumed = fit(_start(truth, 1.1), data, checkpoint=checkpoint, **kwargs)  # its own start is not used
     assert resumed.iterations > 3 and resumed.history[:4] == first.history[:4]
@@ -250,22 +250,22 @@ def _fit_sampled(model, data, **kwargs):
 def test_sampling_fit_converges_and_resumes_exactly(truth, sampled, tmp_path, capsys):
     """Adam from 0.8 × truth: 20 iterations cut the largest θ error ≥ 10×; 12 + 8 resumed is the same run."""
     true = truth.theta.detach().numpy()
-    result = _fit_sampled(_start(truth), sampled, max_iter=20, progress=True)
+    result = _fit_sampled(_start(truth), sampled, optimizer=Optimizer(max_iter=20), progress=True)
     assert "fit (Adam)" in capsys.readouterr().err  # the progress bar
     error0, error = np.abs(0.8 * true - true).max(), np.abs(result.theta - true).max()
     assert result.iterations == 20 and error < error0 / 10, (error0, error)
     assert np.all(np.isfinite(result.sigma) & (result.sigma > 0)) and len(result.history) == 21
     assert max(min(result.history), result.chi2) < 1e-3 * result.history[0]
     checkpoint = tmp_path / "adam.ckpt"
-    _fit_sampled(_start(truth), sampled, max_iter=12, checkpoint=checkpoint, progress=False)
-    resumed = _fit_sampled(_start(truth), sampled, max_iter=20, checkpoint=checkpoint, progress=False)
+    _fit_sampled(_start(truth), sampled, optimizer=Optimizer(max_iter=12), checkpoint=checkpoint, progress=False)
+    resumed = _fit_sampled(_start(truth), sampled, optimizer=Optimizer(max_iter=20), checkpoint=checkpoint, progress=False)
     np.testing.assert_allclose(resumed.theta, result.theta, rtol=0, atol=1e-12)
     assert resumed.iterations == 20 and resumed.history == result.history
 
 
 def test_sampling_fit_stops_at_the_minimum(truth, sampled):
     """Started at the truth (the exact minimum under common random numbers): stops after one evaluation."""
-    result = _fit_sampled(_start(truth, 1.0), sampled, max_iter=20, progress=False)
+    result = _fit_sampled(_start(truth, 1.0), sampled, optimizer=Optimizer(max_iter=20), progress=False)
     assert result.iterations == 1 and result.chi2 < 1e-12
     np.testing.assert_allclose(result.theta, truth.theta.detach().numpy(), atol=1e-12)
 
@@ -274,7 +274,7 @@ def test_sampling_fit_by_lbfgs_reaches_the_exact_minimum(truth, sampled):
     """optimizer="lbfgs" on the seeded (deterministic) sampling loss: from 0.8 × truth to the truth (its exact
     minimum under common random numbers) to 1e-6 of |θ|, in fewer iterations than Adam needs for 10×."""
     true = truth.theta.detach().numpy()
-    result = _fit_sampled(_start(truth), sampled, max_iter=40, progress=False, optimizer="lbfgs")
+    result = _fit_sampled(_start(truth), sampled, optimizer=Optimizer("lbfgs", max_iter=40), progress=False)
     assert result.settings["optimizer"] == "lbfgs" and result.iterations < 20
     note = [n for n in result.warnings if "distinct q of the supercell" in n]  # 80 points, a 3×3×3 supercell
     assert len(note) == 1 and int(note[0].split(" points on ")[1].split()[0]) < 27
@@ -341,3 +341,20 @@ def test_lbfgs_status_tells_convergence_from_a_stall():
     assert _lbfgs_status(abnormal, np.array([1e-4]), 200)["converged"]  # at the minimum within round-off
     stalled = _lbfgs_status(abnormal, np.array([3.0]), 200)
     assert not stalled["converged"] and stalled["reason"].startswith("stalled at the start")
+
+
+def test_optimizer_settings_are_one_object_and_the_old_keywords_still_work(truth, tmp_path):
+    """fit(..., optimizer=Optimizer(max_iter=2)) stops after 2 iterations; the deprecated max_iter= keyword warns
+    and gives the same fit; options after `data` are keyword-only."""
+    data = simulate(truth, np.random.default_rng(3).uniform(-2, 2, size=(80, 3)), 300.0, method="one-phonon",
+                    statistics="classical")
+    options = dict(method="one-phonon", statistics="classical", scale="fixed", background="none", progress=False)
+    new = fit(_start(truth), data, optimizer=Optimizer(max_iter=2), **options)
+    with pytest.warns(DeprecationWarning, match=r"optimizer=Optimizer\(max_iter=...\)"):
+        old = fit(_start(truth), data, max_iter=2, **options)
+    assert new.iterations == old.iterations == 2 and new.settings["optimizer"] == "lbfgs"
+    np.testing.assert_array_equal(new.theta, old.theta)
+    with pytest.raises(TypeError):
+        fit(_start(truth), data, 300.0)
+    with pytest.raises(ValueError, match="max_iter must be a whole number"):
+        Optimizer(max_iter=-1)
