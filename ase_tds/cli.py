@@ -8,9 +8,7 @@ import copy
 import io
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -346,7 +344,7 @@ def _run_demo(args) -> int:
     result = fit(model, data, tds_options=options, optimizer=Optimizer(max_iter=60))
     model.cpu()
     ok = _report_recovery(truth, start, model, result)
-    _write_outputs(Path(args.out), model, result, data, start=start, reference=truth)
+    result.save(args.out, model, data, start=start, reference=truth)
     print(f"wrote {args.out}/ in {time.time() - t0:.0f} s")
     return 0 if ok else 1
 
@@ -459,7 +457,7 @@ def _fit_command(args) -> int:
     model.cpu()
     print(result.table())
     if distributed.is_main():
-        _write_outputs(Path(args.out), model, result, data, start=start, reference=reference)
+        result.save(args.out, model, data, start=start, reference=reference)
     print(f"wrote {args.out}/")
     if not result.status.get("converged", True):
         print(f"ase-tds: the fit did not converge ({result.status['reason']}); its best θ is written, and fit.json "
@@ -506,76 +504,6 @@ def _calculator(spec: str):
     except Exception as err:  # any constructor failure of a third-party calculator
         raise ValueError(f"--start {spec}: {class_name}() failed ({type(err).__name__}: {err}); a calculator that "
                          "needs arguments can be used from Python: model.set_from_calculator(calc)") from err
-
-
-def _write_outputs(out: Path, model, result, data, start=None, reference=None) -> None:
-    """Write every output into a temporary folder, then move the files into `out` (no half-written files)."""
-    from .io.phonopy import write_phonopy_files
-    from .plot import plot_dispersion, plot_identifiability
-
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".ase_tds-", dir=out))
-    try:
-        write_phonopy_files(model, tmp)
-        result.write_json(tmp / "fit.json")
-        data.write(tmp / "data.h5")
-        curves = {"fitted": model}
-        if start is not None:
-            curves["start"] = start
-        if reference is not None:
-            curves["reference"] = reference
-        plot_dispersion(curves, tmp / "dispersion.png", covariance=result.covariance)
-        plot_identifiability(result.combinations, tmp / "identifiability.png")
-        _draw_tds_fit(model, result, data, tmp / "tds_fit.png")
-        for path in tmp.iterdir():
-            os.replace(path, out / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# tds_fit.png draws at most this many points
-DRAWN_POINTS = 20000
-
-
-def _draw_tds_fit(model, result, data, path) -> None:
-    """tds_fit.png: the used points of `data` against the fitted model of the data, `result.calculated` (scale,
-    background and Compton term) of I(Q) from `model` under the fit's settings (its sampler for "sampling")."""
-    import torch
-
-    from .plot import plot_tds_fit
-    from .tds import TDSModel
-
-    settings = result.settings
-    tds = TDSModel(model, settings["temperature"], method=settings["method"], statistics=settings["statistics"],
-                   **_tds_options(model, settings))
-    used = np.nonzero(np.asarray(data.mask, dtype=bool))[0]
-    title = "TDS fit"
-    if len(used) > DRAWN_POINTS:  # a whole volume: an evenly spaced subset reads the same and draws in seconds
-        title = f"TDS fit ({DRAWN_POINTS} of {len(used)} points drawn)"
-        used = used[np.linspace(0, len(used) - 1, DRAWN_POINTS).astype(int)]
-    with torch.no_grad():
-        intensity = tds(data.q[used]).cpu().numpy()
-    calc = result.calculated(intensity, data.q_norm[used])
-    sigma = data.sigma[used] if data.sigma is not None else np.sqrt(np.abs(data.intensity[used]))
-    plot_tds_fit(data.q_norm[used], data.intensity[used], calc, sigma, path, title=title)
-
-
-def _tds_options(model, settings) -> dict:
-    """The TDSModel options a fit used, from its settings: grid, dw_mesh, and for "sampling" its sampler (kind,
-    supercell, samples, seed) rebuilt on `model` (a ForceConstantModel)."""
-    from . import sampling
-
-    options = {key: settings[key] for key in ("grid", "dw_mesh", "refine", "accuracy") if settings.get(key) is not None}
-    if settings["method"] == "sampling":
-        spec = settings.get("sampler") or {}
-        if spec.get("kind") not in ("DenseSampler", "QSpaceSampler"):
-            raise ValueError("the fit's settings do not name its sampler (kind, supercell, n_samples, seed): a "
-                             "fit.json of an older ase_tds; refit to redraw the sampling model")
-        seed = 0 if spec["seed"] is None else spec["seed"]  # an unseeded fit evaluates its result at seed 0
-        options["sampler"] = getattr(sampling, spec["kind"])(model, spec["supercell"], settings["temperature"],
-                                                             settings["statistics"], n_samples=spec["n_samples"],
-                                                             seed=seed, progress=False)
-    return options
 
 
 def _run_simulate(args) -> int:
@@ -688,6 +616,7 @@ def _run_plot(args) -> int:
     from .model import ForceConstantModel
     from .phonopy_source import PhonopyForceConstants
     from .plot import plot_dispersion, plot_identifiability
+    from .report import draw_tds_fit
 
     labels = args.label or args.sources
     if len(labels) != len(args.sources):
@@ -713,7 +642,7 @@ def _run_plot(args) -> int:
         if result.settings["method"] == "sampling":
             fitted = symmetric
         data = TDSData.read(first / "data.h5")
-        drawings["tds_fit.png"] = lambda path: _draw_tds_fit(fitted, result, data, path)
+        drawings["tds_fit.png"] = lambda path: draw_tds_fit(fitted, result, data, path)
         if result.combinations:
             drawings["identifiability.png"] = lambda path: plot_identifiability(result.combinations, path)
     out.mkdir(parents=True, exist_ok=True)

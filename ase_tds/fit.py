@@ -206,6 +206,22 @@ class FitResult:
         """Write `to_dict()` as JSON atomically."""
         write_atomic(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
 
+    def save(self, folder, model, data: TDSData, start=None, reference=None) -> None:
+        """Write every output of this fit into `folder`, all or nothing (`report.write_fit_folder`): the fitted
+        force constants as phonopy files, fit.json, data.h5 and the plots (dispersion with its ±1σ band, what the
+        data determine, the TDS fit). `ase-tds fit` writes its --out folder with this.
+
+        Args:
+            folder (str | Path): the output folder (created if needed).
+            model: the fitted ForceConstantModel (fit() left it at θ).
+            data: the TDSData fitted.
+            start: the start's force constants, drawn in dispersion.png (None: not drawn).
+            reference: reference force constants (e.g. DFT's PhonopyForceConstants), drawn too (None: not drawn).
+        """
+        from .report import write_fit_folder
+
+        write_fit_folder(folder, model, self, data, start=start, reference=reference)
+
 
 class _Objective:
     """The profiled loss of θ and its gradient, for the optimisers.

@@ -627,7 +627,7 @@ def test_fit_from_springs_needs_no_calculator(dataset, tmp_path, capsys):
 def test_tds_fit_of_a_whole_volume_draws_an_even_subset(fitted, tmp_path, monkeypatch):
     """Above DRAWN_POINTS used points, tds_fit.png draws an evenly spaced subset of them (the same points with the
     same model values as the full drawing), and its title says how many of how many."""
-    import ase_tds.cli as cli
+    import ase_tds.report as report
 
     calls, draw = [], tds_plot.plot_tds_fit
 
@@ -637,7 +637,7 @@ def test_tds_fit_of_a_whole_volume_draws_an_even_subset(fitted, tmp_path, monkey
 
     monkeypatch.setattr(tds_plot, "plot_tds_fit", spy)
     assert main(["plot", str(fitted), "--out", str(tmp_path / "all")]) == 0
-    monkeypatch.setattr(cli, "DRAWN_POINTS", 50)
+    monkeypatch.setattr(report, "DRAWN_POINTS", 50)
     assert main(["plot", str(fitted), "--out", str(tmp_path / "some")]) == 0
     full, some = calls
     n_used = len(full["q_norm"])

@@ -12,7 +12,7 @@ from ase_tds import ForceConstantModel, Optimizer, TDSData, TDSModel, fit, simul
 from ase_tds.background import ComptonShape
 from ase_tds.covariance import UnstableError
 from ase_tds.data import add_poisson_noise
-from ase_tds.fit import _Objective
+from ase_tds.fit import FitResult, _Objective
 from ase_tds.sampling import DenseSampler
 
 from conftest import ni_conventional
@@ -358,3 +358,28 @@ def test_optimizer_settings_are_one_object_and_the_old_keywords_still_work(truth
         fit(_start(truth), data, 300.0)
     with pytest.raises(ValueError, match="max_iter must be a whole number"):
         Optimizer(max_iter=-1)
+
+
+def test_fit_result_save_writes_the_fit_folder_all_or_nothing(truth, tmp_path, monkeypatch):
+    """FitResult.save writes the files `ase-tds fit` writes (the CLI calls it); a failure while drawing leaves no
+    file and no temporary folder behind."""
+    import phonopy
+
+    import ase_tds.report as report
+
+    data = simulate(truth, np.random.default_rng(4).uniform(-2, 2, size=(60, 3)), 300.0, method="one-phonon",
+                    statistics="classical")
+    model = _start(truth)
+    result = fit(model, data, method="one-phonon", statistics="classical", scale="fixed", background="none",
+                 progress=False)
+    result.save(tmp_path / "out", model, data, start=_start(truth))
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "phonopy_params.yaml", "FORCE_CONSTANTS", "force_constants.hdf5", "fit.json", "data.h5", "dispersion.png",
+        "tds_fit.png", "identifiability.png"}
+    assert FitResult.from_dict(json.loads((tmp_path / "out" / "fit.json").read_text())).labels == result.labels
+    ph = phonopy.load(tmp_path / "out" / "phonopy_params.yaml", produce_fc=False, log_level=0)
+    assert np.abs(ph.force_constants).max() > 0
+    monkeypatch.setattr(report, "draw_tds_fit", lambda *args: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError, match="disk full"):
+        result.save(tmp_path / "broken", model, data)
+    assert list((tmp_path / "broken").iterdir()) == []

@@ -1,0 +1,114 @@
+"""What a fit leaves on disk: its folder (phonopy files, fit.json, the data, plots), written all or nothing, and the
+TDS model that a fit's recorded settings describe (to redraw it later)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# tds_fit.png draws at most this many points
+DRAWN_POINTS = 20000
+
+
+def tds_options_of(model, settings: dict) -> dict:
+    """The TDSModel options a fit used, from its recorded settings (`FitResult.settings`).
+
+    Args:
+        model: the force constants the options are for (a ForceConstantModel for "sampling": its sampler is
+            rebuilt on it).
+        settings: a fit's settings (fit.json's "settings"): grid, dw_mesh, refine, accuracy, and for "sampling"
+            the sampler (kind, supercell, n_samples, seed).
+
+    Returns:
+        Keyword arguments of TDSModel.
+
+    Raises:
+        ValueError: a sampling fit whose settings do not name its sampler (an older fit.json).
+    """
+    from . import sampling
+
+    options = {key: settings[key] for key in ("grid", "dw_mesh", "refine", "accuracy") if settings.get(key) is not None}
+    if settings["method"] == "sampling":
+        spec = settings.get("sampler") or {}
+        if spec.get("kind") not in ("DenseSampler", "QSpaceSampler"):
+            raise ValueError("the fit's settings do not name its sampler (kind, supercell, n_samples, seed): a "
+                             "fit.json of an older ase_tds; refit to redraw the sampling model")
+        seed = 0 if spec["seed"] is None else spec["seed"]  # an unseeded fit evaluates its result at seed 0
+        options["sampler"] = getattr(sampling, spec["kind"])(model, spec["supercell"], settings["temperature"],
+                                                             settings["statistics"], n_samples=spec["n_samples"],
+                                                             seed=seed, progress=False)
+    return options
+
+
+def draw_tds_fit(model, result, data, path) -> None:
+    """tds_fit.png: the used points of `data` against the fitted model of the data, `result.calculated` (scale,
+    background and Compton term) of I(Q) from `model` under the fit's settings (its sampler for "sampling").
+
+    Above DRAWN_POINTS used points (a whole volume) an evenly spaced subset of them is drawn, and the title says so.
+
+    Args:
+        model: the fitted force constants.
+        result: the FitResult.
+        data: the TDSData fitted.
+        path (str | Path): the image file.
+    """
+    from .plot import plot_tds_fit
+    from .tds import TDSModel
+
+    settings = result.settings
+    tds = TDSModel(model, settings["temperature"], method=settings["method"], statistics=settings["statistics"],
+                   **tds_options_of(model, settings))
+    used = np.nonzero(np.asarray(data.mask, dtype=bool))[0]
+    title = "TDS fit"
+    if len(used) > DRAWN_POINTS:  # a whole volume: an evenly spaced subset reads the same and draws in seconds
+        title = f"TDS fit ({DRAWN_POINTS} of {len(used)} points drawn)"
+        used = used[np.linspace(0, len(used) - 1, DRAWN_POINTS).astype(int)]
+    with torch.no_grad():
+        intensity = tds(data.q[used]).cpu().numpy()
+    calc = result.calculated(intensity, data.q_norm[used])
+    sigma = data.sigma[used] if data.sigma is not None else np.sqrt(np.abs(data.intensity[used]))
+    plot_tds_fit(data.q_norm[used], data.intensity[used], calc, sigma, path, title=title)
+
+
+def write_fit_folder(folder, model, result, data, start=None, reference=None) -> None:
+    """Write every output of a fit into `folder` (created if needed): phonopy_params.yaml, FORCE_CONSTANTS and
+    force_constants.hdf5, fit.json, data.h5, dispersion.png (with its ±1σ band), identifiability.png, tds_fit.png.
+
+    Everything is written into a temporary folder inside `folder` first and moved in once all is written: no
+    half-written set of files.
+
+    Args:
+        folder (str | Path): the output folder.
+        model: the fitted ForceConstantModel.
+        result: its FitResult.
+        data: the TDSData fitted (its mask: the points used).
+        start: the start's force constants, drawn in dispersion.png (None: not drawn).
+        reference: reference force constants (e.g. PhonopyForceConstants of DFT), drawn too (None: not drawn).
+    """
+    from .io.phonopy import write_phonopy_files
+    from .plot import plot_dispersion, plot_identifiability
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".ase_tds-", dir=out))
+    try:
+        write_phonopy_files(model, tmp)
+        result.write_json(tmp / "fit.json")
+        data.write(tmp / "data.h5")
+        curves = {"fitted": model}
+        if start is not None:
+            curves["start"] = start
+        if reference is not None:
+            curves["reference"] = reference
+        plot_dispersion(curves, tmp / "dispersion.png", covariance=result.covariance)
+        plot_identifiability(result.combinations, tmp / "identifiability.png")
+        draw_tds_fit(model, result, data, tmp / "tds_fit.png")
+        for path in tmp.iterdir():
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
