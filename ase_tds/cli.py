@@ -19,7 +19,6 @@ DEMO_POINTS = 1500
 NOT_CONVERGED = 3  # exit code of a fit that stopped without converging (iteration limit, stall)
 SAMPLES = 64  # thermal configurations per evaluation of the sampling model (the samplers' default)
 FIT_SEED = 0  # the sampling model's seed in a fit: fixed noise, a smooth loss (common random numbers)
-MAX_REPEAT = 48  # the largest repetition searched for a supercell commensurate with the data
 
 
 def main(argv=None) -> int:
@@ -271,13 +270,13 @@ def _check_sampling_arguments(args, seed_is_sampling: bool) -> None:
 
 def _sampler(model, supercell, n_samples, seed, temperature, statistics, q, verbose=True):
     """The q-space sampler of the sampling model on `model` (a ForceConstantModel) for Cartesian Q (N, 3) Å⁻¹:
-    `supercell` repetitions of model.unitcell (None: `_commensurate_supercell`), checked against every Q;
+    `supercell` repetitions of model.unitcell (None: `sampling.commensurate_supercell`), checked against every Q;
     verbose: say which (and warn when the supercell is shorter than the cutoff needs)."""
-    from .sampling import QSpaceSampler
+    from .sampling import QSpaceSampler, commensurate_supercell
     from .structure import holds_cutoff
 
     q = np.asarray(q, dtype=float).reshape(-1, 3)
-    supercell = _commensurate_supercell(model, q) if supercell is None else tuple(supercell)
+    supercell = commensurate_supercell(model, q) if supercell is None else tuple(supercell)
     sampler = QSpaceSampler(model, supercell, temperature, statistics, n_samples=n_samples, seed=seed,
                             progress=False)
     sampler.check_q(q)
@@ -288,27 +287,6 @@ def _sampler(model, supercell, n_samples, seed, temperature, statistics, q, verb
         print(f"ase-tds: warning: the {'×'.join(map(str, supercell))} supercell is shorter than twice the "
               f"force-constant cutoff ({2 * model.cutoff:.3f} Å): longer pairs wrap around it", file=sys.stderr)
     return sampler
-
-
-def _commensurate_supercell(model, q) -> tuple[int, int, int]:
-    """The smallest L1×L2×L3 repetition of model.unitcell that has every Q (N, 3) Å⁻¹ on its reciprocal lattice
-    (hkl·L integer) and holds the force-constant cutoff."""
-    from .structure import diagonal_supercell_for
-
-    cell = np.array(model.unitcell.cell[:])
-    hkl = q @ cell.T / (2 * np.pi)
-    least = np.diag(diagonal_supercell_for(cell, model.cutoff))
-    reps = []
-    for h, name in zip(hkl.T, "hkl"):
-        step = next((L for L in range(1, MAX_REPEAT + 1) if np.abs(h * L - np.round(h * L)).max(initial=0.0) <= 1e-6),
-                    None)
-        if step is None:
-            raise ValueError(f"--model sampling: the points' {name} (r.l.u. of the unit cell) are not multiples of "
-                             f"1/L for any L ≤ {MAX_REPEAT}, and a periodic L1×L2×L3 supercell sees only Q with hkl·L "
-                             "integer; give --supercell A B C matching the data's grid, or use --model gaussian "
-                             "(any Q)")
-        reps.append(int(step * -(-least[len(reps)] // step)))  # the least multiple of step holding the cutoff
-    return tuple(reps)
 
 
 def _device(name):
@@ -323,7 +301,7 @@ def _run_demo(args) -> int:
     from ase.build import bulk
     from ase.calculators.emt import EMT
 
-    from .data import simulate
+    from .data import points_in_sphere, simulate
     from .fit import Optimizer, fit
     from .model import ForceConstantModel
 
@@ -332,7 +310,7 @@ def _run_demo(args) -> int:
     print("ground truth: EMT nickel, phonopy finite displacements, projected on 5 neighbour shells")
     truth = ForceConstantModel(atoms, shells=5).set_from_calculator(EMT())
     rng = np.random.default_rng(2026)
-    hkl = _points_in_sphere(truth, args.points, q_max=8.0, rng=rng)
+    hkl = points_in_sphere(truth, args.points, q_max=8.0, rng=rng)
     options = _accuracy_options(args)
     print(f"simulating {len(hkl)} points, |Q| ≤ 8 Å⁻¹, 300 K, quantum, all orders, Poisson noise 0.3 %")
     data = simulate(truth, hkl, 300.0, counts=1.1e5, rng=rng, tds_options=options)
@@ -347,16 +325,6 @@ def _run_demo(args) -> int:
     result.save(args.out, model, data, start=start, reference=truth)
     print(f"wrote {args.out}/ in {time.time() - t0:.0f} s")
     return 0 if ok else 1
-
-
-def _points_in_sphere(model, n, q_max, rng):
-    """n random hkl of the model's cell with |Q| ≤ q_max (Å⁻¹)."""
-    box = q_max * np.linalg.norm(model.unitcell.cell[:], axis=1) / (2 * np.pi)
-    points = []
-    while sum(len(p) for p in points) < n:
-        hkl = rng.uniform(-box, box, size=(4 * n, 3))
-        points.append(hkl[np.linalg.norm(model.q_from_hkl(hkl), axis=1) <= q_max])
-    return np.concatenate(points)[:n]
 
 
 def _report_recovery(truth, start, fitted, result) -> bool:

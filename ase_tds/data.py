@@ -697,6 +697,27 @@ def _format_cellpar(cellpar) -> str:
     return ", ".join(f"{x:.4f}" for x in cellpar)
 
 
+def points_in_sphere(model, n: int, q_max: float, rng=None) -> np.ndarray:
+    """n random hkl (n, 3) in r.l.u. of `model.unitcell`, uniform in the ball |Q| ≤ q_max: points for synthetic data.
+
+    Args:
+        model: a force-constant source (its `unitcell` and `q_from_hkl`).
+        n: how many points.
+        q_max: the ball's radius, Å⁻¹.
+        rng (numpy.random.Generator | int | None): random numbers (or their seed).
+
+    Returns:
+        hkl (n, 3), r.l.u. of the unit cell.
+    """
+    rng = np.random.default_rng(rng)
+    box = q_max * np.linalg.norm(model.unitcell.cell[:], axis=1) / (2 * np.pi)
+    points = []
+    while sum(len(p) for p in points) < n:
+        hkl = rng.uniform(-box, box, size=(4 * n, 3))
+        points.append(hkl[np.linalg.norm(model.q_from_hkl(hkl), axis=1) <= q_max])
+    return np.concatenate(points)[:n]
+
+
 def simulate(model, hkl, temperature: float, method: str = "gaussian", statistics: str = "quantum",
              cell=None, counts: float | None = None, rng=None, tds_options: dict | None = None) -> TDSData:
     """Synthetic TDS in absolute units (e.u./atom) at hkl (N, 3) from force constants `model`: a

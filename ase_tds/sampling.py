@@ -23,6 +23,42 @@ from tqdm.auto import tqdm
 from .covariance import ThermalCovariance, UnstableError, gamma_lift, translation_projector
 from .model import assemble_dynamical_matrix, fold_pairs, group_by_block
 from .scattering import debye_waller_exponent
+from .structure import diagonal_supercell_for
+
+
+# the largest repetition `commensurate_supercell` searches
+MAX_REPEAT = 48
+
+
+def commensurate_supercell(model, q, max_repeat: int = MAX_REPEAT) -> tuple[int, int, int]:
+    """The smallest L1×L2×L3 repetition of `model.unitcell` that has every Q on its reciprocal lattice (hkl·L
+    integer) and holds the force-constant cutoff: the supercell a sampler needs for these points.
+
+    Args:
+        model: a ForceConstantModel (its unit cell and cutoff).
+        q (array_like): Cartesian Q (N, 3) Å⁻¹.
+        max_repeat: the largest repetition searched per axis.
+
+    Returns:
+        (L1, L2, L3).
+
+    Raises:
+        ValueError: some hkl are not multiples of 1/L for any L ≤ max_repeat.
+    """
+    cell = np.array(model.unitcell.cell[:])
+    hkl = np.asarray(q, dtype=float).reshape(-1, 3) @ cell.T / (2 * np.pi)
+    least = np.diag(diagonal_supercell_for(cell, model.cutoff))
+    reps = []
+    for h, name in zip(hkl.T, "hkl"):
+        step = next((L for L in range(1, max_repeat + 1) if np.abs(h * L - np.round(h * L)).max(initial=0.0) <= 1e-6),
+                    None)
+        if step is None:
+            raise ValueError(f"sampling model: the points' {name} (r.l.u. of the unit cell) are not multiples of "
+                             f"1/L for any L ≤ {max_repeat}, and a periodic L1×L2×L3 supercell sees only Q with hkl·L "
+                             "integer; give a supercell (--supercell A B C) matching the data's grid, or use the "
+                             "gaussian model (any Q)")
+        reps.append(int(step * -(-least[len(reps)] // step)))  # the least multiple of step holding the cutoff
+    return tuple(reps)
 
 
 class _Sampler:

@@ -132,10 +132,10 @@ def time_sampling(truth, supercell, n_samples, n_points, repeat) -> dict:
 
 def make_data(truth, n_points, options=OPTIONS):
     from ase_tds import simulate
-    from ase_tds.cli import _points_in_sphere
+    from ase_tds.data import points_in_sphere
 
     rng = np.random.default_rng(2026)
-    hkl = _points_in_sphere(truth, n_points, q_max=8.0, rng=rng)
+    hkl = points_in_sphere(truth, n_points, q_max=8.0, rng=rng)
     data = simulate(truth, hkl, T_ROOM, counts=1.1e5, rng=rng, tds_options=options)
     return data.mask_bragg(0.1, truth.primitive.cell[:])
 

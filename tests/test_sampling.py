@@ -239,3 +239,25 @@ def test_reparameterisation_gradient(emt_models, sampler_class, statistics):
         return functional_call(tds, {"force_constants.theta": theta}, (q,)).sum()
 
     assert torch.autograd.gradcheck(total, (theta,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_commensurate_supercell_is_the_smallest_that_sees_every_q():
+    """Points on a quarter grid need L = 4 along each axis (or more when the cutoff needs it); the sampler built on
+    that supercell accepts every point, and one on a smaller one refuses them."""
+    from ase_tds import ForceConstantModel, QSpaceSampler
+    from ase_tds.data import points_in_sphere
+    from ase_tds.sampling import commensurate_supercell
+
+    from conftest import ni_conventional
+
+    model = ForceConstantModel(ni_conventional(), shells=1).set_from_bvk({"1XX": 1.5, "1XY": 1.6})
+    hkl = np.round(points_in_sphere(model, 40, q_max=6.0, rng=0) * 4) / 4
+    assert np.linalg.norm(model.q_from_hkl(hkl), axis=1).max() <= 6.0 + np.sqrt(3) * 0.125 * 1.8
+    q = model.q_from_hkl(hkl)
+    supercell = commensurate_supercell(model, q)
+    assert supercell == (4, 4, 4)
+    QSpaceSampler(model, supercell, 300.0).check_q(q)
+    with pytest.raises(ValueError, match="not on the reciprocal lattice"):
+        QSpaceSampler(model, (2, 2, 2), 300.0).check_q(q)
+    with pytest.raises(ValueError, match="not multiples of 1/L"):
+        commensurate_supercell(model, model.q_from_hkl([[0.1234567, 0, 0]]), max_repeat=8)
