@@ -90,23 +90,37 @@ class _Run:
 
 @dataclass
 class FitResult:
-    """Fitted θ with labels, 1σ (Gauss–Newton), correlation, χ² and the settings used.
+    """Fitted θ with labels, 1σ (Gauss–Newton), correlation, χ² and the settings used; `save` writes them all.
 
-    theta, sigma: (n_params,) eV/Å²; covariance, correlation: (n_params, n_params); scale, background,
-    compton (None when not fitted): the nuisance values, background and compton in data units.
-    chi2: Σ (m − I_obs)²/var with var = σ² (loss "chi2") or the Poisson variance m/exposure (loss "poisson"),
-    plus for "sampling" the Monte-Carlo variance of its fixed-seed estimate (also in sigma);
-    chi2_red = χ²/(N_used − n_free); deviance: the Poisson deviance (loss "poisson" only).
-    settings: method, statistics, temperature (K), the model's grid (gaussian: grid, refine, accuracy,
-    near_bragg_grids; one-phonon: dw_mesh), scale, background, compton, loss, optimizer, and for "sampling" the
-    sampler {kind, supercell, n_samples, seed} (seed None: the fit's final evaluation used 0).
-    status: how the optimiser ended, {"converged": bool, "reason": text} (a criterion met, the iteration limit, or
-    a stall); θ is the lowest loss it evaluated.
-    model_error: the gaussian model's own error estimate |I(grid) − I(1.5 × grid)| at the fitted θ (median and
-    largest relative, largest in units of σ, the share of points above σ/5) and `at_start`, where it was added
-    to the variance of every point (see `fit`).
-    combinations: the eigen-combinations of θ that the data alone determine, least determined first
-    (`uncertainty.parameter_combinations` of the profiled Gauss–Newton matrix; without the prior).
+    Attributes:
+        labels: the parameter labels (n_params,), e.g. "1XX".
+        theta: fitted θ (n_params,) eV/Å².
+        sigma: 1σ (n_params,) eV/Å².
+        covariance: (n_params, n_params) (eV/Å²)².
+        correlation: (n_params, n_params).
+        scale: the fitted (or fixed) scale s.
+        background: the constant background b, data units.
+        chi2: Σ (m − I_obs)²/var with var = σ² (loss "chi2") or the Poisson variance m/exposure (loss "poisson"),
+            plus for "sampling" the Monte-Carlo variance of its fixed-seed estimate (also in sigma).
+        chi2_red: χ²/(N_used − n_free).
+        n_points: the points used.
+        iterations: the optimiser's iterations, those before a resumed checkpoint included.
+        settings: method, statistics, temperature (K), the model's grid (gaussian: grid, refine, accuracy,
+            near_bragg_grids; one-phonon: dw_mesh), scale, background, compton, loss, optimizer, prior_sigma, the
+            data's fingerprint, and for "sampling" the sampler {kind, supercell, n_samples, seed} (seed None: the
+            fit's final evaluation used 0).
+        warnings: the notes the fit warned with (undetermined combinations, misfit, the model's own error...).
+        history: the loss after each iteration.
+        compton: the Compton amplitude A (None when not fitted).
+        deviance: the Poisson deviance (loss "poisson" only).
+        compton_shape: c(|Q|) of the Compton term (None when not fitted).
+        model_error: the gaussian model's own error estimate |I(grid) − I(1.5 × grid)| at the fitted θ (median and
+            largest relative, largest in units of σ, the share of points above σ/5) and `at_start`, where it was
+            added to the variance of every point (see `fit`).
+        status: how the optimiser ended, {"converged": bool, "reason": text} (a criterion met, the iteration
+            limit, or a stall); θ is the lowest loss it evaluated.
+        combinations: the eigen-combinations of θ that the data alone determine, least determined first
+            (`uncertainty.parameter_combinations` of the profiled Gauss–Newton matrix; without the prior).
     """
 
     labels: list
@@ -131,7 +145,15 @@ class FitResult:
     combinations: list = field(default_factory=list)
 
     def calculated(self, intensity, q_norm) -> np.ndarray:
-        """The fitted model of the data, s·I + b + A·c(|Q|), (N,) from I (N,) e.u./atom and |Q| (N,) Å⁻¹."""
+        """The fitted model of the data, s·I + b + A·c(|Q|).
+
+        Args:
+            intensity (array_like): I (N,) e.u./atom of the force-constant model.
+            q_norm (array_like): |Q| (N,) Å⁻¹.
+
+        Returns:
+            (N,) in the data's units.
+        """
         value = self.scale * np.asarray(intensity, dtype=float) + self.background
         if self.compton is not None:
             value = value + self.compton * np.asarray(self.compton_shape(np.asarray(q_norm, dtype=float)))
@@ -141,9 +163,19 @@ class FitResult:
     def from_dict(cls, saved: dict, symbols=None) -> FitResult:
         """The FitResult of `to_dict()`'s content (e.g. a fit.json read back), for `calculated` and `table`.
 
-        symbols: the chemical symbols of the model's primitive cell, needed to rebuild the Compton shape of a
-        compton=True fit. A fit with a callable Compton shape cannot be rebuilt (ValueError). The covariance
-        comes back from the correlation and σ; the loss history is not saved and comes back empty.
+        The covariance comes back from the correlation and σ; the loss history is not saved and comes back empty.
+
+        Args:
+            saved: the dictionary (fit.json's content).
+            symbols (list[str] | None): the chemical symbols of the model's primitive cell, needed to rebuild the Compton shape of a
+                compton=True fit.
+
+        Returns:
+            FitResult.
+
+        Raises:
+            ValueError: a fit with a callable Compton shape (fit.json cannot hold it), or a Compton term without
+                `symbols`.
         """
         params = saved["parameters"]
         sigma = np.array([p["sigma"] for p in params], dtype=float)
@@ -203,7 +235,11 @@ class FitResult:
         }
 
     def write_json(self, path) -> None:
-        """Write `to_dict()` as JSON atomically."""
+        """Write `to_dict()` as JSON atomically.
+
+        Args:
+            path (str | Path): the file.
+        """
         write_atomic(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
 
     def save(self, folder, model, data: TDSData, start=None, reference=None) -> None:
@@ -213,10 +249,12 @@ class FitResult:
 
         Args:
             folder (str | Path): the output folder (created if needed).
-            model: the fitted ForceConstantModel (fit() left it at θ).
+            model (ForceConstantModel): the fitted model (fit() left it at θ).
             data: the TDSData fitted.
-            start: the start's force constants, drawn in dispersion.png (None: not drawn).
-            reference: reference force constants (e.g. DFT's PhonopyForceConstants), drawn too (None: not drawn).
+            start (ForceConstantSource | None): the start's force constants, drawn in dispersion.png (None: not
+                drawn).
+            reference (ForceConstantSource | None): reference force constants (e.g. DFT's PhonopyForceConstants),
+                drawn too (None: not drawn).
         """
         from .report import write_fit_folder
 
@@ -368,31 +406,53 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
         learning_rate: float | None = None) -> FitResult:
     """Fit `model` (a ForceConstantModel, fitted in place from its current θ) to `data`; options by keyword.
 
-    scale: "free" | "fixed" (fixed needs absolute data, units "e.u./atom") | None: fixed for absolute data, free
-    otherwise; background: "free" (a constant) |
-    "none"; compton: False | True (Hubbell's incoherent scattering of the crystal's atoms, `ComptonShape`, with a
-    free amplitude) | callable(|Q| Å⁻¹ ndarray) → e.u./atom (e.g. `ComptonShape(symbols, energy_kev=20)`).
-    loss: "chi2" | "poisson". The Poisson deviance needs the counts n = t·I_obs: `exposure` t (counts per unit of
-    intensity, scalar or (N,)); None infers t = I_obs/σ² per point, exact when σ is pure counting error √n/t
-    (as `add_poisson_noise` writes), and t = 1/σ where I_obs = 0 (its σ = 1 count convention).
-    optimizer: an `Optimizer` (method, max_iter, rtol, gtol, learning_rate), or its method alone ("lbfgs" |
-    "adam"), or None (the defaults: L-BFGS, Adam for "sampling"; 200 iterations). max_iter, rtol, gtol and
-    learning_rate as keywords of fit are deprecated: give them in the Optimizer.
-    checkpoint: a JSON file written after every iteration; if it exists, the fit resumes from it (same model
-    labels and settings, else ValueError): L-BFGS restarts its memory there, Adam continues exactly.
-    tds_options: extra TDSModel arguments (grid, accuracy, dw_mesh, form_factors, sampler, ...). The gaussian model
-    chooses its grid for the data's largest |Q| (`converged_grid`) and estimates its own error on every point
-    (`TDSModel.discretisation_error`); a point where it exceeds a fifth of σ moves to a larger crystal (at most
-    twice), and what remains is added to the variance of every point (a warning says so; `FitResult.model_error`
-    records it). For "sampling" give a
-    sampler with a seed (common random numbers make the loss a smooth function of θ), and many samples rather than
-    many points: points with one q of the supercell share its sampled modes (χ² weights then add the Monte-Carlo
-    variance, and a warning says 1σ takes the points' errors as independent).
-    prior_sigma: eV/Å², a ridge towards the start θ₀: Σ_k ((θ_k − θ₀_k)/prior_sigma)² is added to the loss (and
-    1/prior_sigma² to the Gauss–Newton matrix), so that combinations the data do not determine stay near the start
-    (their 1σ then ≈ prior_sigma) while the determined ones converge. None: no prior. Either way the fit names the
-    combinations the data alone leave undetermined (`FitResult.combinations`, a warning).
-    Returns a FitResult; `model.theta` holds the fitted values. Raises UnstableError for an unstable start.
+    Model of the data: s·I(Q; θ) + b + A·c(|Q|) (module docstring); the nuisance values are eliminated at every θ.
+
+    Args:
+        model (ForceConstantModel): the model to fit; its θ is the start and holds the fitted values afterwards.
+        data: the TDSData; its mask selects the points used.
+        temperature: K; None = the data's own temperature (`TDSData.temperature`).
+        method: the forward model, "gaussian" (all orders, converged by default) | "one-phonon" | "sampling".
+        statistics: "quantum" | "classical".
+        scale: "free" | "fixed" (needs absolute data, units "e.u./atom") | None (fixed for absolute data, free
+            otherwise).
+        background: "free" (a constant) | "none".
+        compton (bool | Callable): False | True (Hubbell's incoherent scattering of the crystal's atoms, `ComptonShape`, with a free
+            amplitude) | callable(|Q| Å⁻¹ ndarray) → e.u./atom (e.g. `ComptonShape(symbols, energy_kev=20)`).
+        loss: "chi2" | "poisson". The Poisson deviance needs the counts n = t·I_obs.
+        exposure (float | array_like | None): t (counts per unit of intensity, scalar or (N,)) for loss="poisson"; None infers t = I_obs/σ²
+            per point, exact when σ is pure counting error √n/t (as `add_poisson_noise` writes), and t = 1/σ where
+            I_obs = 0 (its σ = 1 count convention).
+        optimizer (Optimizer | str | None): an `Optimizer` (method, max_iter, rtol, gtol, learning_rate), its
+            method alone ("lbfgs" | "adam"), or None (L-BFGS, Adam for "sampling"; 200 iterations).
+        prior_sigma: eV/Å², a ridge towards the start θ₀: Σ_k ((θ_k − θ₀_k)/prior_sigma)² is added to the loss
+            (and 1/prior_sigma² to the Gauss–Newton matrix), so that combinations the data do not determine stay
+            near the start (their 1σ then ≈ prior_sigma) while the determined ones converge. None: no prior. Either
+            way the fit names the combinations the data alone leave undetermined (`FitResult.combinations`).
+        checkpoint (str | Path | None): a JSON file written after every iteration; if it exists, the fit resumes
+            from it (same model labels, settings and data, else ValueError): L-BFGS restarts its memory there,
+            Adam continues exactly.
+        tds_options: extra TDSModel arguments (grid, accuracy, dw_mesh, form_factors, sampler, ...). The gaussian
+            model chooses its grid for the data's largest |Q| (`converged_grid`) and estimates its own error on
+            every point (`TDSModel.discretisation_error`); a point where it exceeds a fifth of σ moves to a larger
+            crystal (at most twice), and what remains is added to the variance of every point (a warning says so;
+            `FitResult.model_error` records it). For "sampling" give a sampler with a seed (common random numbers
+            make the loss a smooth function of θ), and many samples rather than many points: points with one q of
+            the supercell share its sampled modes (a warning says 1σ takes the points' errors as independent).
+        progress: progress bars (tqdm) for the iterations and, for large data, the chunks of each evaluation.
+        max_iter: deprecated: `Optimizer(max_iter=...)`.
+        rtol: deprecated: `Optimizer(rtol=...)`.
+        gtol: deprecated: `Optimizer(gtol=...)`.
+        learning_rate: deprecated: `Optimizer(learning_rate=...)`.
+
+    Returns:
+        FitResult: θ, 1σ (Gauss–Newton sandwich, the model's own error and misfit included), correlations, what
+        the data determine, χ² and the settings; `model.theta` holds the fitted values.
+
+    Raises:
+        UnstableError: the start is dynamically unstable.
+        ValueError: an unknown option, too few points for the parameters, a checkpoint of another fit, or data
+            that cannot take the options (e.g. scale="fixed" on data in arbitrary units).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -500,6 +560,16 @@ def debye_temperature_from_data(model, data: TDSData, temperature: float | None 
     a free background) of the gaussian model on a coarse periodic crystal (6³, refine=False) at up to `n_points`
     used points; `model` (a ForceConstantModel) is left with the best spring start. For MgB₂ (DFT truth) 800 K
     starts at χ²_red 712 where the default 300 K starts at 1.3·10⁵.
+
+    Args:
+        model (ForceConstantModel): the model to start; left at the best candidate's springs.
+        data: the TDSData (its used points).
+        temperature: K; None = the data's own.
+        statistics: "quantum" | "classical".
+        n_points: at most this many used points (evenly spaced) score the candidates.
+
+    Returns:
+        The best Debye temperature, K.
     """
     temperature = data.require_temperature(temperature)
     used = np.nonzero(np.asarray(data.mask, dtype=bool))[0]
