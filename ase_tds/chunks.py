@@ -16,7 +16,15 @@ import torch
 
 
 def matrix_chunk(n_atoms: int, limit: int = 8192) -> int:
-    """q per chunk for (3n × 3n) matrices: about 2¹⁹ entries (cache-sized), between 16 and `limit`."""
+    """q per chunk for (3n × 3n) matrices: about 2¹⁹ entries (cache-sized), between 16 and `limit`.
+
+    Args:
+        n_atoms: n, atoms in the primitive cell.
+        limit: the largest chunk.
+
+    Returns:
+        q per chunk.
+    """
     return int(min(max(2**19 // (9 * n_atoms**2), 16), limit))
 
 
@@ -27,6 +35,17 @@ def map_chunks(func: Callable, tensors: tuple[torch.Tensor, ...], chunk: int) ->
     assignment, so the autograd graph (whose node order follows each thread's creation order) and hence
     the gradient's rounding are the same on every call. A failing chunk stops the later ones, and the error
     of the first failing chunk is raised; the caller's thread count is restored for the process.
+
+    Args:
+        func: called with one chunk of each tensor, in the order of `tensors`.
+        tensors: the batch, one or more tensors of the same leading length.
+        chunk: rows per chunk, ≥ 1.
+
+    Returns:
+        func's result for each chunk, in the order of the chunks.
+
+    Raises:
+        ValueError: tensors of different leading lengths, or chunk < 1.
     """
     if len({len(t) for t in tensors}) != 1 or int(chunk) < 1:
         raise ValueError(f"map_chunks: tensors of one leading length and chunk ≥ 1, got "

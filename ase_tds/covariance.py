@@ -39,17 +39,42 @@ class UnstableError(ArithmeticError):
 
 
 def check_statistics(statistics: str) -> None:
+    """Refuse statistics other than classical or quantum.
+
+    Args:
+        statistics: "classical" or "quantum".
+
+    Raises:
+        ValueError: any other value.
+    """
     if statistics not in STATISTICS:
         raise ValueError(f"statistics must be 'classical' or 'quantum', got {statistics!r}")
 
 
 def check_temperature(temperature: float, statistics: str) -> None:
+    """Refuse a temperature that the statistics cannot use.
+
+    Args:
+        temperature: K: finite and > 0, or 0 with quantum statistics.
+        statistics: "classical" or "quantum".
+
+    Raises:
+        ValueError: a negative or non-finite temperature, or 0 K with classical statistics.
+    """
     if not np.isfinite(temperature) or temperature < 0 or (temperature == 0 and statistics == "classical"):
         raise ValueError(f"temperature must be > 0 K (≥ 0 K for quantum statistics), got {temperature!r}")
 
 
 def thermal_energy(omega2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(ħω/2)·coth(ħω/2k_BT) in eV for ω² in eV/Å²/amu: k_BT classically, ħω/2 at T = 0."""
+    """(ħω/2)·coth(ħω/2k_BT) in eV for ω² in eV/Å²/amu: k_BT classically, ħω/2 at T = 0.
+
+    Args:
+        omega2: ω² (any shape), eV/Å²/amu.
+        temperature: K; 0 gives the zero-point energy ħω/2.
+
+    Returns:
+        (ħω/2)·coth(ħω/2k_BT), eV, the shape of `omega2`.
+    """
     half = 0.5 * HBAR_OMEGA_UNIT * torch.sqrt(omega2)
     if temperature == 0:
         return half
@@ -71,6 +96,14 @@ def quantum_series(model, temperature: float) -> np.ndarray | None:
     it converges for x < π. Used when the model's bound on every eigenvalue at every q
     (`eigenvalue_bound`) gives (x/π)² ≤ SERIES_MAX_RATIO, truncated at SERIES_TOLERANCE relative;
     None (use the eigen-decomposition) otherwise, and at T = 0.
+
+    Args:
+        model (ForceConstantSource): the force constants; their `eigenvalue_bound()` (eV/Å²/amu) bounds λ.
+        temperature: K.
+
+    Returns:
+        The coefficients b_k (K,), for h in Å²·amu and λ in eV/Å²/amu; None where the series is not used
+            (it would not converge fast enough, or T = 0).
     """
     if temperature == 0:
         return None
@@ -88,9 +121,16 @@ def quantum_series(model, temperature: float) -> np.ndarray | None:
 def quantum_series_matrix(dyn: torch.Tensor, coefficients: np.ndarray, proj) -> torch.Tensor:
     """h(D) − k_BT·D⁻¹ off the translations: b_1(1 − P) + Σ_{k≥2} b_k D^{k−1}, (B, m, m).
 
-    dyn: the unlifted D (B, m, m); proj: the translation projector (B, m, m) or None (D^{k−1}, k ≥ 2,
-    annihilates the translations by itself). The polynomial by Paterson–Stockmeyer: about 2√K
-    matrix products instead of K.
+    The polynomial by Paterson–Stockmeyer: about 2√K matrix products instead of K.
+
+    Args:
+        dyn: the unlifted D (B, m, m) complex, eV/Å²/amu.
+        coefficients: b_k (K,) of `quantum_series`.
+        proj (torch.Tensor | None): the translation projector P (B, m, m), or None where no q is a Γ point
+            (D^{k−1}, k ≥ 2, annihilates the translations by itself).
+
+    Returns:
+        h(D) − k_BT·D⁻¹ off the translations, (B, m, m) complex, Å²·amu.
     """
     eye = torch.eye(dyn.shape[-1], dtype=dyn.dtype, device=dyn.device)
     first = coefficients[0] * (eye if proj is None else eye - proj)
@@ -101,6 +141,13 @@ def matrix_polynomial(dyn: torch.Tensor, coefficients) -> torch.Tensor:
     """Σ_{k=1..K} a_k D^k (B, m, m) for a = `coefficients` (K,), by Paterson–Stockmeyer.
 
     With s = ⌈√K⌉: D², …, D^s, then Horner in D^s over blocks Σ_{i=1..s} a_{js+i} D^i.
+
+    Args:
+        dyn: D (B, m, m).
+        coefficients (Sequence[float] | np.ndarray): a_1, …, a_K (K,), K ≥ 1.
+
+    Returns:
+        Σ_{k=1..K} a_k D^k, (B, m, m), dtype of `dyn`.
     """
     s = max(1, int(np.ceil(np.sqrt(len(coefficients)))))
     powers = [dyn]
@@ -119,6 +166,15 @@ def quantum_series_form(dyn: torch.Tensor, v: torch.Tensor, coefficients: np.nda
 
     The moments μ_k = v†D^k v from w_j = D^j v: μ_2j = w_j†w_j and μ_2j+1 = w_j†w_j+1 (D Hermitian),
     so K terms take ⌈(K−1)/2⌉ matrix–vector products.
+
+    Args:
+        dyn: the unlifted D (B, m, m) complex, eV/Å²/amu.
+        v: (B, m), real or complex.
+        coefficients: b_k (K,) of `quantum_series`.
+        proj (torch.Tensor | None): the translation projector P (B, m, m), or None where no q is a Γ point.
+
+    Returns:
+        v†(h(D) − k_BT·D⁻¹)v off the translations, (B,) real, Å²·amu·|v|².
     """
     vc = v.to(dyn.dtype)
     norm2 = (vc.abs() ** 2).sum(-1)
@@ -156,6 +212,19 @@ class HermitianFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, matrix, func):
+        """f(A) = V f(Λ) V† by torch.linalg.eigh; saves Λ, V, f(Λ) and f'(Λ) for the backward.
+
+        Args:
+            ctx (torch.autograd.function.FunctionCtx): the autograd context.
+            matrix (torch.Tensor): A (..., m, m), Hermitian positive definite.
+            func (Callable): λ (..., m) → (f(λ), f'(λ)), two real tensors of the shape of λ.
+
+        Returns:
+            (torch.Tensor): f(A) (..., m, m).
+
+        Raises:
+            UnstableError: an eigenvalue ≤ 0 (imaginary or zero modes).
+        """
         lam, vec = torch.linalg.eigh(matrix)
         if torch.any(lam <= 0):
             raise UnstableError("dynamical matrix not positive definite (imaginary or zero modes)")
@@ -166,6 +235,15 @@ class HermitianFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
+        """The Daleckii–Krein backward: V (V†GV ∘ K) V†, K the divided differences of f.
+
+        Args:
+            ctx (torch.autograd.function.FunctionCtx): the autograd context of `forward`.
+            grad (torch.Tensor): G, the gradient with respect to f(A), (..., m, m).
+
+        Returns:
+            (tuple[torch.Tensor, None]): the gradient with respect to A (..., m, m), and None for `func`.
+        """
         lam, vec, f, fprime = ctx.saved_tensors
         dlam = lam[..., :, None] - lam[..., None, :]
         scale = lam.abs().amax(dim=-1, keepdim=True)[..., None]
@@ -182,6 +260,13 @@ def translation_projector(masses: torch.Tensor, phase: torch.Tensor | None = Non
     Without `phase`: (3n, 3n), the q = 0 (or cell-origin) form. With phase (B, n) = e^{−iG·r_κ}: the
     (B, 3n, 3n) projector onto the zero modes of D(G) in the atomic-position phase convention,
     D(G) = W D(0) W†, W = diag(e^{−iG·r_κ}).
+
+    Args:
+        masses: m_κ (n,) amu.
+        phase: e^{−iG·r_κ} (B, n) complex; None for the q = 0 (cell-origin) form.
+
+    Returns:
+        P, (3n, 3n) real without `phase`, (B, 3n, 3n) complex with it.
     """
     n = masses.numel()
     weight = torch.sqrt(masses / masses.sum())
@@ -194,7 +279,16 @@ def translation_projector(masses: torch.Tensor, phase: torch.Tensor | None = Non
 
 
 def is_gamma(source, q: torch.Tensor, tol: float = 1e-8) -> torch.Tensor:
-    """(B,) bool: q a reciprocal-lattice vector of the primitive cell."""
+    """(B,) bool: q a reciprocal-lattice vector of the primitive cell.
+
+    Args:
+        source (ForceConstantSource): the force constants, whose primitive cell is meant.
+        q: Cartesian q (B, 3) Å⁻¹.
+        tol: the largest distance of each reduced coordinate q·a_i/2π from an integer.
+
+    Returns:
+        True (B,) where q is a reciprocal-lattice vector.
+    """
     cell = torch.as_tensor(np.array(source.primitive.cell[:]), dtype=q.dtype, device=q.device)
     reduced = q @ cell.T / (2 * np.pi)
     return (reduced - torch.round(reduced)).abs().amax(dim=-1) < tol
@@ -202,12 +296,30 @@ def is_gamma(source, q: torch.Tensor, tol: float = 1e-8) -> torch.Tensor:
 
 def gamma_lift(dyn: torch.Tensor) -> torch.Tensor:
     """c = |mean diagonal of D| + 1 (eV/Å²/amu): the eigenvalue the three translations get at Γ (any c > 0 gives
-    the same covariance; this one keeps D + cP as well conditioned as D), for D (..., m, m)."""
+    the same covariance; this one keeps D + cP as well conditioned as D), for D (..., m, m).
+
+    Args:
+        dyn: D (..., m, m), eV/Å²/amu.
+
+    Returns:
+        c, a 0-d real tensor, eV/Å²/amu.
+    """
     return torch.diagonal(dyn, dim1=-2, dim2=-1).real.mean().abs() + 1.0
 
 
 def positive_cholesky(dyn: torch.Tensor, where: str) -> torch.Tensor:
-    """L (B, m, m) with dyn = LL†, or UnstableError counting the matrices that are not positive definite."""
+    """L (B, m, m) with dyn = LL†, or UnstableError counting the matrices that are not positive definite.
+
+    Args:
+        dyn: Hermitian matrices (B, m, m), e.g. D(q) in eV/Å²/amu.
+        where: what the B matrices belong to, for the error message (e.g. "Q").
+
+    Returns:
+        The lower-triangular Cholesky factors L (B, m, m).
+
+    Raises:
+        UnstableError: some of the matrices are not positive definite.
+    """
     chol, info = torch.linalg.cholesky_ex(dyn)
     if torch.any(info > 0):
         raise UnstableError(f"dynamical matrix not positive definite at {int(torch.count_nonzero(info > 0))} of "
@@ -218,8 +330,12 @@ def positive_cholesky(dyn: torch.Tensor, where: str) -> torch.Tensor:
 class LiftedDynamicalMatrix(NamedTuple):
     """D(q) with, at Γ points, the three translations lifted to the eigenvalue `lift` (`gamma_lift`).
 
-    plain: D (B, m, m) complex, eV/Å²/amu; lifted: D + c·P; projector: P (B, m, m), the per-q translation
-    projector (zero away from Γ), or None where no q is a Γ point; lift: c (a 0-d tensor).
+    Attributes:
+        plain: D (B, m, m) complex, eV/Å²/amu.
+        lifted: D + c·P (B, m, m) complex, eV/Å²/amu.
+        projector: P (B, m, m), the per-q translation projector (zero away from Γ), or None where no q is a
+            Γ point.
+        lift: c (a 0-d tensor), eV/Å²/amu.
     """
 
     plain: torch.Tensor
@@ -231,15 +347,22 @@ class LiftedDynamicalMatrix(NamedTuple):
 class RealSpaceCovariance(NamedTuple):
     """C_{κ0,κ'l} of a periodic grid of primitive cells (`ThermalCovariance.real_space`).
 
-    separations: (G, n, n, 3) Å, r_κ'l − r_κ0; correlation: (G, n, n, 3, 3) Å², ⟨u_κ0 u_κ'lᵀ⟩; G = L1·L2·L3 in
-    FFT order, l in [−L/2, L/2) along each axis.
+    G = L1·L2·L3 cells in FFT order, l in [−L/2, L/2) along each axis.
+
+    Attributes:
+        separations: r_κ'l − r_κ0, (G, n, n, 3) Å.
+        correlation: ⟨u_κ0 u_κ'lᵀ⟩, (G, n, n, 3, 3) Å².
     """
 
     separations: torch.Tensor
     correlation: torch.Tensor
 
     def self_covariance(self) -> torch.Tensor:
-        """C_{κ0,κ0} (n, 3, 3) Å² of this crystal: its Debye–Waller factor."""
+        """C_{κ0,κ0} (n, 3, 3) Å² of this crystal: its Debye–Waller factor.
+
+        Returns:
+            C_{κ0,κ0}, (n, 3, 3) Å², the l = 0 diagonal blocks of `correlation`.
+        """
         return torch.stack([self.correlation[0, k, k] for k in range(self.correlation.shape[1])])
 
 
@@ -251,8 +374,13 @@ class ThermalCovariance:
     translations (removed again: a crystal whose centre of mass is fixed), and the quantum function h(ω²).
     The one-phonon, all-order and sampling models and both samplers take their covariance from it.
 
-    source: the force constants, a `ForceConstantSource` (ForceConstantModel or PhonopyForceConstants);
-    temperature: K (> 0, or 0 with quantum statistics); statistics: "classical" | "quantum".
+    Args:
+        source: the force constants, a `ForceConstantSource` (ForceConstantModel or PhonopyForceConstants).
+        temperature: K (> 0, or 0 with quantum statistics).
+        statistics: "classical" | "quantum" (the default: quantum).
+
+    Raises:
+        ValueError: unknown statistics, or a temperature they cannot use.
     """
 
     def __init__(self, source: ForceConstantSource, temperature: float, statistics: str = "quantum"):
@@ -278,7 +406,14 @@ class ThermalCovariance:
         return quantum_series(self.source, self.temperature) if self.statistics == "quantum" else None
 
     def lifted(self, q) -> LiftedDynamicalMatrix:
-        """D(q) of the source at Cartesian q (B, 3) Å⁻¹, with the translations lifted at Γ points."""
+        """D(q) of the source at Cartesian q (B, 3) Å⁻¹, with the translations lifted at Γ points.
+
+        Args:
+            q (array_like | torch.Tensor): Cartesian q (B, 3) Å⁻¹ (reshaped to (-1, 3)).
+
+        Returns:
+            D, D + cP, P and c; D (B, 3n, 3n) complex, eV/Å²/amu.
+        """
         q = self._q(q)
         dyn = self.source.dynamical_matrix(q)
         c = gamma_lift(dyn).detach()  # C̃ does not depend on c: no gradient through it
@@ -290,7 +425,17 @@ class ThermalCovariance:
         return LiftedDynamicalMatrix(dyn, dyn + c * proj, proj, c)
 
     def mass_weighted(self, q) -> torch.Tensor:
-        """M^{1/2} C̃(q) M^{1/2} (B, 3n, 3n) complex, Å²·amu: k_BT·D⁻¹ (classical) or h(D) (quantum)."""
+        """M^{1/2} C̃(q) M^{1/2} (B, 3n, 3n) complex, Å²·amu: k_BT·D⁻¹ (classical) or h(D) (quantum).
+
+        Args:
+            q (array_like | torch.Tensor): Cartesian q (B, 3) Å⁻¹ (reshaped to (-1, 3)).
+
+        Returns:
+            M^{1/2} C̃(q) M^{1/2}, (B, 3n, 3n) complex, Å²·amu.
+
+        Raises:
+            UnstableError: D(q) is not positive definite (beyond the translations at Γ) at some q.
+        """
         d = self.lifted(q)
         series = self._series()
         if self.statistics == "quantum" and series is None:
@@ -304,7 +449,17 @@ class ThermalCovariance:
         return cov if series is None else cov + quantum_series_matrix(d.plain, series, d.projector)
 
     def __call__(self, q) -> torch.Tensor:
-        """C̃(q) (B, 3n, 3n) complex in Å² at Cartesian q (B, 3) Å⁻¹ (phase convention of docs/theory.md)."""
+        """C̃(q) (B, 3n, 3n) complex in Å² at Cartesian q (B, 3) Å⁻¹ (phase convention of docs/theory.md).
+
+        Args:
+            q (array_like | torch.Tensor): Cartesian q (B, 3) Å⁻¹ (reshaped to (-1, 3)).
+
+        Returns:
+            C̃(q), (B, 3n, 3n) complex, Å².
+
+        Raises:
+            UnstableError: D(q) is not positive definite (beyond the translations at Γ) at some q.
+        """
         inv_sqrt_m = (1.0 / torch.sqrt(self.source.masses)).repeat_interleave(3)
         cov = self.mass_weighted(q)
         return cov * (inv_sqrt_m[:, None] * inv_sqrt_m[None, :]).to(cov.dtype)
@@ -314,6 +469,16 @@ class ThermalCovariance:
 
         Classical: k_BT ‖L⁻¹v‖² with D = LL† (one triangular solve per q); quantum: the same plus the series
         (matrix–vector products), or where it does not converge the full matrix function.
+
+        Args:
+            q (array_like | torch.Tensor): Cartesian q (B, 3) Å⁻¹ (reshaped to (-1, 3)).
+            v: real (B, 3n).
+
+        Returns:
+            v†(M^{1/2} C̃(q) M^{1/2})v, (B,) real, Å²·amu·|v|².
+
+        Raises:
+            UnstableError: D(q) is not positive definite (beyond the translations at Γ) at some q.
         """
         if self.statistics == "quantum" and self._series() is None:  # the eigen route
             cov = self.mass_weighted(q)
@@ -331,8 +496,18 @@ class ThermalCovariance:
         """S (B, m, m) with S S† = M^{1/2} C̃ M^{1/2}, the translations removed: √(k_BT) L⁻† for D + cP = LL†
         (classical) or the Cholesky factor of h(D + cP) (quantum), then (1 − P) S.
 
-        lifted: D + cP (B, m, m) in any phase convention (the samplers' cell-origin one); projector: P (B, m, m)
-        (zero away from Γ) or None. For the q-space sampler.
+        For the q-space sampler.
+
+        Args:
+            lifted: D + cP (B, m, m) complex, eV/Å²/amu, in any phase convention (the samplers' cell-origin one).
+            projector: P (B, m, m) (zero away from Γ), or None where no q is a Γ point.
+
+        Returns:
+            S (B, m, m) complex, Å·√amu.
+
+        Raises:
+            UnstableError: D + cP is not positive definite at some q (classical statistics; quantum: at an
+                eigenvalue ≤ 0).
         """
         if self.statistics == "classical":
             chol = positive_cholesky(lifted, "commensurate q of the supercell")
@@ -347,6 +522,16 @@ class ThermalCovariance:
 
         The Γ point contributes its optical modes only; the missing long-wave part falls as 1/mesh
         (`converged_mean_square_displacement` extrapolates it away).
+
+        Args:
+            mesh (tuple[int, int, int]): (n1, n2, n3) points along the primitive reciprocal axes.
+            chunk: q per block of the parallel evaluation (`map_chunks`); None: `matrix_chunk`'s size.
+
+        Returns:
+            C_{κ0,κ0}, (n, 3, 3) Å².
+
+        Raises:
+            UnstableError: D(q) is not positive definite at some q of the mesh.
         """
         q = mesh_q(self.source, mesh)
         n = self.source.n_atoms
@@ -359,6 +544,15 @@ class ThermalCovariance:
 
         The error of one mesh falls as 1/mesh (the missing long waves); for EMT Ni at 300 K meshes 12/24
         give 5e-4 relative to the 24/48 value.
+
+        Args:
+            mesh: points per axis of the coarse mesh (the fine one has twice as many).
+
+        Returns:
+            C_{κ0,κ0}, (n, 3, 3) Å².
+
+        Raises:
+            UnstableError: D(q) is not positive definite at some q of the meshes.
         """
         coarse = self.mean_square_displacement((mesh,) * 3)
         fine = self.mean_square_displacement((2 * mesh,) * 3)
@@ -369,6 +563,16 @@ class ThermalCovariance:
 
         The exact covariance of a periodic L1×L2×L3 crystal with its centre of mass fixed; l in [−L/2, L/2)
         along each axis (odd L avoid the ambiguous half-way plane).
+
+        Args:
+            grid (tuple[int, int, int]): (L1, L2, L3) primitive cells of the periodic crystal.
+            chunk: q per block of the parallel evaluation (`map_chunks`); None: `matrix_chunk`'s size.
+
+        Returns:
+            The separations (G, n, n, 3) Å and correlation C_{κ0,κ'l} (G, n, n, 3, 3) Å², G = L1·L2·L3.
+
+        Raises:
+            UnstableError: D(q) is not positive definite at some q of the commensurate mesh.
         """
         grid = tuple(int(x) for x in grid)
         source = self.source
@@ -402,12 +606,34 @@ class HermitianInverse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dyn, where: str):
+        """D⁻¹ by Cholesky; saves it for the backward.
+
+        Args:
+            ctx (torch.autograd.function.FunctionCtx): the autograd context.
+            dyn (torch.Tensor): D (B, m, m), Hermitian positive definite.
+            where: what the B matrices belong to, for the error message.
+
+        Returns:
+            (torch.Tensor): D⁻¹ (B, m, m).
+
+        Raises:
+            UnstableError: D is not positive definite at some of the B points.
+        """
         inverse = torch.cholesky_inverse(positive_cholesky(dyn, where))
         ctx.save_for_backward(inverse)
         return inverse
 
     @staticmethod
     def backward(ctx, grad):
+        """−D⁻¹·G·D⁻¹.
+
+        Args:
+            ctx (torch.autograd.function.FunctionCtx): the autograd context of `forward`.
+            grad (torch.Tensor): G, the gradient with respect to D⁻¹, (B, m, m).
+
+        Returns:
+            (tuple[torch.Tensor, None]): the gradient with respect to D (B, m, m), and None for `where`.
+        """
         (inverse,) = ctx.saved_tensors
         return -(inverse @ grad @ inverse), None
 
@@ -421,6 +647,21 @@ class InverseForm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dyn, v, where: str):
+        """‖y‖² with y = L⁻¹v, D = LL†; saves L and y for the backward.
+
+        Args:
+            ctx (torch.autograd.function.FunctionCtx): the autograd context.
+            dyn (torch.Tensor): D (B, m, m), Hermitian positive definite.
+            v (torch.Tensor): real (B, m).
+            where: what the B matrices belong to, for the error message.
+
+        Returns:
+            (torch.Tensor): v†D⁻¹v (B,) real.
+
+        Raises:
+            TypeError: a complex v.
+            UnstableError: D is not positive definite at some of the B points.
+        """
         if v.is_complex():
             raise TypeError("InverseForm takes a real v (its backward 2g·Re w holds for real v only)")
         chol = positive_cholesky(dyn, where)
@@ -431,6 +672,16 @@ class InverseForm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
+        """−g·ww† for D and 2g·Re w for v, w = D⁻¹v.
+
+        Args:
+            ctx (torch.autograd.function.FunctionCtx): the autograd context of `forward`.
+            grad (torch.Tensor): g (B,), the gradient with respect to v†D⁻¹v.
+
+        Returns:
+            (tuple[torch.Tensor | None, torch.Tensor | None, None]): the gradients with respect to D (B, m, m) and
+                v (B, m) (None where not needed), and None for `where`.
+        """
         chol, y = ctx.saved_tensors
         w = torch.linalg.solve_triangular(chol.mH, y, upper=True)  # (B, m, 1)
         grad_dyn = -grad.to(w.dtype)[:, None, None] * (w @ w.mH) if ctx.needs_input_grad[0] else None
@@ -439,13 +690,30 @@ class InverseForm(torch.autograd.Function):
 
 
 def reduced_grid(mesh, shift: bool = False) -> np.ndarray:
-    """Points (N, 3) of an n1×n2×n3 mesh in reduced coordinates, Γ-centred or shifted by half a step."""
+    """Points (N, 3) of an n1×n2×n3 mesh in reduced coordinates, Γ-centred or shifted by half a step.
+
+    Args:
+        mesh (array_like): (n1, n2, n3).
+        shift: shift every point by half a step along each axis (False: Γ-centred).
+
+    Returns:
+        Reduced coordinates (N, 3) in [0, 1), N = n1·n2·n3, C order over the three axes.
+    """
     mesh = np.asarray(mesh, dtype=int)
     axes = [(np.arange(m) + (0.5 if shift else 0.0)) / m for m in mesh]
     return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
 
 
 def mesh_q(model, mesh, shift: bool = False) -> torch.Tensor:
-    """Cartesian q (N, 3) Å⁻¹ of a mesh in the primitive reciprocal cell."""
+    """Cartesian q (N, 3) Å⁻¹ of a mesh in the primitive reciprocal cell.
+
+    Args:
+        model (ForceConstantSource): the force constants, whose primitive cell, dtype and device are used.
+        mesh (array_like): (n1, n2, n3).
+        shift: shift every point by half a step along each axis (False: Γ-centred).
+
+    Returns:
+        Cartesian q (N, 3) Å⁻¹, N = n1·n2·n3, in the model's dtype and on its device.
+    """
     q = 2 * np.pi * reduced_grid(mesh, shift) @ np.linalg.inv(np.array(model.primitive.cell[:])).T
     return torch.as_tensor(q, dtype=model.dtype, device=model.device)

@@ -17,23 +17,50 @@ import torch.distributed as dist
 
 
 def active() -> bool:
+    """Whether this process is in a torch.distributed process group.
+
+    Returns:
+        True inside a process group (`start` joined one).
+    """
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
+    """This process's rank.
+
+    Returns:
+        The rank in the process group; 0 on one process.
+    """
     return dist.get_rank() if active() else 0
 
 
 def size() -> int:
+    """The number of processes.
+
+    Returns:
+        The world size of the process group; 1 on one process.
+    """
     return dist.get_world_size() if active() else 1
 
 
 def is_main() -> bool:
+    """Whether this process writes files and shows progress.
+
+    Returns:
+        True on rank 0 (and on one process).
+    """
     return rank() == 0
 
 
 def start(device: str = "cpu") -> bool:
-    """Join the process group of torchrun's environment (WORLD_SIZE > 1); False when there is none."""
+    """Join the process group of torchrun's environment (WORLD_SIZE > 1); False when there is none.
+
+    Args:
+        device: the device the fit runs on: "cuda…" joins with NCCL (on the GPU LOCAL_RANK), anything else with gloo.
+
+    Returns:
+        True inside a process group (joined now or before), False on one process.
+    """
     if active() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return active()
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
@@ -44,18 +71,33 @@ def start(device: str = "cpu") -> bool:
 
 
 def stop() -> None:
+    """Leave the process group, if any."""
     if active():
         dist.destroy_process_group()
 
 
 def shard(n: int) -> np.ndarray:
-    """The indices (contiguous, nearly equal blocks) of n points that this rank evaluates."""
+    """The indices (contiguous, nearly equal blocks) of n points that this rank evaluates.
+
+    Args:
+        n: the number of points.
+
+    Returns:
+        This rank's indices, ascending (all n on one process).
+    """
     bounds = np.linspace(0, n, size() + 1).round().astype(int)
     return np.arange(bounds[rank()], bounds[rank() + 1])
 
 
 def total(value):
-    """The sum over ranks of a tensor, ndarray or float (the same type back); the value itself on one process."""
+    """The sum over ranks of a tensor, ndarray or float (the same type back); the value itself on one process.
+
+    Args:
+        value (torch.Tensor | np.ndarray | float): this rank's part; the same shape on every rank.
+
+    Returns:
+        (torch.Tensor | np.ndarray | float): the sum, of the type of `value` (a tensor on its device).
+    """
     if not active():
         return value
     tensor = torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value).clone()
@@ -69,7 +111,14 @@ def total(value):
 
 
 def gathered(tensor: torch.Tensor) -> torch.Tensor:
-    """The concatenation over ranks (in rank order) of a 1-D tensor of per-point values."""
+    """The concatenation over ranks (in rank order) of a 1-D tensor of per-point values.
+
+    Args:
+        tensor: this rank's values (its `shard`), 1-D; the lengths may differ between ranks.
+
+    Returns:
+        All ranks' values, on the device of `tensor`; the tensor itself on one process.
+    """
     if not active():
         return tensor
     wire = _wire()

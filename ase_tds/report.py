@@ -19,8 +19,8 @@ def tds_options_of(model, settings: dict) -> dict:
     """The TDSModel options a fit used, from its recorded settings (`FitResult.settings`).
 
     Args:
-        model: the force constants the options are for (a ForceConstantModel for "sampling": its sampler is
-            rebuilt on it).
+        model (ForceConstantSource): the force constants the options are for (a ForceConstantModel for "sampling":
+            its sampler is rebuilt on it).
         settings: a fit's settings (fit.json's "settings"): grid, dw_mesh, refine, accuracy, and for "sampling"
             the sampler (kind, supercell, n_samples, seed).
 
@@ -52,9 +52,9 @@ def draw_tds_fit(model, result, data, path) -> None:
     Above DRAWN_POINTS used points (a whole volume) an evenly spaced subset of them is drawn, and the title says so.
 
     Args:
-        model: the fitted force constants.
-        result: the FitResult.
-        data: the TDSData fitted.
+        model (ForceConstantModel): the fitted force constants.
+        result (FitResult): the fit's result (its settings and `calculated`).
+        data (TDSData): the data fitted (its mask: the points used).
         path (str | Path): the image file.
     """
     from .plot import plot_tds_fit
@@ -84,11 +84,13 @@ def write_fit_folder(folder, model, result, data, start=None, reference=None) ->
 
     Args:
         folder (str | Path): the output folder.
-        model: the fitted ForceConstantModel.
-        result: its FitResult.
-        data: the TDSData fitted (its mask: the points used).
-        start: the start's force constants, drawn in dispersion.png (None: not drawn).
-        reference: reference force constants (e.g. PhonopyForceConstants of DFT), drawn too (None: not drawn).
+        model (ForceConstantModel): the fitted force constants.
+        result (FitResult): its result.
+        data (TDSData): the data fitted (its mask: the points used).
+        start (ForceConstantSource | None): the start's force constants, drawn in dispersion.png (None: not
+            drawn).
+        reference (ForceConstantSource | None): reference force constants (e.g. PhonopyForceConstants of DFT),
+            drawn too (None: not drawn).
     """
     from .io.phonopy import write_phonopy_files
     from .plot import plot_dispersion, plot_identifiability

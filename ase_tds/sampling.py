@@ -35,7 +35,7 @@ def commensurate_supercell(model, q, max_repeat: int = MAX_REPEAT) -> tuple[int,
     integer) and holds the force-constant cutoff: the supercell a sampler needs for these points.
 
     Args:
-        model: a ForceConstantModel (its unit cell and cutoff).
+        model (ForceConstantModel): the force constants (their unit cell and cutoff).
         q (array_like): Cartesian Q (N, 3) Å⁻¹.
         max_repeat: the largest repetition searched per axis.
 
@@ -115,15 +115,43 @@ class _Sampler:
                            device=self.model.device)
 
     def sample(self, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """u (S, N, 3) Å, differentiable in θ. With `seed` set and no generator, the same z every call."""
+        """u (S, N, 3) Å, differentiable in θ. With `seed` set and no generator, the same z every call.
+
+        Args:
+            n_samples: S.
+            generator: the random numbers of z; None: seeded with `seed` when set, else torch's global generator.
+
+        Returns:
+            u (S, N, 3) Å.
+
+        Raises:
+            UnstableError: the force constants are not dynamically stable at a commensurate q.
+        """
         return self._transform(self._factor(), self._noise(int(n_samples), self._generator(generator)))
 
     def displacements(self, z: torch.Tensor) -> torch.Tensor:
-        """u (S, N, 3) Å from given white noise z (S, N, 3): the reparameterised map, linear in z."""
+        """u (S, N, 3) Å from given white noise z (S, N, 3): the reparameterised map, linear in z.
+
+        Args:
+            z: white noise (S, N, 3), N(0, 1) (array or tensor).
+
+        Returns:
+            u (S, N, 3) Å.
+
+        Raises:
+            UnstableError: the force constants are not dynamically stable at a commensurate q.
+        """
         return self._transform(self._factor(), torch.as_tensor(z, dtype=self.model.dtype, device=self.model.device))
 
     def mean_square_displacement(self) -> torch.Tensor:
-        """⟨u uᵀ⟩ (n_unit, 3, 3) Å² of each unit-cell atom in this supercell: the covariance sampled from."""
+        """⟨u uᵀ⟩ (n_unit, 3, 3) Å² of each unit-cell atom in this supercell: the covariance sampled from.
+
+        Returns:
+            ⟨u uᵀ⟩, (n_unit, 3, 3) Å².
+
+        Raises:
+            UnstableError: the force constants are not dynamically stable at a commensurate q.
+        """
         return self._msd(self._factor())
 
     # ------------------------------------------------------------------ the estimator
@@ -132,7 +160,14 @@ class _Sampler:
         return np.asarray(torch.as_tensor(q).detach().cpu(), dtype=float).reshape(-1, 3) @ self.unit_cell.T / (2 * np.pi)
 
     def check_q(self, q) -> None:
-        """Refuse Q (B, 3) Å⁻¹ off this supercell's reciprocal lattice (hkl·L not integer, to 1e-6)."""
+        """Refuse Q (B, 3) Å⁻¹ off this supercell's reciprocal lattice (hkl·L not integer, to 1e-6).
+
+        Args:
+            q (array_like | torch.Tensor): Cartesian Q (B, 3) Å⁻¹.
+
+        Raises:
+            ValueError: some Q are off the supercell's reciprocal lattice (the message names the first).
+        """
         hkl = self._hkl(q)
         scaled = hkl * np.array(self.supercell)
         bad = np.nonzero(np.abs(scaled - np.round(scaled)).max(axis=1) > 1e-6)[0]
@@ -148,7 +183,14 @@ class _Sampler:
     def distinct_q(self, q) -> int:
         """How many distinct ±q, q = Q mod the unit cell's reciprocal lattice, the Q (B, 3) Å⁻¹ on this
         supercell's lattice probe: Q with one q see the same sampled modes (and with −q the same intensity,
-        real form factors), so their Monte-Carlo errors are correlated."""
+        real form factors), so their Monte-Carlo errors are correlated.
+
+        Args:
+            q (array_like | torch.Tensor): Cartesian Q (B, 3) Å⁻¹ on this supercell's reciprocal lattice.
+
+        Returns:
+            The number of distinct ±q.
+        """
         hkl = self._hkl(q)
         size = np.array(self.supercell)
         steps = np.round(hkl * size).astype(int) % size
@@ -169,6 +211,22 @@ class _Sampler:
         mean = ⟨|Σ_j f_j e^{iQ·(R_j+u_j)}|²⟩/N over S samples − |Σ_j f_j e^{iQ·R_j} e^{−W_j}|²/N, with W from
         this supercell's own covariance; stderr = sample std/√S. Form factors from `tds_model`.
         Differentiable in θ through u (reparameterisation) and through W.
+
+        Args:
+            tds_model (TDSModel): the model whose form factors are used; it must share this sampler's force
+                constants, temperature and statistics.
+            q (array_like | torch.Tensor): Cartesian Q (B, 3) Å⁻¹ on this supercell's reciprocal lattice.
+            n_samples: S ≥ 2; None: the sampler's `n_samples`.
+            generator: the random numbers of z; None: seeded with `seed` when set, else torch's global generator.
+
+        Returns:
+            mean: I(Q), (B,) e.u. per atom.
+            stderr: its Monte-Carlo standard error, (B,) e.u. per atom (no gradient).
+
+        Raises:
+            ValueError: a TDSModel with other force constants, temperature or statistics, Q off the supercell's
+                reciprocal lattice, or n_samples < 2.
+            UnstableError: the force constants are not dynamically stable at a commensurate q.
         """
         self._check_tds_model(tds_model)
         q = torch.as_tensor(q, dtype=self.model.dtype, device=self.model.device).reshape(-1, 3)
@@ -199,9 +257,25 @@ class _Sampler:
 class DenseSampler(_Sampler):
     """The reference sampler: dense Cholesky of the mass-weighted supercell Hessian (classical only).
 
-    DenseSampler(model, supercell=(L1, L2, L3), temperature) with `model` a ForceConstantModel, T in K.
-    n_samples: default for `intensity`; seed: fixed noise (common random numbers, a deterministic
-    function of θ); chunk: elements per block of the Q × atom phase sums. Memory O(N²), time O(N³).
+    Memory O(N²), time O(N³).
+
+    Args:
+        model (ForceConstantModel): the force constants; their `unitcell` is repeated.
+        supercell (tuple[int, int, int]): (L1, L2, L3) repetitions of the unit cell.
+        temperature: K.
+        statistics: "classical" (the only statistics this sampler draws).
+        **kwargs (Any): the keyword arguments below.
+
+    Keyword Args:
+        n_samples (int): S, the default number of samples of `intensity` (64).
+        seed (int | None): fixed noise: the same z at every call without a generator (common random numbers, a
+            deterministic function of θ); None: fresh noise from torch's global generator.
+        progress (bool): show a progress bar over the samples of `intensity` (from 16 samples on).
+        chunk (int): elements per block of the Q × atom phase sums (2²¹).
+
+    Raises:
+        ValueError: a supercell that is not three positive repetitions, statistics other than classical, or a
+            temperature that is not > 0 K.
     """
 
     def __init__(self, model, supercell, temperature: float, statistics: str = "classical", **kwargs):
@@ -212,7 +286,11 @@ class DenseSampler(_Sampler):
         self._entries = model.supercell_columns(self.positions, self.cell, np.arange(self.n_atoms))
 
     def hessian(self) -> torch.Tensor:
-        """H (3N, 3N) eV/Å², layout (atom, Cartesian), from folding the model's pairs onto the supercell."""
+        """H (3N, 3N) eV/Å², layout (atom, Cartesian), from folding the model's pairs onto the supercell.
+
+        Returns:
+            H, (3N, 3N) eV/Å².
+        """
         n = self.n_atoms
         full = fold_pairs(self.model.pair_force_constants(), self._entries, n, n)
         return full.permute(0, 2, 1, 3).reshape(3 * n, 3 * n)
@@ -261,7 +339,25 @@ class QSpaceSampler(_Sampler):
     Per q of the Γ-centred L1×L2×L3 grid of the unit cell's reciprocal lattice (half of it: real u),
     S(q) with S S† = M^{1/2} C̃(q) M^{1/2} in the cell-origin phase convention: √(k_BT) L⁻† for
     D(q) = LL† (classical) or the Cholesky factor of h(D) (quantum); at Γ the translations are lifted
-    and projected out. Keyword arguments as for DenseSampler.
+    and projected out.
+
+    Args:
+        model (ForceConstantModel): the force constants; their `unitcell` is repeated.
+        supercell (tuple[int, int, int]): (L1, L2, L3) repetitions of the unit cell.
+        temperature: K (> 0, or 0 with quantum statistics).
+        statistics: "classical" (the default) or "quantum".
+        **kwargs (Any): the keyword arguments below, as for DenseSampler.
+
+    Keyword Args:
+        n_samples (int): S, the default number of samples of `intensity` (64).
+        seed (int | None): fixed noise: the same z at every call without a generator (common random numbers, a
+            deterministic function of θ); None: fresh noise from torch's global generator.
+        progress (bool): show a progress bar over the samples of `intensity` (from 16 samples on).
+        chunk (int): elements per block of the Q × atom phase sums (2²¹).
+
+    Raises:
+        ValueError: a supercell that is not three positive repetitions, unknown statistics, or a temperature they
+            cannot use.
     """
 
     def __init__(self, model, supercell, temperature: float, statistics: str = "classical", **kwargs):
@@ -284,6 +380,12 @@ class QSpaceSampler(_Sampler):
 
         D_ab(q) = Σ_p Φ_p e^{iq·n_p·A}/√(m_a m_b), q_frac (B, 3) in r.l.u. of the unit cell: the
         phase-from-positions D(q) times e^{−iq·(r_b − r_a)}, periodic in the unit reciprocal lattice.
+
+        Args:
+            q_frac (array_like): q (B, 3) in r.l.u. of the unit cell.
+
+        Returns:
+            D(q), (B, 3n_unit, 3n_unit) complex, eV/Å²/amu.
         """
         q_frac = self._tensor(q_frac).reshape(-1, 3)
         masses = self._unit_masses()

@@ -23,9 +23,14 @@ TRANSITION = (0.3, 0.7)
 class FormFactors:
     """f_κ(|Q|) for the atoms of a cell: (B,) Å⁻¹ → (B, n) e.u.
 
-    `source`: "xraydb" (Waasmaier–Kirfel f₀ of the neutral atoms, argument sinθ/λ = |Q|/4π), or a
-    mapping {symbol: constant or callable(|Q| ndarray Å⁻¹) → ndarray}; symbols missing from the
-    mapping fall back to xraydb.
+    Args:
+        symbols (Sequence[str]): the chemical symbols of the cell's n atoms, in order.
+        source: "xraydb" (Waasmaier–Kirfel f₀ of the neutral atoms, argument sinθ/λ = |Q|/4π), or a
+            mapping {symbol: constant or callable(|Q| ndarray Å⁻¹) → ndarray}, in e.u.; symbols missing from the
+            mapping fall back to xraydb.
+
+    Raises:
+        ValueError: a source that is neither "xraydb" nor a mapping, or a mapping with symbols not in the cell.
     """
 
     def __init__(self, symbols, source: str | Mapping = "xraydb"):
@@ -48,6 +53,14 @@ class FormFactors:
                 self._per_symbol[symbol] = lambda q, c=float(value): np.full_like(q, c)
 
     def __call__(self, q_norm: torch.Tensor) -> torch.Tensor:
+        """f_κ(|Q|) of every atom.
+
+        Args:
+            q_norm: |Q| (B,) Å⁻¹.
+
+        Returns:
+            f_κ(|Q|), (B, n) e.u., in the dtype and on the device of `q_norm` (no gradient).
+        """
         q = q_norm.detach().cpu().numpy()
         values = {s: np.broadcast_to(f(q), q.shape) for s, f in self._per_symbol.items()}
         table = np.stack([values[s] for s in self.symbols], axis=-1)
@@ -55,7 +68,15 @@ class FormFactors:
 
 
 def debye_waller_exponent(q: torch.Tensor, msd: torch.Tensor) -> torch.Tensor:
-    """W_κ(Q) = ½ Q·C_{κ0,κ0}·Q, (B, n), for q (B, 3) Å⁻¹ and msd (n, 3, 3) Å²."""
+    """W_κ(Q) = ½ Q·C_{κ0,κ0}·Q, (B, n), for q (B, 3) Å⁻¹ and msd (n, 3, 3) Å².
+
+    Args:
+        q: Cartesian Q (B, 3) Å⁻¹.
+        msd: C_{κ0,κ0} (n, 3, 3) Å², the self covariance of each atom.
+
+    Returns:
+        W_κ(Q), (B, n), dimensionless.
+    """
     return 0.5 * torch.einsum("ba,kac,bc->bk", q, msd, q)
 
 
@@ -64,6 +85,17 @@ def one_phonon_intensity(covariance: ThermalCovariance, q: torch.Tensor, amplitu
 
     C̃ at the unreduced Q, as the form v†(M^{1/2}C̃M^{1/2})v with v_κα = A_κ Q_α/√m_κ
     (`ThermalCovariance.mass_weighted_form`: one triangular solve per Q classically).
+
+    Args:
+        covariance: the thermal covariance C̃ of the crystal.
+        q: Cartesian Q (B, 3) Å⁻¹.
+        amplitude: A_κ = f_κ e^{−W_κ} (B, n), e.u.
+
+    Returns:
+        I₁(Q), (B,) e.u. per atom.
+
+    Raises:
+        UnstableError: D(Q) is not positive definite at some Q.
     """
     n = amplitude.shape[-1]
     inv_sqrt_m = 1.0 / torch.sqrt(covariance.source.masses)
@@ -75,9 +107,17 @@ def multi_phonon_intensity(q: torch.Tensor, amplitude: torch.Tensor, separations
                            correlation: torch.Tensor) -> torch.Tensor:
     """Σ orders ≥ 2 with a sharp sum over the grid: (1/n) Σ_κκ' A_κ A_κ' Σ_l cos(Q·d) [e^X − 1 − X], (B,) e.u.
 
-    X = Q·C_{κ0,κ'l}·Q; separations (G, n, n, 3) Å: d = r_κ'l − r_κ0; correlation (G, n, n, 3, 3) Å²:
-    C_{κ0,κ'l}. Exact for the periodic grid at Q on its reciprocal lattice; elsewhere `LatticeWindow`
+    X = Q·C_{κ0,κ'l}·Q. Exact for the periodic grid at Q on its reciprocal lattice; elsewhere `LatticeWindow`
     (a smooth partition of unity over the lattice) is the interpolation the models use.
+
+    Args:
+        q: Cartesian Q (B, 3) Å⁻¹.
+        amplitude: A_κ = f_κ e^{−W_κ} (B, n), e.u.
+        separations: d = r_κ'l − r_κ0, (G, n, n, 3) Å (`RealSpaceCovariance.separations`).
+        correlation: C_{κ0,κ'l}, (G, n, n, 3, 3) Å² (`RealSpaceCovariance.correlation`).
+
+    Returns:
+        The orders ≥ 2 of I(Q), (B,) e.u. per atom.
     """
     n = amplitude.shape[-1]
     qq = (q[:, :, None] * q[:, None, :]).reshape(len(q), 9)
@@ -89,7 +129,15 @@ def multi_phonon_intensity(q: torch.Tensor, amplitude: torch.Tensor, separations
 
 def partition_of_unity(x: np.ndarray, transition=TRANSITION) -> np.ndarray:
     """w(x) (same shape) with Σ_m w(x + m) = 1 for every x, m over the integers: 1 for |x| ≤ a, 0 for
-    |x| ≥ b, cos²(π/2·(|x| − a)/(b − a)) between, with (a, b) = `transition` (a + b = 1)."""
+    |x| ≥ b, cos²(π/2·(|x| − a)/(b − a)) between, with (a, b) = `transition` (a + b = 1).
+
+    Args:
+        x: points (any shape), in periods.
+        transition (tuple[float, float]): (a, b), a + b = 1; the default TRANSITION is (0.3, 0.7).
+
+    Returns:
+        w(x), float, the shape of `x`.
+    """
     ax = np.abs(np.asarray(x, dtype=float))
     a, b = transition
     ramp = np.cos(0.5 * np.pi * np.clip((ax - a) / (b - a), 0.0, 1.0)) ** 2
@@ -106,9 +154,22 @@ class LatticeWindow:
     instead of ringing as the sharp sum's Dirichlet kernel does. Terms (κ, κ', l) and (κ', κ, −l) are
     equal (same X, cos(Q·d) even) and are stored once with weight 2.
 
-    Geometry only (no θ): source (n², m) indices into correlation.reshape(G·n², 9) of the
-    `ThermalCovariance.real_space` grid (FFT order), separation (n², m, 3) Å, weight (n², m) (0 = padding),
-    for pairs p = κ·n + κ'.
+    Geometry only (no θ), for pairs p = κ·n + κ'.
+
+    Args:
+        primitive (ase.Atoms): the primitive cell (n atoms).
+        grid (tuple[int, int, int]): (L1, L2, L3) primitive cells of the periodic crystal.
+        dtype (torch.dtype): the real dtype of `separation` and `weight`.
+        device (torch.device | str | None): where the tables live (None: torch's default device).
+        transition (tuple[float, float]): (a, b) of `partition_of_unity`.
+
+    Attributes:
+        source: (n², m) indices into correlation.reshape(G·n², 9) of the `ThermalCovariance.real_space` grid
+            (FFT order).
+        separation: d = r_κ'l − r_κ0 of each term, (n², m, 3) Å.
+        weight: w(l) of each term, times 2 where it stands for its (κ', κ, −l) partner too, (n², m) (0 = padding).
+        grid: (L1, L2, L3).
+        n_atoms: n.
     """
 
     def __init__(self, primitive, grid, dtype=torch.float64, device=None, transition=TRANSITION):
@@ -149,13 +210,28 @@ class LatticeWindow:
         return self.weight.numel()
 
     def gather(self, correlation: torch.Tensor) -> torch.Tensor:
-        """C of each term, (n², m, 9) Å², from the grid's correlation (G, n, n, 3, 3)."""
+        """C of each term, (n², m, 9) Å², from the grid's correlation (G, n, n, 3, 3).
+
+        Args:
+            correlation: C_{κ0,κ'l} (G, n, n, 3, 3) Å² of the `grid` crystal (`ThermalCovariance.real_space`).
+
+        Returns:
+            C of each term, (n², m, 9) Å².
+        """
         return correlation.reshape(-1, 9)[self.source]
 
     def intensity(self, q: torch.Tensor, amplitude: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
         """Σ orders ≥ 2: (1/n) Σ_κκ' A_κ A_κ' Σ_l w(l) cos(Q·d) [e^X − 1 − X], (B,) e.u., X = Q·C_{κ0,κ'l}·Q.
 
-        q (B, 3) Å⁻¹, amplitude (B, n) e.u., terms = `gather(correlation)`. Memory O(B·n²·m): chunk q.
+        Memory O(B·n²·m): chunk q.
+
+        Args:
+            q: Cartesian Q (B, 3) Å⁻¹.
+            amplitude: A_κ = f_κ e^{−W_κ} (B, n), e.u.
+            terms: C of each term, (n², m, 9) Å², `gather(correlation)`.
+
+        Returns:
+            The orders ≥ 2 of I(Q), (B,) e.u. per atom.
         """
         return _HigherOrders.apply(q, amplitude, terms, self.separation, self.weight)
 

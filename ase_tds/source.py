@@ -33,22 +33,54 @@ class ForceConstantSource(Protocol):
     theta: torch.Tensor
 
     @property
-    def dtype(self) -> torch.dtype: ...
+    def dtype(self) -> torch.dtype:
+        """The real dtype of the source's tensors."""
+        ...
 
     @property
-    def device(self) -> torch.device: ...
+    def device(self) -> torch.device:
+        """Where the source's tensors live."""
+        ...
 
     @property
-    def n_atoms(self) -> int: ...
+    def n_atoms(self) -> int:
+        """n, atoms in the primitive cell."""
+        ...
 
     def dynamical_matrix(self, q) -> torch.Tensor:
-        """D(q) (B, 3n, 3n) complex, eV/Å²/amu, at Cartesian q (B, 3) Å⁻¹, phases from atomic positions."""
+        """D(q) (B, 3n, 3n) complex, eV/Å²/amu, at Cartesian q (B, 3) Å⁻¹, phases from atomic positions.
+
+        Args:
+            q (array_like | torch.Tensor): Cartesian q (B, 3) Å⁻¹.
+
+        Returns:
+            D(q), (B, 3n, 3n) complex, eV/Å²/amu.
+        """
 
     def eigenvalue_bound(self) -> float:
-        """An upper bound (eV/Å²/amu) on the eigenvalues of D(q) at every q."""
+        """An upper bound (eV/Å²/amu) on the eigenvalues of D(q) at every q.
+
+        Returns:
+            The bound, eV/Å²/amu.
+        """
 
     def frequencies(self, q) -> np.ndarray:
-        """ν (B, 3n) THz at Cartesian q (B, 3) Å⁻¹, ascending; negative for imaginary modes."""
+        """ν (B, 3n) THz at Cartesian q (B, 3) Å⁻¹, ascending; negative for imaginary modes.
+
+        Args:
+            q (array_like | torch.Tensor): Cartesian q (B, 3) Å⁻¹.
+
+        Returns:
+            ν, (B, 3n) THz.
+        """
 
     def q_from_hkl(self, hkl, cell=None) -> np.ndarray:
-        """Cartesian q (N, 3) Å⁻¹ from hkl (N, 3) in r.l.u. of `cell` (default: `unitcell`)."""
+        """Cartesian q (N, 3) Å⁻¹ from hkl (N, 3) in r.l.u. of `cell` (default: `unitcell`).
+
+        Args:
+            hkl (array_like): (N, 3) r.l.u. of `cell`.
+            cell (array_like | None): (3, 3) Å, rows the lattice vectors; None: `unitcell`.
+
+        Returns:
+            Cartesian q, (N, 3) Å⁻¹.
+        """

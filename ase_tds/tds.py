@@ -47,18 +47,30 @@ Q_MAX = 8.0
 class TDSModel(torch.nn.Module):
     """I(Q) (B,) e.u./atom at Cartesian Q (B, 3) Å⁻¹; differentiable in the force constants' θ.
 
-    force_constants: a `ForceConstantSource`: a ForceConstantModel (its θ is this module's only parameter) or
-    PhonopyForceConstants (nothing trainable).
-    temperature: K. method: "one-phonon" | "gaussian" | "sampling". statistics: "classical" | "quantum".
-    form_factors: "xraydb" or {symbol: constant or f(|Q|)}.
-    dw_mesh: the one-phonon model's Debye–Waller mesh: int m (meshes m³ and (2m)³, Richardson-extrapolated) or
-    "grid" (the grid's own mesh).
-    grid: (L1, L2, L3) primitive cells of the gaussian model's periodic crystal; None chooses it
-    (`converged_grid`: the smallest grid whose intensities change by less than `accuracy` on a 1.5× larger
-    one, at probe points with |Q| ≤ q_max). refine: points within NEAR_BRAGG mesh spacings of a Bragg peak use
-    grids 2 or 3 times as large (False: one grid, the exact periodic crystal at Q on its reciprocal lattice).
-    sampler: an `ase_tds.sampling` sampler, for method="sampling". chunk: Q per block (default by matrix
-    entries and terms per Q).
+    Args:
+        force_constants: a `ForceConstantSource`: a ForceConstantModel (its θ is this module's only parameter) or
+            PhonopyForceConstants (nothing trainable).
+        temperature: K (> 0, or 0 with quantum statistics).
+        method: "one-phonon" | "gaussian" | "sampling".
+        statistics: "classical" | "quantum".
+        form_factors (str | Mapping): "xraydb" or {symbol: constant or f(|Q|)} in e.u. (`FormFactors`).
+        dw_mesh (int | str): the one-phonon model's Debye–Waller mesh: int m (meshes m³ and (2m)³,
+            Richardson-extrapolated) or "grid" (the grid's own mesh).
+        grid (tuple[int, int, int] | None): (L1, L2, L3) primitive cells of the gaussian model's periodic crystal;
+            None chooses it (`converged_grid`: the smallest grid whose intensities change by less than `accuracy`
+            on a 1.5× larger one, at probe points with |Q| ≤ q_max).
+        sampler (DenseSampler | QSpaceSampler | None): an `ase_tds.sampling` sampler, for method="sampling"
+            (it must share the force constants, temperature and statistics).
+        chunk: Q per block (None: by matrix entries and terms per Q).
+        refine: points within NEAR_BRAGG mesh spacings of a Bragg peak use grids 2 or 3 times as large
+            (False: one grid, the exact periodic crystal at Q on its reciprocal lattice).
+        accuracy: the relative change that counts as converged when the grid is chosen, in (0, 1).
+        q_max: Å⁻¹, the largest |Q| of the probe points that choose the grid.
+
+    Raises:
+        ValueError: an unknown method or statistics, a temperature they cannot use, method="sampling" without a
+            sampler, a bad dw_mesh, grid or accuracy, or form factors for symbols not in the crystal.
+        UnstableError: choosing the grid met force constants that are not dynamically stable.
     """
 
     def __init__(self, force_constants: ForceConstantSource, temperature: float, method: str = "gaussian",
@@ -113,7 +125,14 @@ class TDSModel(torch.nn.Module):
 
     def mean_square_displacement(self) -> torch.Tensor:
         """C_{κ0,κ0} (n, 3, 3) Å², converged in the Brillouin-zone mesh (`dw_mesh`): the crystal's Debye–Waller
-        factor, used by the one-phonon model (the gaussian model uses its grid's own, `grid_covariance`)."""
+        factor, used by the one-phonon model (the gaussian model uses its grid's own, `grid_covariance`).
+
+        Returns:
+            C_{κ0,κ0}, (n, 3, 3) Å².
+
+        Raises:
+            UnstableError: D(q) is not positive definite at some q of the mesh.
+        """
         if self.dw_mesh == "grid":
             return self._at_fixed_theta("msd", lambda: (self.covariance.mean_square_displacement(self.grid),))[0]
         mesh = int(self.dw_mesh)
@@ -121,7 +140,18 @@ class TDSModel(torch.nn.Module):
 
     def grid_covariance(self, level: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(C_{κ0,κ'l} (G, n, n, 3, 3) Å² of the crystal `level_grid(level)` in FFT order, and its self covariance
-        (n, 3, 3) Å²)."""
+        (n, 3, 3) Å²).
+
+        Args:
+            level: the crystal, 0 the grid, k its GRID_FACTORS[k]-fold enlargement (`level_grid`).
+
+        Returns:
+            correlation: C_{κ0,κ'l}, (G, n, n, 3, 3) Å², G the number of cells of the crystal.
+            self_covariance: C_{κ0,κ0}, (n, 3, 3) Å².
+
+        Raises:
+            UnstableError: D(q) is not positive definite at some q of the crystal's mesh.
+        """
         def compute():
             crystal = self.covariance.real_space(self.level_grid(level))
             return crystal.correlation, crystal.self_covariance()
@@ -145,7 +175,14 @@ class TDSModel(torch.nn.Module):
             self._shared = None
 
     def level_grid(self, level: int) -> tuple[int, int, int]:
-        """The periodic crystal of `level`: `grid` × GRID_FACTORS[level] (levels > 0 near Bragg peaks)."""
+        """The periodic crystal of `level`: `grid` × GRID_FACTORS[level] (levels > 0 near Bragg peaks).
+
+        Args:
+            level: 0 the grid, k its GRID_FACTORS[k]-fold enlargement.
+
+        Returns:
+            (L1, L2, L3) primitive cells.
+        """
         return tuple(int(x) * GRID_FACTORS[level] for x in self.grid)
 
     def _window(self, level: int) -> LatticeWindow:
@@ -156,7 +193,14 @@ class TDSModel(torch.nn.Module):
         return self._windows[key]
 
     def levels(self, q: torch.Tensor) -> torch.Tensor:
-        """(B,) the level each Q uses: k within NEAR_BRAGG[k − 1] mesh spacings of a Bragg peak (if `refine`), else 0."""
+        """(B,) the level each Q uses: k within NEAR_BRAGG[k − 1] mesh spacings of a Bragg peak (if `refine`), else 0.
+
+        Args:
+            q: Cartesian Q (B, 3) Å⁻¹.
+
+        Returns:
+            The level of each Q, (B,) int64.
+        """
         level = torch.zeros(len(q), dtype=torch.long, device=q.device)
         if self.refine:
             distance = bragg_distance(self.force_constants.primitive, q) / self.mesh_spacing
@@ -171,11 +215,24 @@ class TDSModel(torch.nn.Module):
         return float(np.max(recip / np.array(self.grid)))
 
     def amplitude(self, q: torch.Tensor, msd: torch.Tensor) -> torch.Tensor:
-        """A_κ(Q) = f_κ(|Q|) e^{−W_κ(Q)}, (B, n) e.u., for q (B, 3) Å⁻¹ and msd (n, 3, 3) Å²."""
+        """A_κ(Q) = f_κ(|Q|) e^{−W_κ(Q)}, (B, n) e.u., for q (B, 3) Å⁻¹ and msd (n, 3, 3) Å².
+
+        Args:
+            q: Cartesian Q (B, 3) Å⁻¹.
+            msd: C_{κ0,κ0} (n, 3, 3) Å², the self covariance of each atom.
+
+        Returns:
+            A_κ(Q), (B, n) e.u.
+        """
         return self.form_factors(torch.linalg.norm(q, dim=-1)) * torch.exp(-debye_waller_exponent(q, msd))
 
     def settings(self) -> dict:
-        """What fixes this model's numbers (for records: fit.json, simulated files)."""
+        """What fixes this model's numbers (for records: fit.json, simulated files).
+
+        Returns:
+            method, statistics and temperature; for "gaussian" also grid, refine, accuracy and near_bragg_grids,
+                for "one-phonon" dw_mesh.
+        """
         out = dict(method=self.method, statistics=self.statistics, temperature=self.temperature)
         if self.method == "gaussian":
             out.update(grid=list(self.grid), refine=self.refine, accuracy=self.accuracy,
@@ -189,8 +246,17 @@ class TDSModel(torch.nn.Module):
     def forward(self, q, levels=None) -> torch.Tensor:
         """I(Q) (B,) in e.u./atom at Cartesian q (B, 3) Å⁻¹ (array or tensor; reshaped to (-1, 3)).
 
-        levels: (B,) int, the crystal each Q uses (gaussian model; default `levels(q)`): 0 the grid, k its
-        GRID_FACTORS[k]-fold enlargement.
+        Args:
+            q (array_like | torch.Tensor): Cartesian Q (B, 3) Å⁻¹ (reshaped to (-1, 3)).
+            levels (array_like | torch.Tensor | None): (B,) int, the crystal each Q uses (gaussian model; None:
+                `levels(q)`): 0 the grid, k its GRID_FACTORS[k]-fold enlargement.
+
+        Returns:
+            I(Q), (B,) e.u. per atom.
+
+        Raises:
+            ValueError: levels that are not one integer per Q in 0..len(GRID_FACTORS) − 1.
+            UnstableError: the force constants are not dynamically stable.
         """
         fc = self.force_constants
         q = torch.as_tensor(q, dtype=fc.dtype, device=fc.device).reshape(-1, 3)
@@ -224,14 +290,31 @@ class TDSModel(torch.nn.Module):
         return torch.cat(first) + torch.cat(higher)
 
     def intensity_hkl(self, hkl, cell=None) -> torch.Tensor:
-        """I (N,) e.u./atom at hkl (N, 3) in r.l.u. of `cell` (3, 3) Å (default: the force constants' unit cell)."""
+        """I (N,) e.u./atom at hkl (N, 3) in r.l.u. of `cell` (3, 3) Å (default: the force constants' unit cell).
+
+        Args:
+            hkl (array_like): (N, 3) r.l.u. of `cell`.
+            cell (array_like | None): (3, 3) Å, rows the lattice vectors; None: the force constants' `unitcell`.
+
+        Returns:
+            I, (N,) e.u. per atom.
+        """
         return self(self.force_constants.q_from_hkl(np.asarray(hkl, dtype=float), cell))
 
     @torch.no_grad()
     def discretisation_error(self, q, levels=None) -> torch.Tensor:
         """Estimated error (B,) e.u./atom of I(Q) from the finite grid: |I − I'| with I' from grids 1.5× larger
         at the same `levels` (zero for the one-phonon model, whose Debye–Waller mesh is extrapolated, and for
-        sampling)."""
+        sampling).
+
+        Args:
+            q (array_like | torch.Tensor): Cartesian Q (B, 3) Å⁻¹ (reshaped to (-1, 3)).
+            levels (array_like | torch.Tensor | None): (B,) the crystal each Q uses, as in `forward`; None:
+                `levels(q)`.
+
+        Returns:
+            |I − I'|, (B,) e.u. per atom.
+        """
         fc = self.force_constants
         q = torch.as_tensor(q, dtype=fc.dtype, device=fc.device).reshape(-1, 3)
         if self.method != "gaussian":
@@ -241,7 +324,14 @@ class TDSModel(torch.nn.Module):
         return torch.abs(self(q, levels) - finer(q, levels))
 
     def with_grid(self, grid) -> TDSModel:
-        """This model with another grid (same force constants, temperature, statistics and options)."""
+        """This model with another grid (same force constants, temperature, statistics and options).
+
+        Args:
+            grid (tuple[int, int, int] | None): (L1, L2, L3) primitive cells; None: chosen by `converged_grid`.
+
+        Returns:
+            A new TDSModel.
+        """
         return TDSModel(self.force_constants, self.temperature, self.method, self.statistics,
                         self.form_factors.source, self.dw_mesh, grid, self.sampler, self._chunk, self.refine,
                         self.accuracy)
@@ -258,7 +348,15 @@ def _check_grid(grid) -> tuple[int, int, int]:
 
 
 def bragg_distance(primitive, q: torch.Tensor) -> torch.Tensor:
-    """|Q − G| (B,) Å⁻¹ to the nearest reciprocal-lattice vector G of the primitive cell, for q (B, 3) Å⁻¹."""
+    """|Q − G| (B,) Å⁻¹ to the nearest reciprocal-lattice vector G of the primitive cell, for q (B, 3) Å⁻¹.
+
+    Args:
+        primitive (ase.Atoms): the primitive cell.
+        q: Cartesian Q (B, 3) Å⁻¹.
+
+    Returns:
+        |Q − G|, (B,) Å⁻¹.
+    """
     cell = torch.as_tensor(np.array(primitive.cell[:]), dtype=q.dtype, device=q.device)
     recip = 2 * np.pi * torch.linalg.inv(cell).T
     nearest = torch.round(q @ cell.T / (2 * np.pi))
@@ -270,7 +368,17 @@ def bragg_distance(primitive, q: torch.Tensor) -> torch.Tensor:
 
 def probe_q(primitive, q_max: float, count: int = 192, seed: int = 0) -> np.ndarray:
     """Cartesian Q (count, 3) Å⁻¹, uniform in the ball |Q| ≤ q_max, at least a quarter of the shortest reciprocal
-    vector from any Bragg peak: where the grid alone (no refinement) must be converged."""
+    vector from any Bragg peak: where the grid alone (no refinement) must be converged.
+
+    Args:
+        primitive (ase.Atoms): the primitive cell.
+        q_max: Å⁻¹, the radius of the ball.
+        count: the number of points.
+        seed: of the random number generator (the same points for the same arguments).
+
+    Returns:
+        Cartesian Q (count, 3) Å⁻¹.
+    """
     rng = np.random.default_rng(seed)
     recip = 2 * np.pi * np.linalg.inv(np.array(primitive.cell[:])).T
     far = 0.25 * np.linalg.norm(recip, axis=1).min()
@@ -287,7 +395,18 @@ def probe_q(primitive, q_max: float, count: int = 192, seed: int = 0) -> np.ndar
 def converged_grid(tds: TDSModel, q_max: float = Q_MAX) -> tuple[int, int, int]:
     """The smallest grid (mesh spacing START_SPACING Å⁻¹, then ÷ GRID_STEP) whose intensities at the probe points
     (`probe_q`) change by at most `tds.accuracy` (relative, largest) on a grid 1.5× larger; at most MAX_CELLS
-    cells per axis. Uses the force constants as they are at the call (a fit: its start)."""
+    cells per axis. Uses the force constants as they are at the call (a fit: its start).
+
+    Args:
+        tds: the model whose grid is chosen (its force constants, method options and `accuracy`).
+        q_max: Å⁻¹, the largest |Q| of the probe points.
+
+    Returns:
+        (L1, L2, L3) primitive cells.
+
+    Raises:
+        UnstableError: the force constants are not dynamically stable.
+    """
     fc = tds.force_constants
     recip = np.linalg.norm(2 * np.pi * np.linalg.inv(np.array(fc.primitive.cell[:])), axis=0)
     q = torch.as_tensor(probe_q(fc.primitive, q_max), dtype=fc.dtype, device=fc.device)
