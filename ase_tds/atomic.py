@@ -11,13 +11,14 @@ from pathlib import Path
 def atomic_paths(*paths):
     """Yields one temporary path per target (same folder); all are renamed onto the targets once the
     block has finished without error, and removed otherwise, the targets untouched. The files are
-    new files of the writer (the user's umask applies).
+    new files of the writer (the user's umask applies). A temporary name keeps its target's suffix
+    (".fit.1234.part.json"), so writers that choose a format by suffix (matplotlib) work on it.
 
         with atomic_paths("out.h5") as (partial,):
             write(partial)
     """
     targets = [Path(p) for p in paths]
-    partial = [p.with_name(f".{p.name}.{os.getpid()}.part") for p in targets]
+    partial = [p.with_name(f".{p.stem}.{os.getpid()}.part{p.suffix}") for p in targets]
     try:
         yield partial
         for tmp, target in zip(partial, targets):

@@ -7,7 +7,6 @@ import contextlib
 import copy
 import io
 import json
-import os
 import sys
 import time
 import warnings
@@ -583,6 +582,7 @@ def _run_plot(args) -> int:
     from .fit import FitResult
     from .model import ForceConstantModel
     from .phonopy_source import PhonopyForceConstants
+    from .atomic import atomic_paths
     from .plot import plot_dispersion, plot_identifiability
     from .report import draw_tds_fit
 
@@ -614,16 +614,11 @@ def _run_plot(args) -> int:
         if result.combinations:
             drawings["identifiability.png"] = lambda path: plot_identifiability(result.combinations, path)
     out.mkdir(parents=True, exist_ok=True)
-    partial = {name: out / f".{Path(name).stem}-{os.getpid()}.png" for name in drawings}  # renamed once all are drawn
-    try:
-        for name, draw in drawings.items():
-            draw(partial[name])
-        for name, path in partial.items():
-            os.replace(path, out / name)
-            print(f"wrote {out / name}")
-    finally:
-        for path in partial.values():
-            path.unlink(missing_ok=True)
+    with atomic_paths(*(out / name for name in drawings)) as partial:  # all drawn, or none written
+        for draw, path in zip(drawings.values(), partial):
+            draw(path)
+    for name in drawings:
+        print(f"wrote {out / name}")
     return 0
 
 

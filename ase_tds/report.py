@@ -3,13 +3,12 @@ TDS model that a fit's recorded settings describe (to redraw it later)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .atomic import atomic_paths
 
 # tds_fit.png draws at most this many points
 DRAWN_POINTS = 20000
@@ -79,8 +78,8 @@ def write_fit_folder(folder, model, result, data, start=None, reference=None) ->
     """Write every output of a fit into `folder` (created if needed): phonopy_params.yaml, FORCE_CONSTANTS and
     force_constants.hdf5, fit.json, data.h5, dispersion.png (with its ±1σ band), identifiability.png, tds_fit.png.
 
-    Everything is written into a temporary folder inside `folder` first and moved in once all is written: no
-    half-written set of files.
+    All or nothing (`ase_tds.atomic.atomic_paths`): every file is written under a temporary name and renamed once
+    all are complete; an error leaves the folder's files as they were.
 
     Args:
         folder (str | Path): the output folder.
@@ -92,25 +91,23 @@ def write_fit_folder(folder, model, result, data, start=None, reference=None) ->
         reference (ForceConstantSource | None): reference force constants (e.g. PhonopyForceConstants of DFT),
             drawn too (None: not drawn).
     """
-    from .io.phonopy import write_phonopy_files
+    from .io.phonopy import phonopy_writers
     from .plot import plot_dispersion, plot_identifiability
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".ase_tds-", dir=out))
-    try:
-        write_phonopy_files(model, tmp)
-        result.write_json(tmp / "fit.json")
-        data.write(tmp / "data.h5")
-        curves = {"fitted": model}
-        if start is not None:
-            curves["start"] = start
-        if reference is not None:
-            curves["reference"] = reference
-        plot_dispersion(curves, tmp / "dispersion.png", covariance=result.covariance)
-        plot_identifiability(result.combinations, tmp / "identifiability.png")
-        draw_tds_fit(model, result, data, tmp / "tds_fit.png")
-        for path in tmp.iterdir():
-            os.replace(path, out / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    curves = {"fitted": model}
+    if start is not None:
+        curves["start"] = start
+    if reference is not None:
+        curves["reference"] = reference
+    writers = dict(phonopy_writers(model), **{
+        "fit.json": result.write_json,
+        "data.h5": data.write,
+        "dispersion.png": lambda path: plot_dispersion(curves, path, covariance=result.covariance),
+        "identifiability.png": lambda path: plot_identifiability(result.combinations, path),
+        "tds_fit.png": lambda path: draw_tds_fit(model, result, data, path),
+    })
+    with atomic_paths(*(out / name for name in writers)) as partial:
+        for write, path in zip(writers.values(), partial):
+            write(path)

@@ -43,17 +43,34 @@ def write_phonopy_files(model, folder, supercell_matrix=None) -> dict[str, Path]
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    writers = phonopy_writers(model, supercell_matrix)
+    with atomic_paths(*(folder / name for name in writers)) as partial:
+        for write, path in zip(writers.values(), partial):
+            write(path)
+    return {name: folder / name for name in writers}
+
+
+def phonopy_writers(model, supercell_matrix=None) -> dict:
+    """{file name: write(path)} of the phonopy files of `write_phonopy_files`, for a caller that writes them
+    together with other files (all or nothing, `ase_tds.atomic.atomic_paths`).
+
+    Args:
+        model (ForceConstantModel): its θ (eV/Å²) at the call is written.
+        supercell_matrix (array_like | None): as for `write_phonopy_files`.
+
+    Returns:
+        {"phonopy_params.yaml" | "FORCE_CONSTANTS" | "force_constants.hdf5": a function of the path to write}.
+
+    Raises:
+        StructureError: a supercell too small for the model's cutoff.
+    """
     if supercell_matrix is None:
         supercell_matrix = diagonal_supercell_for(np.array(model.unitcell.cell[:]), model.cutoff)
     ph = model.to_phonopy(supercell_matrix)
     fc, p2s_map = ph.force_constants, ph.primitive.p2s_map
-    writers = {
-        PARAMS_FILE: lambda path: ph.save(path, settings={"force_constants": True}),
-        "FORCE_CONSTANTS": lambda path: write_FORCE_CONSTANTS(fc, filename=path, p2s_map=p2s_map),
+    return {
+        PARAMS_FILE: lambda path: ph.save(str(path), settings={"force_constants": True}),
+        "FORCE_CONSTANTS": lambda path: write_FORCE_CONSTANTS(fc, filename=str(path), p2s_map=p2s_map),
         "force_constants.hdf5": lambda path: write_force_constants_to_hdf5(
-            fc, filename=path, p2s_map=p2s_map, physical_unit="eV/angstrom^2"),
+            fc, filename=str(path), p2s_map=p2s_map, physical_unit="eV/angstrom^2"),
     }
-    with atomic_paths(*(folder / name for name in writers)) as partial:
-        for write, path in zip(writers.values(), partial):
-            write(str(path))
-    return {name: folder / name for name in writers}
