@@ -24,6 +24,7 @@ import torch
 from ase import units
 from scipy.special import zeta
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 from .chunks import map_chunks, matrix_chunk
 from .source import ForceConstantSource
@@ -535,7 +536,7 @@ class ThermalCovariance:
         """
         q = mesh_q(self.source, mesh)
         n = self.source.n_atoms
-        sums = map_chunks(lambda qc: self(qc).sum(dim=0), (q,), chunk or matrix_chunk(n, 4096))
+        sums = map_chunks(recomputed(lambda qc: self(qc).sum(dim=0)), (q,), chunk or matrix_chunk(n, 4096))
         blocks = (sum(sums) / len(q)).real.reshape(n, 3, n, 3)
         return torch.stack([blocks[k, :, k, :] for k in range(n)])
 
@@ -586,7 +587,8 @@ class ThermalCovariance:
             shift = torch.exp(-1j * (qc @ pos.T))  # (b, n): e^{−iq·r_κ}
             return cov * shift.conj()[:, :, None, None, None] * shift[:, None, None, :, None]
 
-        cov = torch.cat(map_chunks(origin_convention, (q,), chunk or matrix_chunk(n, 4096))).reshape(*grid, n, 3, n, 3)
+        blocks = map_chunks(recomputed(origin_convention), (q,), chunk or matrix_chunk(n, 4096))
+        cov = torch.cat(blocks).reshape(*grid, n, 3, n, 3)
         corr = torch.fft.fftn(cov, dim=(0, 1, 2)).real / len(q)
         index = np.stack(np.meshgrid(*[np.arange(m) for m in grid], indexing="ij"), -1).reshape(-1, 3)
         index = index - np.array(grid) * (index >= (np.array(grid) + 1) // 2)
@@ -687,6 +689,26 @@ class InverseForm(torch.autograd.Function):
         grad_dyn = -grad.to(w.dtype)[:, None, None] * (w @ w.mH) if ctx.needs_input_grad[0] else None
         grad_v = 2 * grad[:, None] * w[..., 0].real if ctx.needs_input_grad[1] else None
         return grad_dyn, grad_v, None
+
+
+def recomputed(func):
+    """`func` of a chunk of q whose backward recomputes its inside (torch.utils.checkpoint) where a gradient is
+    wanted: the graph keeps a chunk's inputs and output, not its factorisations, so a mesh of many q costs the
+    memory of one chunk (a 32-atom cell's Debye–Waller meshes 12³ + 24³ held more than 24 GB in the graph).
+
+    Args:
+        func (Callable): a function of one tensor.
+
+    Returns:
+        Callable: the same function, recomputed in the backward pass when grad mode is on.
+    """
+
+    def run(qc):
+        if not torch.is_grad_enabled():
+            return func(qc)
+        return checkpoint(func, qc, use_reentrant=False)
+
+    return run
 
 
 def reduced_grid(mesh, shift: bool = False) -> np.ndarray:

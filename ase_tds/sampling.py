@@ -346,14 +346,7 @@ class QSpaceSampler(_Sampler):
         supercell (tuple[int, int, int]): (L1, L2, L3) repetitions of the unit cell.
         temperature: K (> 0, or 0 with quantum statistics).
         statistics: "classical" (the default) or "quantum".
-        **kwargs (Any): the keyword arguments below, as for DenseSampler.
-
-    Keyword Args:
-        n_samples (int): S, the default number of samples of `intensity` (64).
-        seed (int | None): fixed noise: the same z at every call without a generator (common random numbers, a
-            deterministic function of θ); None: fresh noise from torch's global generator.
-        progress (bool): show a progress bar over the samples of `intensity` (from 16 samples on).
-        chunk (int): elements per block of the Q × atom phase sums (2²¹).
+        **kwargs (Any): n_samples, seed, progress and chunk, as for DenseSampler.
 
     Raises:
         ValueError: a supercell that is not three positive repetitions, unknown statistics, or a temperature they

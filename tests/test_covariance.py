@@ -630,3 +630,27 @@ def test_series_by_moments_and_paterson_stockmeyer_equal_plain_powers(rng, terms
     assert torch.abs(covariance.quantum_series_matrix(dyn, b, None) - plain).max() < 1e-13
     expected = torch.einsum("bi,bij,bj->b", v.to(dyn.dtype), plain, v.to(dyn.dtype)).real
     assert torch.abs(covariance.quantum_series_form(dyn, v, b, None) - expected).max() < 1e-12
+
+
+def test_chunks_recomputed_in_the_backward_give_the_one_pass_gradient():
+    """The Debye–Waller mesh and the real-space covariance run in chunks whose backward recomputes them
+    (`recomputed`, for memory); their values and θ-gradients equal one unchunked pass through C̃(q)."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from ase_tds.covariance import mesh_q
+
+    model = ForceConstantModel(bulk("Cu", "fcc", a=3.6) * (1, 1, 2), shells=2).set_from_calculator(EMT(),
+                                                                                                  progress=False)
+    covariance = ThermalCovariance(model, T_ROOM, "quantum")
+    n, q = model.n_atoms, mesh_q(model, (4, 4, 4))
+    blocks = (covariance(q).sum(0) / len(q)).real.reshape(n, 3, n, 3)  # one pass, no chunks
+    whole = torch.stack([blocks[k, :, k, :] for k in range(n)])
+    chunked = covariance.mean_square_displacement((4, 4, 4), chunk=7)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-15)
+    grads = [torch.autograd.grad(x.square().sum(), model.theta)[0] for x in (chunked, whole)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12 * float(grads[1].abs().max()))
+    one, many = (covariance.real_space((3, 3, 3), chunk=c).correlation for c in (10**6, 5))
+    torch.testing.assert_close(many, one, rtol=1e-12, atol=1e-15)
+    grads = [torch.autograd.grad(x.square().sum(), model.theta)[0] for x in (many, one)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12 * float(grads[1].abs().max()))
