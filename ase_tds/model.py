@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .basis import build_basis
 from .covariance import mesh_q
+from .source import SourceTensors
 from .structure import (
     StructureError,
     check_periodic,
@@ -51,7 +52,7 @@ def reciprocal_q(hkl, cell) -> np.ndarray:
     return 2.0 * np.pi * np.asarray(hkl, dtype=float) @ np.linalg.inv(np.asarray(cell, dtype=float)).T
 
 
-class ForceConstantModel(torch.nn.Module):
+class ForceConstantModel(SourceTensors, torch.nn.Module):
     """Symmetry-reduced harmonic force constants of a crystal, with θ the only trainable parameter.
 
     ForceConstantModel(atoms, shells=5) or ForceConstantModel(atoms, cutoff=5.8): `atoms` is any
@@ -104,16 +105,6 @@ class ForceConstantModel(torch.nn.Module):
         self.register_buffer("block_inv_sqrt_mass", torch.tensor(inv_sqrt_m, dtype=dtype))
 
     # ------------------------------------------------------------------ basic views
-    @property
-    def dtype(self) -> torch.dtype:
-        """The real dtype of θ and of every tensor the model returns (D(q): its complex counterpart)."""
-        return self.theta.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Where θ and the model's tensors live (move with `.to(device)`)."""
-        return self.theta.device
-
     @property
     def n_atoms(self) -> int:
         """Atoms in the primitive cell."""

@@ -21,10 +21,11 @@ from .model import (
     reciprocal_q,
     row_sum_bound,
 )
+from .source import SourceTensors
 from .structure import to_ase_atoms
 
 
-class PhonopyForceConstants(torch.nn.Module):
+class PhonopyForceConstants(SourceTensors, torch.nn.Module):
     """Phonopy force constants (full (N, N, 3, 3) or compact (n_p, N, 3, 3), eV/Å²) as they are.
 
     PhonopyForceConstants(source): a phonopy.Phonopy with force constants, a phonopy.load-able file,
@@ -71,16 +72,6 @@ class PhonopyForceConstants(torch.nn.Module):
         self.register_buffer("masses", torch.tensor(masses, dtype=dtype))
         self.register_buffer("block_vectors", torch.tensor(vectors[keep][slots] * filled[..., None], dtype=dtype))
         self.register_buffer("block_weighted", torch.tensor(weight[keep][slots] * filled[..., None, None], dtype=dtype))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The real dtype of every tensor this source returns (D(q): its complex counterpart)."""
-        return self.masses.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Where this source's tensors live (move with `.to(device)`)."""
-        return self.masses.device
 
     @property
     def n_atoms(self) -> int:

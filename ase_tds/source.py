@@ -14,6 +14,20 @@ import torch
 from ase import Atoms
 
 
+class SourceTensors:
+    """`dtype` and `device` of a force-constant source (a torch Module with a `masses` buffer), by name."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The real dtype of every tensor the source returns (D(q): its complex counterpart)."""
+        return self.masses.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the source's tensors live (move with `.to(device)`)."""
+        return self.masses.device
+
+
 @runtime_checkable
 class ForceConstantSource(Protocol):
     """Harmonic force constants of a crystal, as the forward models read them.
