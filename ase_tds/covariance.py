@@ -24,7 +24,6 @@ import torch
 from ase import units
 from scipy.special import zeta
 from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import checkpoint
 
 from .chunks import map_chunks, matrix_chunk
 from .source import ForceConstantSource
@@ -536,8 +535,13 @@ class ThermalCovariance:
         """
         q = mesh_q(self.source, mesh)
         n = self.source.n_atoms
-        sums = map_chunks(recomputed(lambda qc: self(qc).sum(dim=0)), (q,), chunk or matrix_chunk(n, 4096))
-        blocks = (sum(sums) / len(q)).real.reshape(n, 3, n, 3)
+        chunk = chunk or matrix_chunk(n, 4096)
+        theta = self.source.theta
+        if torch.is_grad_enabled() and theta.requires_grad:  # the chunks' graphs one at a time, in the backward
+            total = ChunkSum.apply(theta, self.source, lambda qc: self(qc).sum(dim=0).real, q, chunk)
+        else:
+            total = sum(map_chunks(lambda qc: self(qc).sum(dim=0).real, (q,), chunk))
+        blocks = (total / len(q)).reshape(n, 3, n, 3)
         return torch.stack([blocks[k, :, k, :] for k in range(n)])
 
     def converged_mean_square_displacement(self, mesh: int = 12) -> torch.Tensor:
@@ -587,8 +591,7 @@ class ThermalCovariance:
             shift = torch.exp(-1j * (qc @ pos.T))  # (b, n): e^{−iq·r_κ}
             return cov * shift.conj()[:, :, None, None, None] * shift[:, None, None, :, None]
 
-        blocks = map_chunks(recomputed(origin_convention), (q,), chunk or matrix_chunk(n, 4096))
-        cov = torch.cat(blocks).reshape(*grid, n, 3, n, 3)
+        cov = torch.cat(map_chunks(origin_convention, (q,), chunk or matrix_chunk(n, 4096))).reshape(*grid, n, 3, n, 3)
         corr = torch.fft.fftn(cov, dim=(0, 1, 2)).real / len(q)
         index = np.stack(np.meshgrid(*[np.arange(m) for m in grid], indexing="ij"), -1).reshape(-1, 3)
         index = index - np.array(grid) * (index >= (np.array(grid) + 1) // 2)
@@ -691,24 +694,46 @@ class InverseForm(torch.autograd.Function):
         return grad_dyn, grad_v, None
 
 
-def recomputed(func):
-    """`func` of a chunk of q whose backward recomputes its inside (torch.utils.checkpoint) where a gradient is
-    wanted: the graph keeps a chunk's inputs and output, not its factorisations, so a mesh of many q costs the
-    memory of one chunk (a 32-atom cell's Debye–Waller meshes 12³ + 24³ held more than 24 GB in the graph).
+class ChunkSum(torch.autograd.Function):
+    """Σ_chunks func(chunk) of a function of the source's θ, with a backward that recomputes one chunk at a time.
 
-    Args:
-        func (Callable): a function of one tensor.
-
-    Returns:
-        Callable: the same function, recomputed in the backward pass when grad mode is on.
+    The forward keeps no graph; the backward evaluates each chunk again with its graph, takes its θ-gradient and
+    frees it: memory of one chunk, whatever the number of chunks (a 32-atom cell's Debye–Waller meshes 12³ + 24³
+    held more than 24 GB in one graph). The backward evaluates with the θ the forward saw, also where that θ was
+    swapped in by torch.func.functional_call. Used as ChunkSum.apply(source.theta, source, func, q, chunk).
     """
 
-    def run(qc):
-        if not torch.is_grad_enabled():
-            return func(qc)
-        return checkpoint(func, qc, use_reentrant=False)
+    @staticmethod
+    def forward(ctx, theta, source, func, q, chunk):
+        ctx.theta, ctx.source, ctx.func, ctx.q, ctx.chunk = theta, source, func, q, chunk
+        return sum(map_chunks(func, (q,), chunk))
 
-    return run
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        def every_chunk(q):  # called with the forward's θ in the source
+            theta = ctx.source.theta
+
+            def gradient(qc):
+                (part,) = torch.autograd.grad(ctx.func(qc), theta, grad, allow_unused=True)
+                return torch.zeros_like(theta) if part is None else part
+
+            return sum(map_chunks(gradient, (q,), ctx.chunk))
+
+        with torch.enable_grad():
+            total = torch.func.functional_call(_Bound(ctx.source, every_chunk), {"source.theta": ctx.theta}, (ctx.q,))
+        return total, None, None, None, None
+
+
+class _Bound(torch.nn.Module):
+    """`func(q)` as a module holding the source, so that functional_call can bind the source's θ around it."""
+
+    def __init__(self, source, func):
+        super().__init__()
+        self.source, self.func = source, func
+
+    def forward(self, q):
+        return self.func(q)
 
 
 def reduced_grid(mesh, shift: bool = False) -> np.ndarray:

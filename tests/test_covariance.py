@@ -633,8 +633,8 @@ def test_series_by_moments_and_paterson_stockmeyer_equal_plain_powers(rng, terms
 
 
 def test_chunks_recomputed_in_the_backward_give_the_one_pass_gradient():
-    """The Debye–Waller mesh and the real-space covariance run in chunks whose backward recomputes them
-    (`recomputed`, for memory); their values and θ-gradients equal one unchunked pass through C̃(q)."""
+    """The Debye–Waller mesh runs in chunks whose backward recomputes them one at a time (`ChunkSum`, for
+    memory), the real-space covariance in chunks; their values and θ-gradients equal one unchunked pass."""
     from ase.build import bulk
     from ase.calculators.emt import EMT
 
