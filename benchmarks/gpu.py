@@ -2,8 +2,8 @@
 
 Each figure is the best of 3 wall times (after a warm-up, CUDA synchronised), float64, on the CPU and on `cuda`:
 
-- one-phonon, 10⁶ Q (quantum, Debye–Waller on): Ni (1 atom, 5 shells) and Ni31Cu (32-atom primitive cell; 10⁴ Q,
-  Debye–Waller mesh 6³: the converged default's 12³ + 24³ meshes of 96×96 matrices took 24 GB and were killed);
+- one-phonon, 10⁶ Q (quantum, Debye–Waller on): Ni (1 atom, 5 shells) and Ni31Cu (32-atom primitive cell; 10⁴ Q),
+  both at the converged default (Debye–Waller meshes 12³ + 24³);
 - gaussian (all orders) at the converged default, Ni, 10⁵ Q;
 - QSpaceSampler, quantum, one sample of 10⁶ atoms (63³ conventional Ni cells);
 - the fit's profiled χ² and its gradient at 10⁶ points (Ni, chunks of CHUNK_POINTS);
@@ -84,7 +84,7 @@ def cases(n: int):
         theta = ni.theta.detach().numpy()
         return lambda: objective.evaluate(theta)[1]
 
-    return {f"one-phonon Ni, {n} Q": one_phonon(ni, n), f"one-phonon Ni31Cu, {n // 100} Q, dw_mesh 6": one_phonon(ni31cu, n // 100, dw_mesh=6),
+    return {f"one-phonon Ni, {n} Q": one_phonon(ni, n), f"one-phonon Ni31Cu, {n // 100} Q": one_phonon(ni31cu, n // 100),
             f"gaussian Ni, {n // 10} Q": gaussian, f"QSpaceSampler quantum, {n} atoms": sampler,
             f"loss + gradient Ni, {n} points": loss_gradient}
 
