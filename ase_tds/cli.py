@@ -476,7 +476,8 @@ def _calculator(spec: str):
 def _run_simulate(args) -> int:
     from .covariance import UnstableError
     from .data import simulate
-    from .model import ForceConstantModel, reciprocal_q
+    from .model import ForceConstantModel
+    from .structure import reciprocal_q
     from .phonopy_source import PhonopyForceConstants
 
     _check_sampling_arguments(args, seed_is_sampling=False)

@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from .chunks import map_chunks, matrix_chunk
 from .source import ForceConstantSource
+from .structure import reciprocal_vectors, reduced_q
 
 KB = units.kB  # eV/K
 # ħω in eV for ω² = 1 eV/Å²/amu
@@ -289,8 +290,7 @@ def is_gamma(source, q: torch.Tensor, tol: float = 1e-8) -> torch.Tensor:
     Returns:
         True (B,) where q is a reciprocal-lattice vector.
     """
-    cell = torch.as_tensor(np.array(source.primitive.cell[:]), dtype=q.dtype, device=q.device)
-    reduced = q @ cell.T / (2 * np.pi)
+    reduced = reduced_q(q, source.primitive.cell[:])
     return (reduced - torch.round(reduced)).abs().amax(dim=-1) < tol
 
 
@@ -762,5 +762,5 @@ def mesh_q(model, mesh, shift: bool = False) -> torch.Tensor:
     Returns:
         Cartesian q (N, 3) Å⁻¹, N = n1·n2·n3, in the model's dtype and on its device.
     """
-    q = 2 * np.pi * reduced_grid(mesh, shift) @ np.linalg.inv(np.array(model.primitive.cell[:])).T
+    q = reduced_grid(mesh, shift) @ reciprocal_vectors(model.primitive.cell[:])
     return torch.as_tensor(q, dtype=model.dtype, device=model.device)

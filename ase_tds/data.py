@@ -19,7 +19,7 @@ import numpy as np
 from ase.geometry import cell_to_cellpar
 
 from .atomic import atomic_paths
-from .model import reciprocal_q
+from .structure import reciprocal_q
 
 ABSOLUTE_UNITS = "e.u./atom"
 CELL_LENGTH_RTOL = 1e-3

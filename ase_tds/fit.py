@@ -30,6 +30,7 @@ from .background import Nuisance, poisson_deviance
 from .checkpoint import Checkpoint, write_atomic
 from .covariance import UnstableError, mesh_q
 from .data import TDSData
+from .structure import reduced_q
 from .tds import GRID_FACTORS, TDSModel
 from .uncertainty import parameter_combinations
 
@@ -1046,7 +1047,7 @@ def _instability(model, mesh: int = 8) -> str:
     if freqs[k, band] > -1e-3:
         return (f"no imaginary frequency on a {mesh}×{mesh}×{mesh} mesh, so the instability lies between its points "
                 "(long waves, or a q of the sampler's supercell)")
-    hkl = q[k].cpu().numpy() @ np.array(model.unitcell.cell[:]).T / (2 * np.pi)
+    hkl = reduced_q(q[k].cpu().numpy(), model.unitcell.cell[:])
     count = int((freqs.min(axis=1) < -1e-3).sum())
     return (f"imaginary frequency {-freqs[k, band]:.3f}i THz at hkl = {np.round(hkl, 3).tolist()} (r.l.u. of the "
             f"model's cell), {count} of {len(q)} q of a {mesh}×{mesh}×{mesh} mesh imaginary")

@@ -28,6 +28,7 @@ from .structure import (
     find_primitive,
     holds_cutoff,
     pair_distances,
+    reciprocal_q,
     shortest_lattice_vector,
     to_ase_atoms,
     to_phonopy_atoms,
@@ -37,19 +38,6 @@ from .structure import (
 NEGLIGIBLE = 1e-8
 # √(eV/Å²/amu) in THz (ν = √λ · THZ_PER_SQRT_EV_A2_AMU / 2π folded in); phonopy's VaspToTHz
 THZ_PER_SQRT_EV_A2_AMU = 15.633302300230191
-
-
-def reciprocal_q(hkl, cell) -> np.ndarray:
-    """Cartesian Q (N, 3) in Å⁻¹ from hkl (N, 3) in reciprocal-lattice units of `cell` (3, 3): 2π·hkl·inv(cell)ᵀ.
-
-    Args:
-        hkl (array_like): (N, 3) r.l.u. of `cell`.
-        cell (array_like): lattice vectors (3, 3) Å as rows.
-
-    Returns:
-        Q (N, 3) Å⁻¹, Cartesian.
-    """
-    return 2.0 * np.pi * np.asarray(hkl, dtype=float) @ np.linalg.inv(np.asarray(cell, dtype=float)).T
 
 
 class ForceConstantModel(SourceTensors, torch.nn.Module):

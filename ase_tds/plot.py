@@ -8,6 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .calculator import UNSTABLE_THZ
+from .structure import reciprocal_vectors
 
 
 def dispersion_path(model, npoints: int = 200):
@@ -26,7 +27,7 @@ def dispersion_path(model, npoints: int = 200):
         labels (list[str]): their names for the ticks, e.g. "X", "K|U" (Γ as matplotlib mathtext).
     """
     path = model.primitive.cell.bandpath(npoints=npoints)
-    q = 2 * np.pi * path.kpts @ np.linalg.inv(np.array(model.primitive.cell[:])).T
+    q = path.kpts @ reciprocal_vectors(model.primitive.cell[:])
     x, special_x, names = path.get_linear_kpoint_axis()
     ticks, labels = [], []
     for t, name in zip(special_x, names):

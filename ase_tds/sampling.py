@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .covariance import ThermalCovariance, UnstableError, gamma_lift, translation_projector
 from .model import assemble_dynamical_matrix, fold_pairs, group_by_block
 from .scattering import debye_waller_exponent
-from .structure import diagonal_supercell_for
+from .structure import diagonal_supercell_for, reduced_q
 
 
 # the largest repetition `commensurate_supercell` searches
@@ -46,7 +46,7 @@ def commensurate_supercell(model, q, max_repeat: int = MAX_REPEAT) -> tuple[int,
         ValueError: some hkl are not multiples of 1/L for any L ≤ max_repeat.
     """
     cell = np.array(model.unitcell.cell[:])
-    hkl = np.asarray(q, dtype=float).reshape(-1, 3) @ cell.T / (2 * np.pi)
+    hkl = reduced_q(np.asarray(q, dtype=float).reshape(-1, 3), cell)
     least = np.diag(diagonal_supercell_for(cell, model.cutoff))
     reps = []
     for h, name in zip(hkl.T, "hkl"):
@@ -157,7 +157,7 @@ class _Sampler:
     # ------------------------------------------------------------------ the estimator
     def _hkl(self, q) -> np.ndarray:
         """hkl (B, 3) in r.l.u. of the unit cell for Cartesian Q (B, 3) Å⁻¹ (array or tensor)."""
-        return np.asarray(torch.as_tensor(q).detach().cpu(), dtype=float).reshape(-1, 3) @ self.unit_cell.T / (2 * np.pi)
+        return reduced_q(np.asarray(torch.as_tensor(q).detach().cpu(), dtype=float).reshape(-1, 3), self.unit_cell)
 
     def check_q(self, q) -> None:
         """Refuse Q (B, 3) Å⁻¹ off this supercell's reciprocal lattice (hkl·L not integer, to 1e-6).

@@ -9,11 +9,53 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import torch
 from ase import Atoms
 from ase.geometry import minkowski_reduce
 from ase.neighborlist import neighbor_list
 from phonopy.structure.atoms import PhonopyAtoms
 from phonopy.structure.cells import get_primitive, guess_primitive_matrix
+
+
+def reciprocal_vectors(cell) -> np.ndarray:
+    """The reciprocal lattice vectors b_i (3, 3) Å⁻¹ as rows, b_i·a_j = 2π δ_ij: 2π·inv(cell)ᵀ.
+
+    Args:
+        cell (array_like): lattice vectors a_i (3, 3) Å as rows.
+
+    Returns:
+        (3, 3) Å⁻¹, b_i as rows.
+    """
+    return 2.0 * np.pi * np.linalg.inv(np.asarray(cell, dtype=float)).T
+
+
+def reciprocal_q(hkl, cell) -> np.ndarray:
+    """Cartesian Q (N, 3) in Å⁻¹ from hkl (N, 3) in reciprocal-lattice units of `cell` (3, 3): 2π·hkl·inv(cell)ᵀ.
+
+    Args:
+        hkl (array_like): (N, 3) r.l.u. of `cell`.
+        cell (array_like): lattice vectors (3, 3) Å as rows.
+
+    Returns:
+        Q (N, 3) Å⁻¹, Cartesian.
+    """
+    return np.asarray(hkl, dtype=float) @ reciprocal_vectors(cell)
+
+
+def reduced_q(q, cell):
+    """hkl (N, 3) in r.l.u. of `cell` of Cartesian Q (N, 3) Å⁻¹: Q·cellᵀ/2π, the inverse of `reciprocal_q`.
+
+    Args:
+        q (array_like | torch.Tensor): Cartesian Q (N, 3) Å⁻¹; a tensor gives a tensor (same dtype and device).
+        cell (array_like): lattice vectors (3, 3) Å as rows.
+
+    Returns:
+        hkl (N, 3), r.l.u. of `cell`.
+    """
+    cell = np.asarray(cell, dtype=float)
+    if isinstance(q, torch.Tensor):
+        return q @ torch.as_tensor(cell, dtype=q.dtype, device=q.device).T / (2 * np.pi)
+    return np.asarray(q, dtype=float) @ cell.T / (2 * np.pi)
 
 
 class StructureError(ValueError):

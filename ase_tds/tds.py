@@ -28,6 +28,7 @@ from .chunks import map_chunks, matrix_chunk
 from .covariance import ThermalCovariance
 from .scattering import FormFactors, LatticeWindow, debye_waller_exponent, one_phonon_intensity
 from .source import ForceConstantSource
+from .structure import reciprocal_vectors, reduced_q
 
 METHODS = ("one-phonon", "gaussian", "sampling")
 # Grid selection (converged_grid): starting mesh spacing (Å⁻¹), the factor between candidates, the largest
@@ -211,7 +212,7 @@ class TDSModel(torch.nn.Module):
     @property
     def mesh_spacing(self) -> float:
         """The largest spacing of the grid's q mesh, Å⁻¹: |b_i| / L_i."""
-        recip = np.linalg.norm(2 * np.pi * np.linalg.inv(np.array(self.force_constants.primitive.cell[:])), axis=0)
+        recip = np.linalg.norm(reciprocal_vectors(self.force_constants.primitive.cell[:]), axis=1)
         return float(np.max(recip / np.array(self.grid)))
 
     def amplitude(self, q: torch.Tensor, msd: torch.Tensor) -> torch.Tensor:
@@ -357,9 +358,8 @@ def bragg_distance(primitive, q: torch.Tensor) -> torch.Tensor:
     Returns:
         |Q − G|, (B,) Å⁻¹.
     """
-    cell = torch.as_tensor(np.array(primitive.cell[:]), dtype=q.dtype, device=q.device)
-    recip = 2 * np.pi * torch.linalg.inv(cell).T
-    nearest = torch.round(q @ cell.T / (2 * np.pi))
+    recip = torch.as_tensor(reciprocal_vectors(primitive.cell[:]), dtype=q.dtype, device=q.device)
+    nearest = torch.round(reduced_q(q, primitive.cell[:]))
     offsets = torch.as_tensor(np.array(np.meshgrid(*3 * [[-1, 0, 1]], indexing="ij")).reshape(3, -1).T,
                               dtype=q.dtype, device=q.device)
     g = (nearest[:, None, :] + offsets[None]) @ recip
@@ -380,8 +380,7 @@ def probe_q(primitive, q_max: float, count: int = 192, seed: int = 0) -> np.ndar
         Cartesian Q (count, 3) Å⁻¹.
     """
     rng = np.random.default_rng(seed)
-    recip = 2 * np.pi * np.linalg.inv(np.array(primitive.cell[:])).T
-    far = 0.25 * np.linalg.norm(recip, axis=1).min()
+    far = 0.25 * np.linalg.norm(reciprocal_vectors(primitive.cell[:]), axis=1).min()
     out = np.zeros((0, 3))
     while len(out) < count:
         x = rng.normal(size=(4 * count, 3))
@@ -408,7 +407,7 @@ def converged_grid(tds: TDSModel, q_max: float = Q_MAX) -> tuple[int, int, int]:
         UnstableError: the force constants are not dynamically stable.
     """
     fc = tds.force_constants
-    recip = np.linalg.norm(2 * np.pi * np.linalg.inv(np.array(fc.primitive.cell[:])), axis=0)
+    recip = np.linalg.norm(reciprocal_vectors(fc.primitive.cell[:]), axis=1)
     q = torch.as_tensor(probe_q(fc.primitive, q_max), dtype=fc.dtype, device=fc.device)
     spacing = START_SPACING
     while True:
