@@ -319,10 +319,10 @@ class _Cliff:
 def test_lbfgs_keeps_the_best_theta_and_reports_a_stall():
     """L-BFGS towards a minimum past an unstable region: the returned θ is the lowest loss seen (not the start),
     and the status says it stalled, not converged."""
-    from ase_tds.fit import _lbfgs
+    from ase_tds.fit import _lbfgs, _Run
 
-    history = [4.0]
-    theta, iterations, status = _lbfgs(_Cliff(), np.array([0.0]), np.eye(1), 0, 50, 1e-9, 1e-6, False, history, None)
+    run = _Run(whiten=np.eye(1), done=0, history=[4.0], saver=None, progress=False)
+    theta, iterations, status = _lbfgs(_Cliff(), np.array([0.0]), Optimizer(max_iter=50), run)
     assert 0.0 < theta[0] <= 1.0 and (theta[0] - 2) ** 2 < 4.0
     assert status["converged"] is False and "stalled" in status["reason"], status
 
