@@ -187,13 +187,28 @@ class Nuisance:
             if self.scale_mode == "free":
                 beta[0] = counts.sum() / (exposure * intensity).sum()
         value = _poisson_deviance(counts, exposure * (fixed + x @ beta))
-        for _ in range(max_steps):
+
+        def newton(beta):
+            """(step, decrement) of Newton's method at β."""
             m = fixed + x @ beta
             grad = 2 * x.T @ (exposure - counts / m)
             hess = 2 * (x * (counts / m**2)[:, None]).T @ x
             hess = hess + 1e-12 * torch.diagonal(hess).abs().max().clamp(min=1e-300) * torch.eye(len(beta), dtype=x.dtype)
             step = torch.linalg.solve(hess, grad)
-            decrement = float(grad @ step)
+            return step, float(grad @ step)
+
+        for _ in range(max_steps):
+            step, decrement = newton(beta)
+            if decrement < 1e-8 * max(abs(float(value)), 1.0):
+                # Newton's quadratic region: full steps, unguarded (here the deviance changes by less than its own
+                # rounding, so the line search would stop short at random and leave β off by ~1e-10)
+                for _ in range(3):
+                    trial = beta - step
+                    if not torch.all(fixed + x @ trial > 0):
+                        break
+                    beta = trial
+                    step, decrement = newton(beta)
+                break
             t = 1.0
             while t > 1e-10:
                 trial = beta - t * step
