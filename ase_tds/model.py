@@ -18,7 +18,7 @@ from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
 from .basis import build_basis
-from .covariance import mesh_q
+from .covariance import HBAR_OMEGA_UNIT, KB, mesh_q
 from .source import SourceTensors
 from .structure import (
     StructureError,
@@ -432,8 +432,6 @@ class ForceConstantModel(SourceTensors, torch.nn.Module):
             ValueError: a Debye temperature that is not positive.
             StructureError: springs within the cutoff leave the crystal unstable.
         """
-        from ase import units
-
         if not (np.isfinite(debye_temperature) and debye_temperature > 0):
             raise ValueError(f"debye_temperature must be a positive temperature in K, got {debye_temperature!r}")
         vectors = self.basis.vectors
@@ -456,8 +454,8 @@ class ForceConstantModel(SourceTensors, torch.nn.Module):
                                  "calculator or a phonopy file")
         with torch.no_grad():
             omega2 = torch.linalg.eigvalsh(self.dynamical_matrix(q)).clamp(min=0).mean().item()  # eV/Å²/amu
-        hbar_omega_debye = units._hbar * np.sqrt(5 / 3 * omega2 * units._e / (1e-20 * units._amu)) / units._e
-        scale = (units.kB * debye_temperature / hbar_omega_debye) ** 2
+        hbar_omega_debye = HBAR_OMEGA_UNIT * np.sqrt(5 / 3 * omega2)
+        scale = (KB * debye_temperature / hbar_omega_debye) ** 2
         return self.set_parameters(self.theta.detach().cpu().numpy() * scale)
 
     def set_from_calculator(self, calc, supercell_matrix=None, displacement: float = 0.01,

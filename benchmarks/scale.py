@@ -167,7 +167,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker[0], int(args.worker[1]))
-    sizes = {"Ni": (10**4, 10**5, 10**6), "MgB2": (10**4, 10**5)}  # MgB₂ at 10⁶: ~20 min per evaluation here
+    sizes = {"Ni": (10**4, 10**5, 10**6), "MgB2": (10**4, 10**5)}  # MgB₂ at 10⁶: ~15 min per evaluation here
     if args.quick:
         sizes = {name: (10**4,) for name in sizes}
     records = {"machine": machine()}
