@@ -42,7 +42,7 @@ def reciprocal_q(hkl, cell) -> np.ndarray:
     return np.asarray(hkl, dtype=float) @ reciprocal_vectors(cell)
 
 
-def reduced_q(q, cell):
+def reduced_q(q, cell) -> np.ndarray | torch.Tensor:
     """hkl (N, 3) in r.l.u. of `cell` of Cartesian Q (N, 3) Å⁻¹: Q·cellᵀ/2π, the inverse of `reciprocal_q`.
 
     Args:
