@@ -221,8 +221,6 @@ class Nuisance:
             else:
                 break
             beta, value = trial, new
-            if decrement < 1e-12 * max(abs(float(value)), 1.0):
-                break
         return beta
 
 

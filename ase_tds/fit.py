@@ -168,8 +168,8 @@ class FitResult:
 
         Args:
             saved: the dictionary (fit.json's content).
-            symbols (list[str] | None): the chemical symbols of the model's primitive cell, needed to rebuild the Compton shape of a
-                compton=True fit.
+            symbols (list[str] | None): the chemical symbols of the model's primitive cell, needed to rebuild the
+                Compton shape of a compton=True fit.
 
         Returns:
             FitResult.
@@ -418,12 +418,13 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
         scale: "free" | "fixed" (needs absolute data, units "e.u./atom") | None (fixed for absolute data, free
             otherwise).
         background: "free" (a constant) | "none".
-        compton (bool | Callable): False | True (Hubbell's incoherent scattering of the crystal's atoms, `ComptonShape`, with a free
-            amplitude) | callable(|Q| Å⁻¹ ndarray) → e.u./atom (e.g. `ComptonShape(symbols, energy_kev=20)`).
+        compton (bool | Callable): False | True (Hubbell's incoherent scattering of the crystal's atoms,
+            `ComptonShape`, with a free amplitude) | callable(|Q| Å⁻¹ ndarray) → e.u./atom (e.g.
+            `ComptonShape(symbols, energy_kev=20)`).
         loss: "chi2" | "poisson". The Poisson deviance needs the counts n = t·I_obs.
-        exposure (float | array_like | None): t (counts per unit of intensity, scalar or (N,)) for loss="poisson"; None infers t = I_obs/σ²
-            per point, exact when σ is pure counting error √n/t (as `add_poisson_noise` writes), and t = 1/σ where
-            I_obs = 0 (its σ = 1 count convention).
+        exposure (float | array_like | None): t (counts per unit of intensity, scalar or (N,)) for
+            loss="poisson"; None infers t = I_obs/σ² per point, exact when σ is pure counting error √n/t (as
+            `add_poisson_noise` writes), and t = 1/σ where I_obs = 0 (its σ = 1 count convention).
         optimizer (Optimizer | str | None): an `Optimizer` (method, max_iter, rtol, gtol, learning_rate), its
             method alone ("lbfgs" | "adam"), or None (L-BFGS, Adam for "sampling"; 200 iterations).
         prior_sigma: eV/Å², a ridge towards the start θ₀: Σ_k ((θ_k − θ₀_k)/prior_sigma)² is added to the loss
