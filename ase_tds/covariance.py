@@ -535,12 +535,9 @@ class ThermalCovariance:
         """
         q = mesh_q(self.source, mesh)
         n = self.source.n_atoms
-        chunk = chunk or matrix_chunk(n, 4096)
-        theta = self.source.theta
-        if torch.is_grad_enabled() and theta.requires_grad:  # the chunks' graphs one at a time, in the backward
-            total = ChunkSum.apply(theta, self.source, lambda qc: self(qc).sum(dim=0).real, q, chunk)
-        else:
-            total = sum(map_chunks(lambda qc: self(qc).sum(dim=0).real, (q,), chunk))
+        # no graph in the forward; the backward (if θ needs one) recomputes the chunks' graphs one at a time
+        total = ChunkSum.apply(self.source.theta, self.source, lambda qc: self(qc).sum(dim=0).real, q,
+                               chunk or matrix_chunk(n, 4096))
         blocks = (total / len(q)).reshape(n, 3, n, 3)
         return torch.stack([blocks[k, :, k, :] for k in range(n)])
 
