@@ -27,3 +27,15 @@ def atomic_paths(*paths):
         for tmp in partial:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def write_files(folder, writers: dict) -> None:
+    """Write {file name: write(path)} into `folder` as one set, all or nothing (`atomic_paths`).
+
+    Args:
+        folder (str | Path): the existing folder the files go into.
+        writers: for each file name, a function that writes that file at the path it is given.
+    """
+    with atomic_paths(*(Path(folder) / name for name in writers)) as partial:
+        for write, path in zip(writers.values(), partial):
+            write(path)

@@ -583,7 +583,7 @@ def _run_plot(args) -> int:
     from .fit import FitResult
     from .model import ForceConstantModel
     from .phonopy_source import PhonopyForceConstants
-    from .atomic import atomic_paths
+    from .atomic import write_files
     from .plot import plot_dispersion, plot_identifiability
     from .report import draw_tds_fit
 
@@ -615,9 +615,7 @@ def _run_plot(args) -> int:
         if result.combinations:
             drawings["identifiability.png"] = lambda path: plot_identifiability(result.combinations, path)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_paths(*(out / name for name in drawings)) as partial:  # all drawn, or none written
-        for draw, path in zip(drawings.values(), partial):
-            draw(path)
+    write_files(out, drawings)  # all drawn, or none written
     for name in drawings:
         print(f"wrote {out / name}")
     return 0

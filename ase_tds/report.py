@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_paths
+from .atomic import write_files
 
 # tds_fit.png draws at most this many points
 DRAWN_POINTS = 20000
@@ -78,7 +78,7 @@ def write_fit_folder(folder, model, result, data, start=None, reference=None) ->
     """Write every output of a fit into `folder` (created if needed): phonopy_params.yaml, FORCE_CONSTANTS and
     force_constants.hdf5, fit.json, data.h5, dispersion.png (with its ±1σ band), identifiability.png, tds_fit.png.
 
-    All or nothing (`ase_tds.atomic.atomic_paths`): every file is written under a temporary name and renamed once
+    All or nothing (`ase_tds.atomic.write_files`): every file is written under a temporary name and renamed once
     all are complete; an error leaves the folder's files as they were.
 
     Args:
@@ -108,6 +108,4 @@ def write_fit_folder(folder, model, result, data, start=None, reference=None) ->
         "identifiability.png": lambda path: plot_identifiability(result.combinations, path),
         "tds_fit.png": lambda path: draw_tds_fit(model, result, data, path),
     })
-    with atomic_paths(*(out / name for name in writers)) as partial:
-        for write, path in zip(writers.values(), partial):
-            write(path)
+    write_files(out, writers)

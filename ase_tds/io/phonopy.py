@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from phonopy.file_IO import write_force_constants_to_hdf5, write_FORCE_CONSTANTS
 
-from ..atomic import atomic_paths
+from ..atomic import write_files
 from ..model import load_phonopy as read_force_constants  # noqa: F401  (the one loader, re-exported)
 from ..structure import diagonal_supercell_for
 
@@ -44,15 +44,13 @@ def write_phonopy_files(model, folder, supercell_matrix=None) -> dict[str, Path]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     writers = phonopy_writers(model, supercell_matrix)
-    with atomic_paths(*(folder / name for name in writers)) as partial:
-        for write, path in zip(writers.values(), partial):
-            write(path)
+    write_files(folder, writers)
     return {name: folder / name for name in writers}
 
 
 def phonopy_writers(model, supercell_matrix=None) -> dict:
     """{file name: write(path)} of the phonopy files of `write_phonopy_files`, for a caller that writes them
-    together with other files (all or nothing, `ase_tds.atomic.atomic_paths`).
+    together with other files (all or nothing, `ase_tds.atomic.write_files`).
 
     Args:
         model (ForceConstantModel): its θ (eV/Å²) at the call is written.
