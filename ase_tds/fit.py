@@ -116,8 +116,9 @@ class FitResult:
         deviance: the Poisson deviance (loss "poisson" only).
         compton_shape: c(|Q|) of the Compton term (None when not fitted).
         model_error: the gaussian model's own error estimate |I(grid) − I(1.5 × grid)| at the fitted θ (median and
-            largest relative, largest in units of σ, the share of points above σ/5) and `at_start`, where it was
-            added to the variance of every point (see `fit`).
+            largest relative, largest in units of σ, the share of points above σ/5, and the largest share of a
+            θ_k's variance that twice this error, propagated to θ, makes up) and `at_start`, where it chose the
+            points' crystals and was added to their weights (see `fit`).
         status: how the optimiser ended, {"converged": bool, "reason": text} (a criterion met, the iteration
             limit, or a stall); θ is the lowest loss it evaluated.
         combinations: the eigen-combinations of θ that the data alone determine, least determined first
@@ -438,9 +439,11 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
             model chooses its grid for the data's largest |Q| (`converged_grid`) and estimates its own error on
             every point (`TDSModel.discretisation_error`); a point where it exceeds a fifth of σ moves to a larger
             crystal (at most twice), and what remains is added to the variance of every point (a warning says so;
-            `FitResult.model_error` records it). For "sampling" give a sampler with a seed (common random numbers
-            make the loss a smooth function of θ), and many samples rather than many points: points with one q of
-            the supercell share its sampled modes (a warning says 1σ takes the points' errors as independent).
+            `FitResult.model_error` records it). The 1σ carry twice the error at the fitted θ as one error shared
+            by all points (the shift it gives θ), which more points do not average away. For "sampling" give a
+            sampler with a seed (common random numbers make the loss a smooth function of θ), and many samples
+            rather than many points: points with one q of the supercell share its sampled modes (a warning says 1σ
+            takes the points' errors as independent).
         progress: progress bars (tqdm) for the iterations and, for large data, the chunks of each evaluation.
         max_iter: deprecated: `Optimizer(max_iter=...)`.
         rtol: deprecated: `Optimizer(rtol=...)`.
@@ -620,6 +623,9 @@ def _unstable_start(model, theta, original, err, where: str) -> UnstableError:
 
 # the forward model's own error is kept below this fraction of the data's σ
 MODEL_ERROR_FRACTION = 0.2
+# the true discretisation error is within this many times the estimate |I(grid) − I(1.5 × grid)|
+# (benchmarks/convergence.py: on every point checked, four crystals against 32³ references)
+MODEL_ERROR_COVERAGE = 2.0
 
 
 def _control_model_error(objective) -> dict:
@@ -901,9 +907,11 @@ def _whitening(objective, theta: np.ndarray, n_points: int = 256) -> np.ndarray:
 def _result(model, tds, objective, theta, iterations, history, settings, compton, model_error, status) -> FitResult:
     """Final evaluation; Gauss–Newton covariance from a central-difference Jacobian of I(Q; θ) and the nuisance.
 
-    Covariance as a sandwich (JᵀWJ)⁻¹ JᵀWVWJ (JᵀWJ)⁻¹, W the fit's weights and V the variance of the residuals:
-    the data's, plus for "sampling" the fixed-seed estimate's Monte-Carlo variance (s·stderr)² (also in χ²).
-    Where W = V⁻¹ this is (JᵀWJ)⁻¹.
+    Covariance as a sandwich (JᵀWJ)⁻¹ (JᵀWVWJ + ggᵀ) (JᵀWJ)⁻¹, W the fit's weights and V the variance of the
+    residuals: the data's, plus for "sampling" the fixed-seed estimate's Monte-Carlo variance (s·stderr)² (also in
+    χ²). g = JᵀW·e carries the gaussian model's own error e = 2·s·(I(grid) − I(1.5 × grid)), one error shared by
+    all points (θ moves by (JᵀWJ)⁻¹g), which no number of points averages away. Where W = V⁻¹ and e = 0 this is
+    (JᵀWJ)⁻¹.
     """
     fc, nuisance = model, objective.nuisance
     with torch.no_grad():
@@ -927,7 +935,14 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
         jac = torch.cat([values["scale"] * _jacobian(objective, theta), nuisance.design(intensity)[1]], dim=1)
         weighted = jac / fit_variance[:, None]
         normal = distributed.total((jac.T @ weighted).cpu().numpy())
-        middle = distributed.total((weighted.T @ (weighted * variance[:, None])).cpu().numpy())
+        # the model's own error does not scatter from point to point: it enters once, as the shift it gives θ
+        scatter = variance if objective.loss == "poisson" else variance - objective.model_variance
+        middle = distributed.total((weighted.T @ (weighted * scatter[:, None])).cpu().numpy())
+        systematic = np.zeros(len(normal))
+        if tds.method == "gaussian":
+            shift = tds.discretisation_error(objective.q, objective.levels, signed=True)  # at the fitted θ
+            error = MODEL_ERROR_COVERAGE * values["scale"] * shift  # data units
+            systematic = distributed.total((weighted.T @ error).cpu().numpy())  # JᵀW·error: θ moves by N⁻¹ of it
     n_free = jac.shape[1]
     n_points = objective.n_total
     n = fc.n_params
@@ -936,7 +951,9 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
         precision = np.zeros(n_free)
         precision[:n] = 1.0 / objective.prior[1] ** 2
         normal, middle = normal + np.diag(precision), middle + np.diag(precision)
-    cov = _sandwich(normal, middle)[:n, :n]
+    statistical = _sandwich(normal, middle)[:n, :n]
+    cov = _sandwich(normal, middle + np.outer(systematic, systematic))[:n, :n]
+    share = 1.0 - np.diag(statistical) / np.where(np.diag(cov) > 0, np.diag(cov), 1.0)  # of each θ_k's variance
     misfit = _misfit(chi2, max(n_points - n_free, 1))
     if misfit:  # the residuals say the data's σ (and so 1σ) are too small: scale by χ²_red (Birge)
         cov = cov * chi2 / max(n_points - n_free, 1)
@@ -952,8 +969,9 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
                          "treats as independent, so 1σ can understate the error of θ: many points per q need many "
                          "samples")
     if tds.method == "gaussian":  # the model's own error at the fitted θ, for the record
-        final = _model_error_record(tds.discretisation_error(objective.q, objective.levels), intensity,
-                                    1.0 / torch.sqrt(objective.data_w) / abs(values["scale"]))
+        final = _model_error_record(torch.abs(shift), intensity, 1.0 / torch.sqrt(objective.data_w)
+                                    / abs(values["scale"]))
+        final["largest_share_of_variance"] = float(np.clip(share, 0.0, 1.0).max())
         model_error = dict(model_error, at_start=dict(model_error), **final)
         model_error["at_start"].pop("estimate", None)
     for note in notes:

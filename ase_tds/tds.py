@@ -303,7 +303,7 @@ class TDSModel(torch.nn.Module):
         return self(self.force_constants.q_from_hkl(np.asarray(hkl, dtype=float), cell))
 
     @torch.no_grad()
-    def discretisation_error(self, q, levels=None) -> torch.Tensor:
+    def discretisation_error(self, q, levels=None, signed: bool = False) -> torch.Tensor:
         """Estimated error (B,) e.u./atom of I(Q) from the finite grid: |I − I'| with I' from grids 1.5× larger
         at the same `levels` (zero for the one-phonon model, whose Debye–Waller mesh is extrapolated, and for
         sampling).
@@ -312,9 +312,10 @@ class TDSModel(torch.nn.Module):
             q (array_like | torch.Tensor): Cartesian Q (B, 3) Å⁻¹ (reshaped to (-1, 3)).
             levels (array_like | torch.Tensor | None): (B,) the crystal each Q uses, as in `forward`; None:
                 `levels(q)`.
+            signed: give I − I' itself (its sign says which way the model errs; `fit` propagates it to θ).
 
         Returns:
-            |I − I'|, (B,) e.u. per atom.
+            |I − I'| (or I − I'), (B,) e.u. per atom.
         """
         fc = self.force_constants
         q = torch.as_tensor(q, dtype=fc.dtype, device=fc.device).reshape(-1, 3)
@@ -322,7 +323,8 @@ class TDSModel(torch.nn.Module):
             return torch.zeros(len(q), dtype=q.dtype, device=q.device)
         levels = self.levels(q) if levels is None else levels
         finer = self.with_grid(tuple(int(np.ceil(1.5 * x)) for x in self.grid))
-        return torch.abs(self(q, levels) - finer(q, levels))
+        difference = self(q, levels) - finer(q, levels)
+        return difference if signed else torch.abs(difference)
 
     def with_grid(self, grid) -> TDSModel:
         """This model with another grid (same force constants, temperature, statistics and options).

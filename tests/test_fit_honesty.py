@@ -91,3 +91,19 @@ def test_arbitrary_units_with_a_background_are_honest(truth, converged_data):
     noise_free, result = _fits(truth, arbitrary, noisy)
     assert result.settings["scale"] == "free"
     _check(noise_free, result, truth, "arbitrary units, scale and background free")
+
+
+def test_the_model_error_shared_by_all_points_is_in_the_error_bars(truth, converged_data):
+    """A crystal of 5³ cells, kept for every point (refine=False), on noise-free intensities with σ = 0.01 %: the
+    model's own error is then larger than σ, and being one error shared by all points, it shifts θ by more than
+    noise of that σ would. The 1σ must cover θ − θ_true (taken as independent per-point variance, as before
+    this test, it left a pull of 5.1), and `model_error` must say that model error makes up most of it."""
+    data = dataclasses.replace(converged_data, sigma=1e-4 * converged_data.intensity)
+    with pytest.warns(UserWarning, match="own error exceeds a fifth of σ"):
+        result = fit(_start(truth), data, background="none", progress=False,
+                     tds_options=dict(grid=(5, 5, 5), refine=False))
+    pulls = _pulls(result, truth)
+    print(f"grid 5³, σ 0.01 %: largest |pull| {np.abs(pulls).max():.2f}, χ²_red {result.chi2_red:.2f}, "
+          f"model error's share of the variance {result.model_error['largest_share_of_variance']:.2f}")
+    assert np.abs(pulls).max() <= 3, dict(zip(truth.labels, np.round(pulls, 2)))
+    assert result.model_error["largest_share_of_variance"] > 0.5
