@@ -142,11 +142,16 @@ def volume(quick: bool) -> dict:
     atoms.write(folder / "Ni.cif")
     out = {"voxels": len(grid), "simulation": {"grid": list(reference.grid), "default_grid": list(default.grid)}}
     command = ["/usr/bin/time", "-f", "%M %e", sys.executable, "-m", "ase_tds", "fit", str(folder / "Ni.cif"),
-               str(path), "--start", "springs", "--out", str(folder / "fit")]
-    done = subprocess.run(command, capture_output=True, text=True)
+               str(path), "--start", "springs", "--out", str(folder / "fit"),
+               "--checkpoint", str(folder / "fit.ckpt")]  # run this command again to resume an interrupted fit
+    log = folder / "fit.log"  # the command's own progress, to follow with `tail -f` during the hours it runs
+    print(f"  fitting: {' '.join(command)} (log: {log})", flush=True)
+    with open(log, "w") as stream:
+        done = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, text=True)
+    lines = log.read_text().strip().splitlines()
     if not (folder / "fit" / "fit.json").exists():
-        raise RuntimeError(done.stderr[-3000:])
-    peak_kib, wall = (float(x) for x in done.stderr.strip().splitlines()[-1].split())
+        raise RuntimeError("\n".join(lines[-40:]))
+    peak_kib, wall = (float(x) for x in lines[-1].split())
     record = json.loads((folder / "fit" / "fit.json").read_text())
     theta = np.array([p["value"] for p in record["parameters"]])
     sigma_theta = np.array([p["sigma"] for p in record["parameters"]])
@@ -170,13 +175,16 @@ def main() -> None:
     sizes = {"Ni": (10**4, 10**5, 10**6), "MgB2": (10**4, 10**5)}  # MgB₂ at 10⁶: ~15 min per evaluation here
     if args.quick:
         sizes = {name: (10**4,) for name in sizes}
-    records = {"machine": machine()}
+    name = "scale_quick.json" if args.quick else "scale.json"
+    earlier = HERE / "results" / name  # a part not run this time keeps its earlier record
+    records = json.loads(earlier.read_text()) if earlier.exists() else {}
+    records["machine"] = machine()
     if "throughput" in args.parts:
         records["throughput"] = [run_worker(name, n, ranks) for name in sizes for n in sizes[name]
                                  for ranks in (1, 2)]
     if "volume" in args.parts:
         records["volume"] = volume(args.quick)
-    write_json("scale_quick.json" if args.quick else "scale.json", records)
+    write_json(name, records)
 
 
 if __name__ == "__main__":
