@@ -153,6 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--reference", help="phonopy file drawn (as it is) in dispersion.png for comparison")
     fit.add_argument("--bragg-radius", type=float, default=0.1, help="r.l.u. masked around Bragg peaks")
     fit.add_argument("--max-iter", type=int, default=200, help="iterations of the optimiser (default: %(default)s)")
+    fit.add_argument("--first-fit-points", type=int, default=100_000, metavar="N",
+                     help="data of more than 2N points are first fitted on a random subset of N, then on all of "
+                          "them from there (the result is the fit of all the points); 0: all points from the start "
+                          "(default: %(default)s)")
     fit.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     _add_accuracy_argument(fit)
     _add_sampling_arguments(fit, "the structure's cell",
@@ -417,10 +421,10 @@ def _fit_command(args) -> int:
     model = copy.deepcopy(start)
     model.to(_device(args.device))
     options = {"sampler": _sampler(model, **sampling)} if args.model == "sampling" else _accuracy_options(args)
+    optimizer = Optimizer(args.optimizer, max_iter=args.max_iter, first_fit_points=args.first_fit_points or None)
     result = fit(model, data, temperature=temperature, method=args.model, statistics=args.statistics,
                  scale=args.scale, background=args.background, compton=args.compton, loss=args.loss,
-                 checkpoint=checkpoint, tds_options=options, optimizer=Optimizer(args.optimizer, max_iter=args.max_iter),
-                 prior_sigma=args.prior_sigma)
+                 checkpoint=checkpoint, tds_options=options, optimizer=optimizer, prior_sigma=args.prior_sigma)
     model.cpu()
     print(result.table())
     if distributed.is_main():

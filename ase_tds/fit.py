@@ -19,6 +19,7 @@ import platform
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,9 +54,14 @@ class Optimizer:
         gtol: L-BFGS stops when the projected (whitened) gradient falls below it.
         learning_rate: Adam's first step in whitened units (≈ standard deviations); None = a quarter of the first
             gradient's rms. Adam stops when its step or gradient falls below 1e-3 standard deviations.
+        first_fit_points: data of more than twice this many points are first fitted on a random subset of this
+            many (the same subset every time), and then, from there, on all of them: the long way from a poor
+            start costs evaluations of the subset, and only the last few iterations cost evaluations of all the
+            points. The result is the fit of all the points either way. None: all the points from the start.
+            Not for the sampling model (its points share sampled modes per q).
 
     Raises:
-        ValueError: an unknown method or a negative max_iter.
+        ValueError: an unknown method, a negative max_iter or first_fit_points below 1.
     """
 
     method: str | None = None
@@ -63,6 +69,7 @@ class Optimizer:
     rtol: float = 1e-9
     gtol: float = 1e-6
     learning_rate: float | None = None
+    first_fit_points: int | None = 100_000
 
     def __post_init__(self):
         if self.method not in (None, *OPTIMIZERS):
@@ -70,6 +77,10 @@ class Optimizer:
                              f"{self.method!r}")
         if int(self.max_iter) != self.max_iter or self.max_iter < 0:
             raise ValueError(f"max_iter must be a whole number of iterations ≥ 0, got {self.max_iter!r}")
+        if self.first_fit_points is not None and (int(self.first_fit_points) != self.first_fit_points
+                                                  or self.first_fit_points < 1):
+            raise ValueError(f"first_fit_points must be a whole number of points ≥ 1, or None (no first fit on a "
+                             f"subset), got {self.first_fit_points!r}")
 
     def for_method(self, method: str) -> Optimizer:
         """These settings with `method` resolved for the forward model `method` (Adam for "sampling")."""
@@ -79,14 +90,15 @@ class Optimizer:
 @dataclass
 class _Run:
     """What both optimisers carry between iterations: the whitening R (n, n), the iterations already done (a
-    resumed checkpoint's), the loss history (appended to), the checkpoint writer (or None), and the progress bar's
-    switch."""
+    resumed checkpoint's), the loss history (appended to), the checkpoint writer (or None), the progress bar's
+    switch and its label."""
 
     whiten: np.ndarray
     done: int
     history: list
     saver: Checkpoint | None
     progress: bool
+    label: str = "fit"
 
 
 @dataclass
@@ -483,18 +495,19 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
     options = dict(tds_options or {})
     options.setdefault("q_max", float(data.q_norm[np.asarray(data.mask, dtype=bool)].max()))
     original = model.theta.detach().cpu().numpy().copy()
-    try:  # the gaussian model chooses its grid at the start θ, and estimates its error there
-        tds = TDSModel(model, temperature, method=method, statistics=statistics, **options)
-        objective = _Objective(tds, data, scale, background, loss, compton, exposure)
-        n_free = model.n_params + objective.nuisance.n_free
-        if objective.n_total <= n_free:
-            raise ValueError(f"only {objective.n_total} data points are used for {model.n_params} parameters "
-                             f"(+ {objective.nuisance.n_free} nuisance); widen the mask or use fewer shells")
-        model_error = _control_model_error(objective)
-    except UnstableError as err:
-        raise _unstable_start(model, original, original, err, "") from err
+
+    def loss_of(points: TDSData, exposure_of_points) -> tuple[_Objective, dict]:
+        objective, model_error = _objective(model, points, temperature, method, statistics, options, scale,
+                                            background, loss, compton, exposure_of_points, progress)
+        if prior_sigma is not None:  # centred on the user's start, in the first fit too
+            objective.prior = (original.copy(), float(prior_sigma))
+        return objective, model_error
+
+    resuming = checkpoint is not None and Path(checkpoint).is_file()
+    first_fit = None if resuming or method == "sampling" else _first_fit(model, data, exposure, optimizer, loss_of,
+                                                                          progress)
+    objective, model_error = loss_of(data, exposure)
     tds = objective.tds
-    objective.progress = progress and len(objective.chunks) >= 5  # an evaluation of ≥ 10⁵ points takes seconds
     if method == "sampling" and tds.sampler.seed is None:
         warnings.warn("the sampler has no seed: every evaluation draws new displacements, so the loss is noisy and "
                       "Adam anneals on that noise; give it a seed (common random numbers) for a smooth loss",
@@ -511,9 +524,9 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
     state = saver.load() if saver is not None else None
     if state and progress:
         tqdm.write(f"resuming from iteration {state['iterations']} of {checkpoint}")
-    start = state["theta"] if state else original
-    if prior_sigma is not None:
-        objective.prior = (original.copy(), float(prior_sigma))
+    if first_fit is not None:  # for the record, not for the checkpoint (a resumed fit skips the first fit)
+        settings = dict(settings, first_fit=first_fit)
+    start = state["theta"] if state else model.theta.detach().cpu().numpy().copy()  # the first fit's θ, if any
     try:
         if method == "sampling" and loss == "chi2":
             at = state.get("monte_carlo_theta") if state else None
@@ -529,14 +542,59 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
         whiten = state["whitening"] if state and state.get("whitening") is not None else _whitening(objective, start)
     run = _Run(whiten=whiten, done=state["iterations"] if state else 0,
                history=state["history"] if state and state["history"] else [value0], saver=saver, progress=progress)
-    if optimizer.method == "adam":
-        theta, iterations, status = _adam(objective, start, optimizer, run, state.get("adam") if state else None)
-    else:
-        theta, iterations, status = _lbfgs(objective, start, optimizer, run,
-                                           rewhiten=lambda theta: _rewhiten(objective, theta))
+    theta, iterations, status = _minimise(objective, start, optimizer, run, state.get("adam") if state else None)
     history = run.history
     with _fixed_noise(tds):
         return _result(model, tds, objective, theta, iterations, history, settings, compton, model_error, status)
+
+
+def _objective(model, data: TDSData, temperature, method, statistics, options, scale, background, loss, compton,
+               exposure, progress) -> tuple[_Objective, dict]:
+    """The fit's loss on `data` at the model's current θ, where the gaussian model chooses its grid and estimates
+    its own error (`_control_model_error`, whose record comes second)."""
+    here = model.theta.detach().cpu().numpy().copy()
+    try:
+        tds = TDSModel(model, temperature, method=method, statistics=statistics, **options)
+        objective = _Objective(tds, data, scale, background, loss, compton, exposure)
+        n_free = model.n_params + objective.nuisance.n_free
+        if objective.n_total <= n_free:
+            raise ValueError(f"only {objective.n_total} data points are used for {model.n_params} parameters "
+                             f"(+ {objective.nuisance.n_free} nuisance); widen the mask or use fewer shells")
+        model_error = _control_model_error(objective)
+    except UnstableError as err:
+        raise _unstable_start(model, here, here, err, "") from err
+    objective.progress = progress and len(objective.chunks) >= 5  # an evaluation of ≥ 10⁵ points takes seconds
+    return objective, model_error
+
+
+def _first_fit(model, data: TDSData, exposure, optimizer: Optimizer, loss_of, progress: bool) -> dict | None:
+    """Fit a random subset of `optimizer.first_fit_points` of the used points (the same on every rank and run)
+    when there are more than twice as many; `model.theta` ends at its minimum. `loss_of(data, exposure)` builds
+    the loss. Returns {points, iterations, status} of the first fit, or None when there is none."""
+    used = np.flatnonzero(np.asarray(data.mask, dtype=bool))
+    n = optimizer.first_fit_points
+    if n is None or len(used) <= 2 * n:
+        return None
+    chosen = np.sort(np.random.default_rng(0).choice(used, n, replace=False))
+    if exposure is not None and np.ndim(exposure):
+        exposure = np.asarray(exposure)[chosen]
+    with warnings.catch_warnings():  # the fit of all the points warns about its own model error
+        warnings.simplefilter("ignore")
+        objective, _ = loss_of(data.select(chosen), exposure)
+    start = model.theta.detach().cpu().numpy().copy()
+    run = _Run(whiten=_whitening(objective, start), done=0, history=[objective.evaluate(start)[0]], saver=None,
+               progress=progress, label=f"first fit, {n} of {len(used)} points")
+    theta, iterations, status = _minimise(objective, start, optimizer, run)
+    with torch.no_grad():
+        model.theta.copy_(torch.as_tensor(theta))
+    return {"points": int(n), "iterations": int(iterations), "status": status}
+
+
+def _minimise(objective, start: np.ndarray, optimizer: Optimizer, run: _Run, adam_state: dict | None = None):
+    """(θ, iterations, status) of `optimizer.method` from `start` (Adam resumes from `adam_state`)."""
+    if optimizer.method == "adam":
+        return _adam(objective, start, optimizer, run, adam_state)
+    return _lbfgs(objective, start, optimizer, run, rewhiten=lambda theta: _rewhiten(objective, theta))
 
 
 def _optimizer_settings(optimizer, **deprecated) -> Optimizer:
@@ -702,7 +760,7 @@ def _lbfgs(objective, start: np.ndarray, optimizer: Optimizer, run: _Run, rewhit
         return np.asarray(start, dtype=float), run.done, {"converged": False,
                                                           "reason": f"iteration limit ({max_iter})"}
     best = {"value": np.inf, "theta": np.asarray(start, dtype=float), "grad": None}
-    bar = tqdm(total=max_iter, initial=run.done, desc="fit (L-BFGS)", disable=not run.progress)
+    bar = tqdm(total=max_iter, initial=run.done, desc=f"{run.label} (L-BFGS)", disable=not run.progress)
 
     def fun(x):
         theta = state["unwhiten"] @ x
@@ -810,7 +868,7 @@ def _adam(objective, start: np.ndarray, optimizer: Optimizer, run: _Run, state: 
         state.update(x=state["best_x"].copy(), m=np.zeros(n), v=np.zeros(n), t=0, lr=lr)
 
     iterations = run.done
-    with tqdm(total=max_iter, initial=run.done, desc="fit (Adam)", disable=not run.progress) as bar:
+    with tqdm(total=max_iter, initial=run.done, desc=f"{run.label} (Adam)", disable=not run.progress) as bar:
         while iterations < max_iter and not state["converged"]:
             iterations += 1
             bar.update(1)

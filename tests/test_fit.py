@@ -383,3 +383,23 @@ def test_fit_result_save_writes_the_fit_folder_all_or_nothing(truth, tmp_path, m
     with pytest.raises(RuntimeError, match="disk full"):
         result.save(tmp_path / "broken", model, data)
     assert list((tmp_path / "broken").iterdir()) == []
+
+
+def test_a_first_fit_on_a_subset_ends_at_the_fit_of_all_the_points(truth):
+    """3000 noisy points from a poor start: first on a random 1000, then on all 3000 from there. The minimum is that
+    of all the points (the fit without a first fit, to a small fraction of 1σ), and the record says what was done."""
+    data = simulate(truth, _points(3200, seed=2), 300.0, method="one-phonon", statistics="classical", counts=1e4,
+                    rng=np.random.default_rng(6), tds_options=FAST)
+    options = dict(method="one-phonon", statistics="classical", scale="fixed", background="none", tds_options=FAST,
+                   progress=False)
+    direct = fit(_start(truth, 0.6), data, optimizer=Optimizer(first_fit_points=None), **options)
+    assert "first_fit" not in direct.settings
+    staged = fit(_start(truth, 0.6), data, optimizer=Optimizer(first_fit_points=1000), **options)
+    first = staged.settings["first_fit"]
+    assert first["points"] == 1000 and first["iterations"] > 0 and first["status"]["converged"]
+    assert staged.n_points == direct.n_points > 2000 and staged.status["converged"]
+    np.testing.assert_allclose(staged.theta, direct.theta, rtol=0, atol=0.02 * direct.sigma.min())
+    np.testing.assert_allclose(staged.sigma, direct.sigma, rtol=1e-3)
+    assert staged.iterations < direct.iterations  # from the subset's minimum, only the last steps
+    with pytest.raises(ValueError, match="first_fit_points must be a whole number of points ≥ 1"):
+        Optimizer(first_fit_points=0)
