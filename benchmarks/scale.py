@@ -157,7 +157,8 @@ def volume(quick: bool) -> dict:
     sigma_theta = np.array([p["sigma"] for p in record["parameters"]])
     true = truth.theta.detach().numpy()
     out.update(points=record["n_points"], exit_code=done.returncode, wall_s=wall, peak_GiB=peak_kib / 2**20,
-               iterations=record["iterations"], chi2_red=record["chi2_red"], grid=record["settings"].get("grid"),
+               iterations=record["iterations"], first_fit=record["settings"].get("first_fit"),
+               chi2_red=record["chi2_red"], grid=record["settings"].get("grid"),
                worst_theta_of_1XX=float(np.abs(theta - true).max() / abs(true[0])),
                largest_pull=float(np.abs((theta - true) / sigma_theta).max()), model_error=record.get("model_error"))
     print(f"  volume: {out}", flush=True)
