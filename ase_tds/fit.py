@@ -19,7 +19,6 @@ import platform
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,19 +48,22 @@ class Optimizer:
     Args:
         method: "lbfgs" | "adam" | None (L-BFGS; Adam for the sampling model). With a seeded sampler the
             sampling loss is a smooth deterministic function of θ, and "lbfgs" converges in far fewer evaluations.
-        max_iter: iterations in all, those before a resumed checkpoint included.
+        max_iter: iterations in all, those before a resumed checkpoint included (the first fit on a subset, if
+            any, has as many of its own).
         rtol: L-BFGS stops when the relative change of the loss falls below it.
         gtol: L-BFGS stops when the projected (whitened) gradient falls below it.
         learning_rate: Adam's first step in whitened units (≈ standard deviations); None = a quarter of the first
             gradient's rms. Adam stops when its step or gradient falls below 1e-3 standard deviations.
         first_fit_points: data of more than twice this many points are first fitted on a random subset of this
-            many (the same subset every time), and then, from there, on all of them: the long way from a poor
-            start costs evaluations of the subset, and only the last few iterations cost evaluations of all the
-            points. The result is the fit of all the points either way. None: all the points from the start.
-            Not for the sampling model (its points share sampled modes per q).
+            many (the same subset every time; the same grid, crystals and weights as all the points), and then,
+            from there, on all of them: the long way from a poor start costs evaluations of the subset, and only
+            the last few iterations cost evaluations of all the points. The result is the fit of all the points
+            either way. None: all the points from the start. Not for the sampling model (its points share
+            sampled modes per q); not checkpointed (a resumed fit of all the points skips it; an interrupted
+            first fit starts again).
 
     Raises:
-        ValueError: an unknown method, a negative max_iter or first_fit_points below 1.
+        ValueError: an unknown method, a negative max_iter or first_fit_points not a whole number ≥ 1.
     """
 
     method: str | None = None
@@ -77,10 +79,11 @@ class Optimizer:
                              f"{self.method!r}")
         if int(self.max_iter) != self.max_iter or self.max_iter < 0:
             raise ValueError(f"max_iter must be a whole number of iterations ≥ 0, got {self.max_iter!r}")
-        if self.first_fit_points is not None and (int(self.first_fit_points) != self.first_fit_points
-                                                  or self.first_fit_points < 1):
-            raise ValueError(f"first_fit_points must be a whole number of points ≥ 1, or None (no first fit on a "
-                             f"subset), got {self.first_fit_points!r}")
+        if self.first_fit_points is not None:
+            if int(self.first_fit_points) != self.first_fit_points or self.first_fit_points < 1:
+                raise ValueError(f"first_fit_points must be a whole number of points ≥ 1, or None (no first fit on "
+                                 f"a subset), got {self.first_fit_points!r}")
+            object.__setattr__(self, "first_fit_points", int(self.first_fit_points))  # 1e5 → 100000
 
     def for_method(self, method: str) -> Optimizer:
         """These settings with `method` resolved for the forward model `method` (Adam for "sampling")."""
@@ -301,7 +304,7 @@ class _Objective:
         self.chunks = [slice(k, k + CHUNK_POINTS) for k in range(0, len(used), CHUNK_POINTS)] or [slice(0, 0)]
         self.nuisance = Nuisance(scale, background, compton, np.linalg.norm(data.q[used], axis=1),
                                  fc.primitive.get_chemical_symbols(), fc.dtype, fc.device)
-        self.scale_mode, self.background_mode = scale, background
+        self.scale_mode, self.background_mode, self.compton = scale, background, compton
         if loss == "poisson":
             self.exposure = as_t(_exposure(data, exposure, used, len(data)))
             self.counts = self.exposure * self.y
@@ -495,19 +498,20 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
     options = dict(tds_options or {})
     options.setdefault("q_max", float(data.q_norm[np.asarray(data.mask, dtype=bool)].max()))
     original = model.theta.detach().cpu().numpy().copy()
-
-    def loss_of(points: TDSData, exposure_of_points) -> tuple[_Objective, dict]:
-        objective, model_error = _objective(model, points, temperature, method, statistics, options, scale,
-                                            background, loss, compton, exposure_of_points, progress)
-        if prior_sigma is not None:  # centred on the user's start, in the first fit too
-            objective.prior = (original.copy(), float(prior_sigma))
-        return objective, model_error
-
-    resuming = checkpoint is not None and Path(checkpoint).is_file()
-    first_fit = None if resuming or method == "sampling" else _first_fit(model, data, exposure, optimizer, loss_of,
-                                                                          progress)
-    objective, model_error = loss_of(data, exposure)
+    try:  # the gaussian model chooses its grid at the start θ, and estimates its error there
+        tds = TDSModel(model, temperature, method=method, statistics=statistics, **options)
+        objective = _Objective(tds, data, scale, background, loss, compton, exposure)
+        n_free = model.n_params + objective.nuisance.n_free
+        if objective.n_total <= n_free:
+            raise ValueError(f"only {objective.n_total} data points are used for {model.n_params} parameters "
+                             f"(+ {objective.nuisance.n_free} nuisance); widen the mask or use fewer shells")
+        model_error = _control_model_error(objective)
+    except UnstableError as err:
+        raise _unstable_start(model, original, original, err, "") from err
     tds = objective.tds
+    objective.progress = progress and len(objective.chunks) >= 5  # an evaluation of ≥ 10⁵ points takes seconds
+    if prior_sigma is not None:
+        objective.prior = (original.copy(), float(prior_sigma))
     if method == "sampling" and tds.sampler.seed is None:
         warnings.warn("the sampler has no seed: every evaluation draws new displacements, so the loss is noisy and "
                       "Adam anneals on that noise; give it a seed (common random numbers) for a smooth loss",
@@ -524,8 +528,13 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
     state = saver.load() if saver is not None else None
     if state and progress:
         tqdm.write(f"resuming from iteration {state['iterations']} of {checkpoint}")
-    if first_fit is not None:  # for the record, not for the checkpoint (a resumed fit skips the first fit)
-        settings = dict(settings, first_fit=first_fit)
+    first_fit = None
+    if not state and method != "sampling":
+        try:
+            first_fit = _first_fit(objective, data, exposure, optimizer, progress)
+        except UnstableError as err:  # the one-phonon model meets an unstable start only here
+            raise _unstable_start(model, original, original, err, "") from err
+        settings = dict(settings, first_fit=first_fit) if first_fit else settings  # for the record, not the checkpoint
     start = state["theta"] if state else model.theta.detach().cpu().numpy().copy()  # the first fit's θ, if any
     try:
         if method == "sampling" and loss == "chi2":
@@ -536,8 +545,8 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
                 saver.monte_carlo_theta = at
         value0 = objective.evaluate(start)[0]
     except UnstableError as err:
-        raise _unstable_start(model, start, original, err, f" (θ from the checkpoint {checkpoint})" if state else "") \
-            from err
+        where = f" (θ from the checkpoint {checkpoint})" if state else " (θ of the first fit)" if first_fit else ""
+        raise _unstable_start(model, start, original, err, where) from err
     with _fixed_noise(tds):
         whiten = state["whitening"] if state and state.get("whitening") is not None else _whitening(objective, start)
     run = _Run(whiten=whiten, done=state["iterations"] if state else 0,
@@ -548,46 +557,40 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
         return _result(model, tds, objective, theta, iterations, history, settings, compton, model_error, status)
 
 
-def _objective(model, data: TDSData, temperature, method, statistics, options, scale, background, loss, compton,
-               exposure, progress) -> tuple[_Objective, dict]:
-    """The fit's loss on `data` at the model's current θ, where the gaussian model chooses its grid and estimates
-    its own error (`_control_model_error`, whose record comes second)."""
-    here = model.theta.detach().cpu().numpy().copy()
-    try:
-        tds = TDSModel(model, temperature, method=method, statistics=statistics, **options)
-        objective = _Objective(tds, data, scale, background, loss, compton, exposure)
-        n_free = model.n_params + objective.nuisance.n_free
-        if objective.n_total <= n_free:
-            raise ValueError(f"only {objective.n_total} data points are used for {model.n_params} parameters "
-                             f"(+ {objective.nuisance.n_free} nuisance); widen the mask or use fewer shells")
-        model_error = _control_model_error(objective)
-    except UnstableError as err:
-        raise _unstable_start(model, here, here, err, "") from err
-    objective.progress = progress and len(objective.chunks) >= 5  # an evaluation of ≥ 10⁵ points takes seconds
-    return objective, model_error
+def _first_fit(objective: _Objective, data: TDSData, exposure, optimizer: Optimizer, progress: bool) -> dict | None:
+    """Fit a random subset of `optimizer.first_fit_points` of the used points (the same on every rank and run), when
+    there are more than twice as many, with the loss of all the points (`objective`: its model, grid, nuisance
+    terms and prior; crystals and weights chosen by the same rule at the same θ); the model's θ ends at the
+    subset's minimum. Returns {points, iterations, status} of the first fit, or None when there is none.
 
-
-def _first_fit(model, data: TDSData, exposure, optimizer: Optimizer, loss_of, progress: bool) -> dict | None:
-    """Fit a random subset of `optimizer.first_fit_points` of the used points (the same on every rank and run)
-    when there are more than twice as many; `model.theta` ends at its minimum. `loss_of(data, exposure)` builds
-    the loss. Returns {points, iterations, status} of the first fit, or None when there is none."""
+    Raises:
+        ValueError: first_fit_points not above the number of free parameters.
+    """
     used = np.flatnonzero(np.asarray(data.mask, dtype=bool))
     n = optimizer.first_fit_points
     if n is None or len(used) <= 2 * n:
         return None
+    n_free = objective.n_theta + objective.nuisance.n_free
+    if n <= n_free:
+        raise ValueError(f"first_fit_points ({n}) must be more than the {n_free} free parameters; give a larger "
+                         "number, or None (--first-fit-points 0) for no first fit")
     chosen = np.sort(np.random.default_rng(0).choice(used, n, replace=False))
-    if exposure is not None and np.ndim(exposure):
+    if exposure is not None and np.ndim(exposure):  # one per point (checked by the loss of all the points)
         exposure = np.asarray(exposure)[chosen]
-    with warnings.catch_warnings():  # the fit of all the points warns about its own model error
+    subset = _Objective(objective.tds, data.select(chosen), objective.scale_mode, objective.background_mode,
+                        objective.loss, objective.compton, exposure)
+    with warnings.catch_warnings():  # the loss of all the points has warned about the model's own error
         warnings.simplefilter("ignore")
-        objective, _ = loss_of(data.select(chosen), exposure)
-    start = model.theta.detach().cpu().numpy().copy()
-    run = _Run(whiten=_whitening(objective, start), done=0, history=[objective.evaluate(start)[0]], saver=None,
+        _control_model_error(subset)
+    subset.prior, subset.progress = objective.prior, objective.progress and len(subset.chunks) >= 5
+    fc = objective.tds.force_constants
+    start = fc.theta.detach().cpu().numpy().copy()
+    run = _Run(whiten=_whitening(subset, start), done=0, history=[subset.evaluate(start)[0]], saver=None,
                progress=progress, label=f"first fit, {n} of {len(used)} points")
-    theta, iterations, status = _minimise(objective, start, optimizer, run)
+    theta, iterations, status = _minimise(subset, start, optimizer, run)
     with torch.no_grad():
-        model.theta.copy_(torch.as_tensor(theta))
-    return {"points": int(n), "iterations": int(iterations), "status": status}
+        fc.theta.copy_(torch.as_tensor(theta))
+    return {"points": n, "iterations": int(iterations), "status": status}
 
 
 def _minimise(objective, start: np.ndarray, optimizer: Optimizer, run: _Run, adam_state: dict | None = None):
@@ -984,17 +987,19 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
         deviance = None
         if objective.loss == "poisson":
             deviance = distributed.total(float(objective.value(calc)))
-            fit_variance = variance = torch.clamp(calc, min=1e-300) / objective.exposure  # Poisson: var(I_obs) = m/t
-        else:
-            fit_variance, variance = 1.0 / objective.w, 1.0 / objective.data_w + objective.model_variance
+            fit_variance = scatter = torch.clamp(calc, min=1e-300) / objective.exposure  # Poisson: var(I_obs) = m/t
+            variance = scatter
+        else:  # χ² counts the model's own error as the weights do; its scatter is the data's
+            fit_variance, scatter = 1.0 / objective.w, 1.0 / objective.data_w
+            variance = scatter + objective.model_variance
         if stderr is not None:
+            scatter = scatter + (values["scale"] * stderr) ** 2
             variance = variance + (values["scale"] * stderr) ** 2
         chi2 = distributed.total(float(((calc - objective.y) ** 2 / variance).sum()))
         jac = torch.cat([values["scale"] * _jacobian(objective, theta), nuisance.design(intensity)[1]], dim=1)
         weighted = jac / fit_variance[:, None]
         normal = distributed.total((jac.T @ weighted).cpu().numpy())
         # the model's own error does not scatter from point to point: it enters once, as the shift it gives θ
-        scatter = variance if objective.loss == "poisson" else variance - objective.model_variance
         middle = distributed.total((weighted.T @ (weighted * scatter[:, None])).cpu().numpy())
         systematic = np.zeros(len(normal))
         if tds.method == "gaussian":
@@ -1010,11 +1015,12 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
         precision[:n] = 1.0 / objective.prior[1] ** 2
         normal, middle = normal + np.diag(precision), middle + np.diag(precision)
     statistical = _sandwich(normal, middle)[:n, :n]
-    cov = _sandwich(normal, middle + np.outer(systematic, systematic))[:n, :n]
-    share = 1.0 - np.diag(statistical) / np.where(np.diag(cov) > 0, np.diag(cov), 1.0)  # of each θ_k's variance
+    model_part = _sandwich(normal, middle + np.outer(systematic, systematic))[:n, :n] - statistical
     misfit = _misfit(chi2, max(n_points - n_free, 1))
-    if misfit:  # the residuals say the data's σ (and so 1σ) are too small: scale by χ²_red (Birge)
-        cov = cov * chi2 / max(n_points - n_free, 1)
+    if misfit:  # the residuals say the data's σ (and so the noise's 1σ) are too small: scale by χ²_red (Birge)
+        statistical = statistical * chi2 / max(n_points - n_free, 1)
+    cov = statistical + model_part
+    share = np.diag(model_part) / np.where(np.diag(cov) > 0, np.diag(cov), 1.0)  # of each θ_k's variance
     sigma = np.sqrt(np.clip(np.diag(cov), 0, None))
     corr = cov / np.outer(np.where(sigma > 0, sigma, 1), np.where(sigma > 0, sigma, 1))
     notes = _identifiability(fc.labels, corr, normal, objective.scale_mode, combinations, objective.prior)

@@ -95,6 +95,12 @@ def test_unstable_start_is_refused(truth, method, tmp_path):
                                             r"frequency \d+\.\d+i THz at hkl"):
         fit(model, data, method=method, statistics="classical", tds_options=options, progress=False)
     np.testing.assert_array_equal(model.theta.detach().numpy(), before)
+    if method == "one-phonon":  # the same where the first fit on a subset meets it (the one-phonon loss of all
+        # the points evaluates nothing when it is built)
+        with pytest.raises(UnstableError, match="starting force constants are dynamically unstable: imaginary"):
+            fit(model, data, method=method, statistics="classical", tds_options=options, progress=False,
+                optimizer=Optimizer(first_fit_points=20))
+        np.testing.assert_array_equal(model.theta.detach().numpy(), before)
     if method == "one-phonon":  # the same from a checkpoint (a bare θ: the older format, or written by hand)
         stable = _start(truth)
         (tmp_path / "ckpt.json").write_text(json.dumps({"theta": before.tolist()}))
@@ -385,9 +391,10 @@ def test_fit_result_save_writes_the_fit_folder_all_or_nothing(truth, tmp_path, m
     assert list((tmp_path / "broken").iterdir()) == []
 
 
-def test_a_first_fit_on_a_subset_ends_at_the_fit_of_all_the_points(truth):
+def test_a_first_fit_on_a_subset_ends_at_the_fit_of_all_the_points(truth, tmp_path):
     """3000 noisy points from a poor start: first on a random 1000, then on all 3000 from there. The minimum is that
-    of all the points (the fit without a first fit, to a small fraction of 1σ), and the record says what was done."""
+    of all the points (the fit without a first fit, to a small fraction of 1σ), the record says what was done, and
+    an interrupted fit resumes from its checkpoint (without fitting the subset again) to the same minimum."""
     data = simulate(truth, _points(3200, seed=2), 300.0, method="one-phonon", statistics="classical", counts=1e4,
                     rng=np.random.default_rng(6), tds_options=FAST)
     options = dict(method="one-phonon", statistics="classical", scale="fixed", background="none", tds_options=FAST,
@@ -401,5 +408,16 @@ def test_a_first_fit_on_a_subset_ends_at_the_fit_of_all_the_points(truth):
     np.testing.assert_allclose(staged.theta, direct.theta, rtol=0, atol=0.02 * direct.sigma.min())
     np.testing.assert_allclose(staged.sigma, direct.sigma, rtol=1e-3)
     assert staged.iterations < direct.iterations  # from the subset's minimum, only the last steps
+    checkpoint = tmp_path / "fit.ckpt"
+    stopped = fit(_start(truth, 0.6), data, optimizer=Optimizer(first_fit_points=1000, max_iter=2),
+                  checkpoint=checkpoint, **options)
+    assert stopped.iterations == 2 and not stopped.status["converged"]
+    resumed = fit(_start(truth, 0.6), data, optimizer=Optimizer(first_fit_points=1000), checkpoint=checkpoint,
+                  **options)
+    assert "first_fit" not in resumed.settings and resumed.status["converged"]
+    np.testing.assert_allclose(resumed.theta, direct.theta, rtol=0, atol=0.02 * direct.sigma.min())
     with pytest.raises(ValueError, match="first_fit_points must be a whole number of points ≥ 1"):
         Optimizer(first_fit_points=0)
+    assert Optimizer(first_fit_points=1e5).first_fit_points == 100_000
+    with pytest.raises(ValueError, match=r"first_fit_points \(3\) must be more than the 5 free parameters"):
+        fit(_start(truth, 0.6), data, optimizer=Optimizer(first_fit_points=3), **options)
