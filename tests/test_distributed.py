@@ -59,9 +59,13 @@ def _fit(folder, out, ranks, data="data.h5", options=("--shells", "2", "--accura
 
 
 def test_two_ranks_reproduce_one_process(dataset, tmp_path):
+    """With a first fit on a subset of 150 points (every rank draws the same), as a fit of 10⁶ points has."""
     folder, truth, _ = dataset
-    one, _ = _fit(folder, tmp_path / "one", 1)
-    two, done = _fit(folder, tmp_path / "two", 2)
+    options = ("--shells", "2", "--accuracy", "1e-2", "--start", "emt", "--first-fit-points", "150")
+    one, _ = _fit(folder, tmp_path / "one", 1, options=options)
+    two, done = _fit(folder, tmp_path / "two", 2, options=options)
+    assert one["settings"]["first_fit"]["points"] == 150
+    assert two["settings"]["first_fit"]["iterations"] == one["settings"]["first_fit"]["iterations"] > 0
     theta = [np.array([p["value"] for p in record["parameters"]]) for record in (one, two)]
     np.testing.assert_allclose(theta[1], theta[0], rtol=1e-10, atol=1e-12)
     assert two["iterations"] == one["iterations"] and two["chi2"] == pytest.approx(one["chi2"], rel=1e-10)
