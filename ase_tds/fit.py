@@ -1040,8 +1040,8 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
             notes.append(f"at the fitted θ the model's own error exceeds a fifth of σ on "
                          f"{final['fraction_above_fifth_sigma']:.2%} of the points (largest "
                          f"{final['max_over_sigma']:.2g} σ; the grid and crystals were chosen at the start θ); the "
-                         "1σ carry it. A finer model: fit again from this θ (the grid and crystals are chosen there), or a "
-                         "smaller accuracy")
+                         "1σ carry it. A finer model: fit again from this θ (the grid and crystals are chosen there), "
+                         "or a smaller accuracy")
         model_error = dict(model_error, at_start=dict(model_error), **final)
         model_error["at_start"].pop("estimate", None)
     for note in notes:
