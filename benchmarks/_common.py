@@ -71,6 +71,12 @@ def best_of(func, repeat: int = 3) -> float:
     return min(times)
 
 
+def earlier_record(name: str) -> dict:
+    """The record results/NAME of an earlier run ({} if none): a run of some cases or parts keeps the others'."""
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import dataclasses
 import sys
 import time
@@ -52,7 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, T_ROOM, machine, nickel_model, write_json  # noqa: E402
+from _common import T_ROOM, earlier_record, machine, nickel_model, write_json  # noqa: E402
 
 CASES = ("gaussian_scale_fixed", "gaussian_scale_free", "gaussian_slice_hk0", "gaussian_slice_hk¼", "sampling")
 SLICES = {"gaussian_slice_hk0": 0.0, "gaussian_slice_hk¼": 0.25}  # l of the plane
@@ -231,11 +230,9 @@ def main() -> None:
     summary = {name: r["passed"] for name, r in records.items()}
     print("passed:", summary)
     name = "fit_acceptance_quick.json" if args.quick else "fit_acceptance.json"
-    earlier = RESULTS / name  # a run of some cases keeps the other cases' earlier records
-    if earlier.exists():
-        kept = json.loads(earlier.read_text())
-        records = {**kept.get("cases", {}), **records}
-        summary = {**kept.get("passed", {}), **summary}
+    kept = earlier_record(name)  # a run of some cases keeps the other cases' earlier records
+    records = {**kept.get("cases", {}), **records}
+    summary = {**kept.get("passed", {}), **summary}
     write_json(name,
                {"args": vars(args), "sizes": sizes, "settings": {
                    "truth": "EMT Ni, phonopy finite displacements, projected on 5 shells", "start": "0.7 × shell 1 only",

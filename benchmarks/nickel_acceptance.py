@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reference_tds as ref  # noqa: E402
-from _common import write_json  # noqa: E402
+from _common import earlier_record, write_json  # noqa: E402
 
 T = 296.0
 MESH = (48, 48, 48)
@@ -191,9 +191,7 @@ def main() -> None:
             seconds = run_fit(structure, data, out, extra)
             records[case] = judge(out, emt_truth() if case == "demo_refit" else truth, seconds, case == "slice_hk0")
     name = "nickel_acceptance_quick.json" if args.quick else "nickel_acceptance.json"
-    earlier = Path(__file__).resolve().parent / "results" / name  # a run of some cases keeps the others' records
-    if earlier.exists():
-        records = {**json.loads(earlier.read_text()).get("cases", {}), **records}
+    records = {**earlier_record(name).get("cases", {}), **records}  # a run of some cases keeps the others' records
     write_json(name, {"temperature": T, "reference_mesh": list(MESH), "cases": records})
 
 

@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from _common import machine, write_json  # noqa: E402
+from _common import earlier_record, write_json  # noqa: E402
 
 T = 300.0
 
@@ -176,16 +176,14 @@ def main() -> None:
     sizes = {"Ni": (10**4, 10**5, 10**6), "MgB2": (10**4, 10**5)}  # MgB₂ at 10⁶: ~15 min per evaluation here
     if args.quick:
         sizes = {name: (10**4,) for name in sizes}
-    name = "scale_quick.json" if args.quick else "scale.json"
-    earlier = HERE / "results" / name  # a part not run this time keeps its earlier record
-    records = json.loads(earlier.read_text()) if earlier.exists() else {}
-    records["machine"] = machine()
+    result_file = "scale_quick.json" if args.quick else "scale.json"
+    records = earlier_record(result_file)  # a part not run this time keeps its earlier record
     if "throughput" in args.parts:
         records["throughput"] = [run_worker(name, n, ranks) for name in sizes for n in sizes[name]
                                  for ranks in (1, 2)]
     if "volume" in args.parts:
         records["volume"] = volume(args.quick)
-    write_json(name, records)
+    write_json(result_file, records)
 
 
 if __name__ == "__main__":
