@@ -988,14 +988,12 @@ def _result(model, tds, objective, theta, iterations, history, settings, compton
         if objective.loss == "poisson":
             deviance = distributed.total(float(objective.value(calc)))
             fit_variance = scatter = torch.clamp(calc, min=1e-300) / objective.exposure  # Poisson: var(I_obs) = m/t
-            variance = scatter
-        else:  # χ² counts the model's own error as the weights do; its scatter is the data's
-            fit_variance, scatter = 1.0 / objective.w, 1.0 / objective.data_w
-            variance = scatter + objective.model_variance
+            model_variance = 0.0
+        else:  # the scatter is the data's; χ² also counts the model's own error, as the weights do
+            fit_variance, scatter, model_variance = 1.0 / objective.w, 1.0 / objective.data_w, objective.model_variance
         if stderr is not None:
             scatter = scatter + (values["scale"] * stderr) ** 2
-            variance = variance + (values["scale"] * stderr) ** 2
-        chi2 = distributed.total(float(((calc - objective.y) ** 2 / variance).sum()))
+        chi2 = distributed.total(float(((calc - objective.y) ** 2 / (scatter + model_variance)).sum()))
         jac = torch.cat([values["scale"] * _jacobian(objective, theta), nuisance.design(intensity)[1]], dim=1)
         weighted = jac / fit_variance[:, None]
         normal = distributed.total((jac.T @ weighted).cpu().numpy())
