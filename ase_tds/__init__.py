@@ -1,18 +1,29 @@
 """ase_tds — fit interatomic force constants to X-ray thermal diffuse scattering."""
 
-from .calculator import TDSFitted
-from .covariance import ThermalCovariance, UnstableError
-from .data import TDSData, TDSError, simulate
-from .export import write_training_data
-from .fit import FitResult, Optimizer, fit
-from .model import ForceConstantModel
-from .phonopy_source import PhonopyForceConstants
-from .sampling import DenseSampler, QSpaceSampler
-from .source import ForceConstantSource
-from .structure import StructureError
-from .tds import TDSModel
+import importlib
+
+# the public names and their modules, imported on first use (PEP 562): `import ase_tds.cli` stays light, so the
+# command can answer --help and a Ctrl-C during its first seconds (torch's import) itself
+_PUBLIC = {"TDSFitted": "calculator", "ThermalCovariance": "covariance", "UnstableError": "covariance",
+           "TDSData": "data", "TDSError": "data", "write_training_data": "export", "MODELS": "forward",
+           "ForwardModel": "forward", "simulate": "forward", "tds_model": "forward", "FitResult": "fitting",
+           "Optimizer": "fitting", "fit": "fitting", "ForceConstantModel": "model",
+           "PhonopyForceConstants": "phonopy_source", "DenseSampler": "sampling", "QSpaceSampler": "sampling",
+           "ForceConstantSource": "source", "StructureError": "structure"}
 
 __version__ = "0.1.0"
 __all__ = ["DenseSampler", "FitResult", "ForceConstantModel", "ForceConstantSource", "Optimizer", "PhonopyForceConstants",
-           "QSpaceSampler", "StructureError", "TDSData", "TDSError", "TDSFitted", "TDSModel", "ThermalCovariance",
-           "UnstableError", "fit", "simulate", "write_training_data", "__version__"]
+           "QSpaceSampler", "StructureError", "TDSData", "TDSError", "TDSFitted", "ForwardModel", "MODELS",
+           "ThermalCovariance", "UnstableError", "fit", "simulate", "tds_model", "write_training_data", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

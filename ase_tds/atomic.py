@@ -29,6 +29,17 @@ def atomic_paths(*paths):
                 os.remove(tmp)
 
 
+def write_atomic(path, text: str) -> None:
+    """Write text to `path` through a temporary file and a rename: the old file or the new, never half.
+
+    Args:
+        path (str | Path): the file; its folder must exist.
+        text: the whole content.
+    """
+    with atomic_paths(path) as (partial,):
+        partial.write_text(text)
+
+
 def write_files(folder, writers: dict) -> None:
     """Write {file name: write(path)} into `folder` as one set, all or nothing (`atomic_paths`).
 

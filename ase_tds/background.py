@@ -20,9 +20,9 @@ import xraydb
 from scipy.interpolate import PchipInterpolator
 
 from . import _compton_table
+from .units import RECOIL_KEV_A2
 
 NAMES = ("scale", "background", "compton")
-RECOIL_KEV_A2 = 12.398419843320026**2 / (8 * np.pi**2 * 510.99895)  # (hc)²/(8π² m_e c²) = 0.00381 keV·Å²
 
 
 class ComptonShape:

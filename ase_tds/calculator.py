@@ -17,12 +17,9 @@ import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 from scipy.sparse import coo_matrix
 
-from .covariance import mesh_q
+from .covariance import lowest_frequency, unstable_modes
 from .model import ForceConstantModel
-from .structure import StructureError, pair_distances
-
-# THz: force constants with a mode more imaginary than this are dynamically unstable
-UNSTABLE_THZ = 1e-3
+from .structure import EXACT_LATTICE_TOL, StructureError, integer_matrix, pair_distances
 
 
 class TDSFitted(Calculator):
@@ -40,8 +37,8 @@ class TDSFitted(Calculator):
     from the positions first seen, so wrapping atoms into the cell changes nothing.
 
     The folded Φ is a sparse (3N, 3N) matrix, cached for the last (cell, species, site assignment),
-    so molecular dynamics builds it once. Dynamically unstable force constants (a mode below −1e-3 THz
-    on a 6×6×6 q mesh) give a UserWarning.
+    so molecular dynamics builds it once. Dynamically unstable force constants (a mode below −UNSTABLE_THZ,
+    −1e-3 THz, on a 6×6×6 q mesh: `covariance.unstable_modes`) give a UserWarning.
 
     Args:
         source (ForceConstantModel | phonopy.Phonopy | str | Path): a ForceConstantModel (its θ at construction is used;
@@ -70,7 +67,7 @@ class TDSFitted(Calculator):
         super().__init__(**kwargs)
         self.model = source if isinstance(source, ForceConstantModel) else ForceConstantModel.from_phonopy(source)
         lowest = lowest_frequency(self.model)
-        if lowest < -UNSTABLE_THZ:
+        if unstable_modes(lowest):
             name = source if isinstance(source, (str, os.PathLike)) else repr(self.model)
             warnings.warn(f"{name}: the force constants are dynamically unstable (imaginary modes down to "
                           f"{lowest:.3f} THz on a 6×6×6 q mesh): the energy ½uᵀΦu is negative along them and "
@@ -160,16 +157,28 @@ class TDSFitted(Calculator):
         rows, cols = np.broadcast_to(rows, (len(entries), 3, 3)), np.broadcast_to(cols, (len(entries), 3, 3))
         data = self._pair_fc[entries[:, 1]]
         hessian = coo_matrix((data.ravel(), (rows.ravel(), cols.ravel())), shape=(3 * len(atoms),) * 2).tocsr()
+        if self.model.born is not None:  # the dipole–dipole force constants of this periodic supercell (Ewald)
+            hessian = hessian.toarray() + self._dipole_hessian(atoms, sites)  # dense: every pair interacts
         self._cached = (key, hessian)
         return hessian
 
+    def _dipole_hessian(self, atoms, sites):
+        """Φ_dd (3N, 3N) eV/Å² of the Born charges on this supercell: its image sum (`dipole_force_constants`)."""
+        import torch
+
+        from ase import Atoms
+
+        from .dipole import dipole_force_constants
+
+        ideal = Atoms(atoms.numbers, positions=sites, cell=atoms.cell, pbc=True)
+        with torch.no_grad():
+            full = dipole_force_constants(ideal, self.model.primitive, self.model.born_charges(), "full")
+        return full.cpu().numpy().transpose(0, 2, 1, 3).reshape(3 * len(atoms), 3 * len(atoms))
+
     def _check_supercell(self, atoms, cell, site_keys) -> None:
-        matrix = cell @ np.linalg.inv(self._primitive_cell)
-        if np.abs(matrix - np.round(matrix)).max() > 1e-5:
-            raise StructureError(
-                "the cell is not a supercell of the reference crystal: cell · inv(primitive cell) = "
-                f"{np.round(matrix, 4).tolist()} is not an integer matrix; TDSFitted is a fixed-cell model "
-                "at the fitted lattice constants and orientation")
+        matrix = integer_matrix(cell, self._primitive_cell, "the cell is not a supercell of the reference crystal",
+                                "TDSFitted is a fixed-cell model at the fitted lattice constants and orientation",
+                                tol=EXACT_LATTICE_TOL)
         n_sites = int(round(abs(np.linalg.det(matrix)))) * self.model.n_atoms
         if len(atoms) != n_sites or len(np.unique(site_keys, axis=0)) != len(atoms):
             raise StructureError(f"the supercell has {n_sites} lattice sites but {len(atoms)} atoms on "
@@ -190,32 +199,20 @@ class TDSFitted(Calculator):
                              "(same lattice constants, orientation and species on every site)")
 
 
-def lowest_frequency(model, mesh=(6, 6, 6)) -> float:
-    """The lowest phonon frequency (THz, imaginary as negative) of `model` on a Γ-centred q mesh, Γ left out.
+def _ase_plugins() -> set:
+    """This module's entry for ASE's calculator plug-ins (entry-point group "ase.plugins", setup.cfg).
 
-    Args:
-        model (ForceConstantModel): ForceConstantModel (or anything with `frequencies(q)` and a primitive cell).
-        mesh (tuple[int, int, int]): (3,) q points per reciprocal axis of the primitive cell.
-
-    Returns:
-        The lowest frequency, THz; negative for an imaginary mode.
+    The plug-in machinery lives in ASE's private, experimental `ase._4` package, which older ASE lacks and
+    which has moved between versions: anything going wrong there leaves the set empty (ASE then lists no
+    plug-in from ase_tds) and never breaks `import ase_tds`.
     """
-    return float(model.frequencies(mesh_q(model, mesh)[1:]).min())
+    try:
+        from ase._4.plugins.plugin import CalculatorPlugin
+
+        return {CalculatorPlugin("tds_fitted", implementation="ase_tds.calculator.TDSFitted",
+                                 citation="ase_tds: force constants fitted to X-ray thermal diffuse scattering")}
+    except Exception:  # ImportError, or an API that changed (TypeError, AttributeError, ...)
+        return set()
 
 
-def model_from_phonopy(source) -> ForceConstantModel:
-    """Deprecated: use `ForceConstantModel.from_phonopy(source)`, the same model."""
-    warnings.warn("model_from_phonopy is deprecated; use ForceConstantModel.from_phonopy (the same model)",
-                  DeprecationWarning, stacklevel=2)
-    return ForceConstantModel.from_phonopy(source)
-
-
-try:  # ASE's experimental calculator plug-ins (entry-point group "ase.plugins"); absent in older ASE
-    from ase._4.plugins.plugin import CalculatorPlugin
-except ImportError:
-    __ase_plugins__ = set()
-else:
-    __ase_plugins__ = {
-        CalculatorPlugin("tds_fitted", implementation="ase_tds.calculator.TDSFitted",
-                         citation="ase_tds: force constants fitted to X-ray thermal diffuse scattering"),
-    }
+__ase_plugins__ = _ase_plugins()

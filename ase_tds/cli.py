@@ -14,32 +14,48 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_POINTS = 1500
+from .cli_parser import DEMO_POINTS, FIT_SEED, SAMPLES, build_parser  # noqa: F401 (DEMO_POINTS: the demo's default)
+
 NOT_CONVERGED = 3  # exit code of a fit that stopped without converging (iteration limit, stall)
-SAMPLES = 64  # thermal configurations per evaluation of the sampling model (the samplers' default)
-FIT_SEED = 0  # the sampling model's seed in a fit: fixed noise, a smooth loss (common random numbers)
+NOT_TRUSTED = 4  # exit code of a fit whose model does not describe the data (its 1σ are not error bars)
 
 
 def main(argv=None) -> int:
-    parser = _parser()
+    """Run `ase-tds` with `argv` (default: sys.argv[1:]); its exit code (2: bad input, 130: interrupted)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--"]:  # torchrun --nproc-per-node N -m ase_tds -- fit ...: the `--` that kept torchrun off
-        argv = argv[1:]
-    args = parser.parse_args(argv)
+    try:
+        parser = _parser()  # imports the package: Ctrl-C in these first seconds ends quietly too
+        if argv[:1] == ["--"]:  # torchrun --nproc-per-node N -m ase_tds -- fit ...: the `--` that kept torchrun off
+            argv = argv[1:]
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        if "--debug" in argv:
+            raise
+        print("ase-tds: interrupted; nothing was written", file=sys.stderr)
+        return 130
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    from .covariance import UnstableError
-    from .data import TDSError
-    from .structure import StructureError
+    return _run(args)
 
+
+def _run(args) -> int:
+    """args.run(args), its bad input as one line naming the option and the fix (exit 2), Ctrl-C as exit 130."""
     try:
+        from .covariance import UnstableError
+        from .data import TDSError
+        from .structure import StructureError
+
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             _check_out(args)
+            _check_numbers(args)
+            if getattr(args, "checkpoint", None):
+                _checkpoint_path(args)
+            _device(args.device)
             return args.run(args)
-    except (StructureError, TDSError, UnstableError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-            PermissionError, KeyError, ValueError) as err:
+    except (StructureError, TDSError, UnstableError, FileNotFoundError, FileExistsError, IsADirectoryError,
+            NotADirectoryError, PermissionError, KeyError, ValueError) as err:
         if args.debug:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
@@ -53,14 +69,32 @@ def main(argv=None) -> int:
     return 130
 
 
+def _parser() -> argparse.ArgumentParser:
+    """The argument parser, each command's `run` one of this module's functions."""
+    return build_parser({"demo": _run_demo, "fit": _run_fit, "simulate": _run_simulate, "export": _run_export,
+                         "plot": _run_plot})
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings as one line on stderr, as errors are."""
     print(f"ase-tds: warning: {message}", file=sys.stderr)
 
 
+FIT_OUTPUTS = ("phonopy_params.yaml", "FORCE_CONSTANTS", "force_constants.hdf5", "fit.json", "data.h5",
+               "dispersion.png", "identifiability.png", "tds_fit.png")  # what a fit (or demo) folder holds
+
+
+def _inputs(args) -> dict[str, str]:
+    """The command's input files and folders, by the option that names them."""
+    names = {"STRUCTURE": "structure", "DATA": "data", "--fc": "fc", "--hkl": "hkl", "--born": "born",
+             "--reference": "reference", "--start": "start", "SOURCE": "source"}
+    return {option: getattr(args, name) for option, name in names.items() if getattr(args, name, None)}
+
+
 def _check_out(args) -> None:
-    """Refuse an --out that cannot be written, before any work: a file in an existing folder for simulate and
-    export, a folder (existing or to be made) for demo, fit and plot."""
+    """Refuse an --out that cannot be written, before any work: a file in an existing, writable folder for simulate
+    and export, a folder (existing or to be made) for demo, fit and plot; an existing output unless --overwrite,
+    and never one of the command's inputs."""
     if args.out is None:
         return
     out = Path(args.out)
@@ -69,10 +103,40 @@ def _check_out(args) -> None:
             raise IsADirectoryError(f"--out {out} is a folder; give a file name")
         if not out.parent.is_dir():
             raise FileNotFoundError(f"--out {out}: no such folder {out.parent}; create it first")
+        _check_writable("--out", out, out.parent)
+        outputs = [out]
+    else:
+        existing = next(path for path in (out, *out.parents) if path.exists())
+        if not existing.is_dir():
+            raise NotADirectoryError(f"--out {out}: {existing} is a file, not a folder; give a new or existing folder")
+        _check_writable("--out", out, existing)
+        names = [name for name in FIT_OUTPUTS if name.endswith(".png")] if hasattr(args, "sources") else FIT_OUTPUTS
+        outputs = [out / name for name in names]  # plot draws only the pictures
+    for option, name in _inputs(args).items():
+        path = Path(name).resolve()
+        if path.exists() and any(path == output.resolve() for output in [out, *outputs]):
+            raise ValueError(f"--out {out} would replace the command's input {option} {name}; write the output "
+                             "elsewhere")
+    if getattr(args, "overwrite", True) or _resuming(args):
         return
-    existing = next(path for path in (out, *out.parents) if path.exists())
-    if not existing.is_dir():
-        raise NotADirectoryError(f"--out {out}: {existing} is a file, not a folder; give a new or existing folder")
+    replaced = [output for output in outputs if output.exists()]
+    if replaced:
+        what = f"{out} exists" if args.out_kind == "file" else f"{out} holds an earlier output ({replaced[0].name})"
+        raise FileExistsError(f"--out {what}; give --overwrite to replace it, or another --out")
+
+
+def _resuming(args) -> bool:
+    """Whether a fit resumes from its --checkpoint (and so replaces its own earlier, unconverged output)."""
+    checkpoint = getattr(args, "checkpoint", None)
+    return checkpoint is not None and Path(checkpoint).is_file()
+
+
+def _check_writable(option: str, path: Path, folder: Path) -> None:
+    """Refuse `path` (named by `option`) when its existing `folder` cannot be written."""
+    import os
+
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {path}: the folder {folder} is not writable; choose a writable location")
 
 
 def _left_behind(args) -> str:
@@ -85,172 +149,17 @@ def _left_behind(args) -> str:
                                     if args.run is _run_fit else "")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ase-tds", description="Fit force constants to X-ray thermal diffuse scattering.")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = parser.add_subparsers(title="commands")
-
-    demo = sub.add_parser("demo", help="nickel end to end: simulate from EMT, fit from a bad start, check recovery")
-    demo.add_argument("--out", default="ase_tds_demo", help="output folder (default: %(default)s)")
-    demo.add_argument("--points", type=int, default=DEMO_POINTS, help="number of Q points (default: %(default)s)")
-    demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    _add_accuracy_argument(demo)
-    demo.set_defaults(run=_run_demo, out_kind="folder")
-
-    fit = sub.add_parser("fit", help="fit force constants to a TDS data file",
-                         description="Fit force constants to a TDS data file. Exit code 0: converged; 3: stopped "
-                                     "without converging (iteration limit or a stall; the best θ is still written "
-                                     "and fit.json's status says why); 2: bad input.")
-    fit.add_argument("structure", help="structure file (any format ase.io.read reads) that the data's hkl index")
-    fit.add_argument("data", help="HDF5 point list, NeXus NXdata volume or .npz")
-    fit.add_argument("--out", required=True, help="output folder")
-    group = fit.add_mutually_exclusive_group()
-    group.add_argument("--shells", type=int, help="neighbour shells in the model (default 5)")
-    group.add_argument("--cutoff", type=float, help="force-constant cutoff in Å")
-    fit.add_argument("--temperature", type=float, help="K (overrides the file's)")
-    fit.add_argument("--model", default="gaussian", choices=["one-phonon", "gaussian", "sampling"],
-                     help="forward model: one-phonon, gaussian (all orders, exact for a harmonic crystal) or "
-                          "sampling (Monte Carlo on a periodic supercell, fitted by Adam unless --optimizer lbfgs; "
-                          "see --samples) (default: %(default)s)")
-    fit.add_argument("--optimizer", choices=["lbfgs", "adam"],
-                     help="default: lbfgs, adam for --model sampling (whose loss is deterministic with its fixed "
-                          "--seed, so lbfgs converges in fewer evaluations there too)")
-    fit.add_argument("--statistics", default="quantum", choices=["classical", "quantum"],
-                     help="phonon occupations (default: %(default)s)")
-    fit.add_argument("--scale", choices=["free", "fixed"],
-                     help="intensity scale: free, or fixed to 1 for data in e.u./atom (default: fixed when the data "
-                          "file's units are e.u./atom, else free)")
-    fit.add_argument("--background", default="free", choices=["free", "none"],
-                     help="a constant background in data units, free or none (default: %(default)s)")
-    fit.add_argument("--compton", action="store_true",
-                     help="also fit the incoherent (Compton) scattering: Hubbell's S(|Q|) of the crystal's atoms "
-                          "(e.u./atom) times a free amplitude (1 = all of it, for data in e.u./atom)")
-    fit.add_argument("--loss", default="chi2", choices=["chi2", "poisson"],
-                     help="chi2: Σ((model − I)/σ)²; poisson: the Poisson deviance of the counts n = t·I, the "
-                          "exposure t (counts per unit of intensity) inferred per point as I/σ², so the data "
-                          "need intensities ≥ 0 and σ = √n/t (default: %(default)s)")
-    fit.add_argument("--checkpoint", metavar="FILE",
-                     help="JSON file rewritten after every iteration; if it exists, the fit resumes from it "
-                          "(same model and settings; --max-iter counts the iterations before it too)")
-    fit.add_argument("--start", default="emt",
-                     help="starting force constants: emt (ASE's EMT, a few metals), springs (central springs "
-                          "between all pairs within the cutoff, stable, scaled to --debye-temperature: any crystal), "
-                          "calculator:module.Class (any importable ASE calculator built with no arguments, e.g. a "
-                          "machine-learned potential, by finite displacements), a phonopy file, or zero "
-                          "(default: %(default)s)")
-    fit.add_argument("--debye-temperature", type=float,
-                     help="K, the Debye temperature that --start springs is scaled to (default: the one of 100–1600 K "
-                          "whose springs fit the data best)")
-    fit.add_argument("--bin", type=int, default=1, metavar="K",
-                     help="NeXus volumes: average K×K×K voxels into one point (σ propagated), for a look at the data: "
-                          "the model is evaluated at the block's mean hkl, which near Bragg peaks is far from the "
-                          "block's mean intensity, so a binned fit is biased (default: %(default)s, every measured "
-                          "voxel)")
-    fit.add_argument("--prior-sigma", type=float, metavar="EV_PER_A2",
-                     help="a ridge towards the start: each force constant gets a prior of this width (eV/Å²), so "
-                          "that combinations the data do not determine (named by the fit, drawn in "
-                          "identifiability.png) stay near the start while the rest converge (default: none)")
-    fit.add_argument("--reference", help="phonopy file drawn (as it is) in dispersion.png for comparison")
-    fit.add_argument("--bragg-radius", type=float, default=0.1, help="r.l.u. masked around Bragg peaks")
-    fit.add_argument("--max-iter", type=int, default=200, help="iterations of the optimiser (default: %(default)s)")
-    fit.add_argument("--first-fit-points", type=int, default=100_000, metavar="N",
-                     help="data of more than 2N points are first fitted on a random subset of N, then on all of "
-                          "them from there (the result is the fit of all the points); 0: all points from the start "
-                          "(default: %(default)s)")
-    fit.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    _add_accuracy_argument(fit)
-    _add_sampling_arguments(fit, "the structure's cell",
-                            f"seed of the sampling model's displacements, fixed so that the loss is a smooth "
-                            f"function of the force constants (common random numbers) (default: {FIT_SEED})")
-    fit.set_defaults(run=_run_fit, out_kind="folder")
-
-    sim = sub.add_parser("simulate", help="TDS intensities from phonopy force constants (used as they are)",
-                         description="Diffuse intensities in e.u./atom at the hkl of a file, from force constants "
-                                     "used as they are (not projected); written as an HDF5 point list (docs/data-format.md).")
-    sim.add_argument("structure", help="structure file whose cell the hkl index (same lattice and orientation as the "
-                                       "force constants' crystal)")
-    sim.add_argument("--fc", required=True, help="phonopy.load-able file, or a folder holding phonopy_params.yaml")
-    sim.add_argument("--hkl", required=True, help="HDF5 point list or .npz (its hkl), .npy or text file of hkl rows")
-    sim.add_argument("--temperature", type=float, required=True, help="K")
-    sim.add_argument("--model", default="gaussian", choices=["one-phonon", "gaussian", "sampling"],
-                     help="forward model (default: %(default)s); sampling takes the force constants into a "
-                          "symmetry-adapted model as `ase-tds export` does (exact for files ase_tds wrote) and "
-                          "writes its Monte-Carlo standard error as σ")
-    sim.add_argument("--statistics", default="quantum", choices=["classical", "quantum"],
-                     help="phonon occupations (default: %(default)s)")
-    sim.add_argument("--counts", type=float, help="Poisson noise: counts at the mean intensity (default: none)")
-    sim.add_argument("--out", required=True, help="output HDF5 file")
-    sim.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    _add_accuracy_argument(sim)
-    _add_sampling_arguments(sim, "the force constants' unit cell",
-                            "random seed of the Poisson noise and of the sampling model's displacements "
-                            "(default: fresh randomness)", seed_outside=True)
-    sim.set_defaults(run=_run_simulate, out_kind="file")
-
-    export = sub.add_parser("export", help="MLIP training data: thermal configurations with harmonic energies and forces",
-                            description="Thermal configurations of a supercell drawn from the fitted force constants "
-                                        "(Cholesky sampler), with E = ½uᵀΦu (eV) and F = −Φu (eV/Å), as extxyz.")
-    export.add_argument("source", help="output folder of `ase-tds fit`/`demo`, or a phonopy.load-able file")
-    export.add_argument("--supercell", type=int, nargs=3, required=True, metavar=("A", "B", "C"),
-                        help="repetitions of the unit cell")
-    export.add_argument("--temperature", type=float, required=True, help="K")
-    export.add_argument("--samples", type=int, required=True, help="number of configurations")
-    export.add_argument("--out", required=True, help="output file, e.g. train.extxyz")
-    export.add_argument("--statistics", default="classical", choices=["classical", "quantum"])
-    export.add_argument("--seed", type=int, help="random seed")
-    export.add_argument("--energy-key", default="REF_energy", help="info key of the energy (default: %(default)s)")
-    export.add_argument("--forces-key", default="REF_forces", help="array key of the forces (default: %(default)s)")
-    export.add_argument("--no-plain", action="store_true", help="do not also write plain energy/forces")
-    export.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    export.set_defaults(run=_run_export, out_kind="file")
-
-    plot = sub.add_parser("plot", help="phonon dispersions of force-constant files, and a fit folder's TDS fit",
-                          description="Draw the phonon dispersions of one or more force-constant sources (as they are) "
-                                      "on the standard path of the first, into OUT/dispersion.png; when the first is an "
-                                      "`ase-tds fit`/`demo` folder, also redraw OUT/tds_fit.png and OUT/identifiability.png from its data.h5 "
-                                      "and fit.json, and shade the fit's ±1σ band of frequencies.")
-    plot.add_argument("sources", nargs="+", metavar="SOURCE",
-                      help="output folder of `ase-tds fit`/`demo`, or a phonopy.load-able file")
-    plot.add_argument("--label", nargs="+", action="extend",
-                      help="legend names, one per SOURCE in order: --label a b or --label a --label b "
-                           "(default: the SOURCE as typed)")
-    plot.add_argument("--out", help="output folder, made if missing (default: the first SOURCE if a folder, else "
-                                    "the current folder)")
-    plot.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    plot.set_defaults(run=_run_plot, out_kind="folder")
-    return parser
-
-
-def _add_accuracy_argument(parser) -> None:
-    parser.add_argument("--accuracy", type=float,
-                        help="relative error of the gaussian (all-order) model that its grid is chosen for: the "
-                             "intensities change by less than this on a grid 1.5× larger (default: 1e-3); "
-                             "--grid L1 L2 L3 sets the grid instead")
-    parser.add_argument("--grid", type=int, nargs=3, metavar=("L1", "L2", "L3"),
-                        help="the gaussian model's periodic crystal, in primitive cells (default: chosen for --accuracy)")
-
-
 def _accuracy_options(args) -> dict:
     """TDSModel options from --accuracy / --grid."""
+    if args.grid is not None and min(args.grid) < 1:
+        raise ValueError(f"--grid {' '.join(map(str, args.grid))}: give three positive numbers of primitive cells, "
+                         "e.g. --grid 12 12 12")
+    grid = tuple(args.grid) if args.grid else None
     if args.accuracy is None:
-        return {"grid": tuple(args.grid) if args.grid else None}
+        return {"grid": grid}
     if not (0 < args.accuracy < 1):
         raise ValueError(f"--accuracy must be a relative error between 0 and 1, e.g. 1e-3; got {args.accuracy}")
-    if args.grid is not None and min(args.grid) < 1:
-        raise ValueError(f"--grid needs three positive numbers of primitive cells, got {args.grid}")
-    return {"accuracy": args.accuracy, "grid": tuple(args.grid) if args.grid else None}
-
-
-def _add_sampling_arguments(parser, cell: str, seed_help: str, seed_outside: bool = False) -> None:
-    """--samples, --supercell (repetitions of `cell`) and --seed of the sampling model."""
-    group = parser.add_argument_group("sampling model (--model sampling)")
-    group.add_argument("--samples", type=int, metavar="N",
-                       help=f"thermal configurations per evaluation; the Monte-Carlo error falls as 1/√N "
-                            f"(default: {SAMPLES})")
-    group.add_argument("--supercell", type=int, nargs=3, metavar=("A", "B", "C"),
-                       help=f"repetitions of {cell} in the periodic supercell sampled; it sees only Q with hkl·L "
-                            "integer (default: the smallest one holding every Q and the force-constant cutoff)")
-    (parser if seed_outside else group).add_argument("--seed", type=int, help=seed_help)
+    return {"accuracy": args.accuracy, "grid": grid}
 
 
 def _check_sampling_arguments(args, seed_is_sampling: bool) -> None:
@@ -293,19 +202,52 @@ def _sampler(model, supercell, n_samples, seed, temperature, statistics, q, verb
 
 
 def _device(name):
+    """The torch device of --device, refused (before any work) when torch does not know it or has none here."""
     import torch
 
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a torch device; give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: torch sees no CUDA device here; use --device cpu")
-    return torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s) here; give "
+                         f"cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: ase_tds runs on cpu or cuda")
+    return device
+
+
+def _check_numbers(args) -> None:
+    """Refuse counts and tolerances out of range before anything is read: the options that the API checks only once
+    the data are read and the start is computed."""
+    checks = (("points", 1, "number of Q points, e.g. --points 1500"),
+              ("max_iter", 1, "number of iterations, e.g. --max-iter 200"),
+              ("bin", 1, "number of voxels per block edge, e.g. --bin 2"),
+              ("first_fit_points", 0, "number of points (0: all points from the start), e.g. --first-fit-points "
+                                      "100000"))
+    for name, least, what in checks:
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: give a {'positive' if least else 'non-negative'} "
+                             f"{what}")
+    for name in ("debye_temperature", "counts"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 < value < np.inf:
+            raise ValueError(f"--{name.replace('_', '-')} {value:g}: give a positive, finite number")
+    if getattr(args, "bragg_radius", 0) is not None and not 0 <= getattr(args, "bragg_radius", 0) < np.inf:
+        raise ValueError(f"--bragg-radius {args.bragg_radius:g}: give a radius ≥ 0 in r.l.u., e.g. 0.1")
+    if hasattr(args, "accuracy"):
+        _accuracy_options(args)
 
 
 def _run_demo(args) -> int:
     from ase.build import bulk
     from ase.calculators.emt import EMT
 
-    from .data import points_in_sphere, simulate
-    from .fit import Optimizer, fit
+    from .forward import points_in_sphere, simulate
+    from .fitting import Optimizer, fit
     from .model import ForceConstantModel
 
     t0 = time.time()
@@ -326,7 +268,11 @@ def _run_demo(args) -> int:
     model.cpu()
     ok = _report_recovery(truth, start, model, result)
     result.save(args.out, model, data, start=start, reference=truth)
-    print(f"wrote {args.out}/ in {time.time() - t0:.0f} s")
+    sys.stderr.flush()  # the fit's notes before the summary: the last line is the demo's verdict
+    notes = (f"; {len(result.warnings)} note{'s' if len(result.warnings) > 1 else ''} of the fit above (also in "
+             "fit.json)") if result.warnings else ""
+    print(f"demo: wrote {args.out}/ in {time.time() - t0:.0f} s; the truth {'recovered' if ok else 'NOT recovered'}, "
+          f"χ²_red {result.chi2_red:.3f}{notes}")
     return 0 if ok else 1
 
 
@@ -357,44 +303,43 @@ def _run_fit(args) -> int:
 
     distributed.start(args.device)
     try:
-        if not distributed.is_main():
+        if not distributed.is_main():  # rank 0 alone says the exit code (3, 4), once its files are written
             warnings.simplefilter("ignore")
             with contextlib.redirect_stdout(io.StringIO()):
-                return _fit_command(args)
+                _fit_command(args)
+            return 0
         return _fit_command(args)
     finally:
         distributed.stop()
 
 
 def _fit_command(args) -> int:
-    from . import distributed
     from .data import TDSData
-    from .fit import Optimizer, fit
+    from .fitting import Optimizer, StartContext, fit, set_start
+    from .fitting.range import fit_range
     from .model import ForceConstantModel
     from .phonopy_source import PhonopyForceConstants
 
-    if args.shells is not None and args.shells < 1:
-        raise ValueError(f"--shells {args.shells}: give a positive number of neighbour shells, e.g. --shells 5")
-    if args.cutoff is not None and not 0 < args.cutoff < np.inf:
-        raise ValueError(f"--cutoff {args.cutoff:g}: give a positive force-constant cutoff in Å, e.g. --cutoff 5.8, "
-                         "or --shells N")
+    _check_sampling_arguments(args, seed_is_sampling=True)
+    shells, cutoff = _range_arguments(args)
+    if shells is None and cutoff is None and (args.model == "sampling" or args.checkpoint):
+        raise ValueError(f"{'--model sampling' if args.model == 'sampling' else '--checkpoint'} needs a fixed range: "
+                         "give --shells N or --cutoff Å (auto fits several models)")
     if args.prior_sigma is not None and not 0 < args.prior_sigma < np.inf:
         raise ValueError(f"--prior-sigma {args.prior_sigma:g}: give a positive width in eV/Å², e.g. --prior-sigma 0.05")
-    _check_sampling_arguments(args, seed_is_sampling=True)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else None
-    if checkpoint is not None and checkpoint.is_dir():
-        raise IsADirectoryError(f"--checkpoint {checkpoint} is a folder; give a file name, e.g. "
-                                f"{checkpoint / 'fit.ckpt'}")
-    if checkpoint is not None and not checkpoint.parent.is_dir():
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder {checkpoint.parent}; create it first")
+    checkpoint = _checkpoint_path(args)
     structure = _read_structure(args.structure)
     data = TDSData.read(args.data, structure=structure, temperature=args.temperature, bin=args.bin)
     temperature = data.require_temperature(args.temperature)
     reference = PhonopyForceConstants(args.reference) if args.reference else None
     if reference is not None:
-        _check_same_lattice(structure, args.structure, reference, args.reference)
-    shells = 5 if args.shells is None and args.cutoff is None else args.shells
-    fresh = ForceConstantModel(structure, shells=shells, cutoff=args.cutoff)
+        _check_same_lattice(structure, args.structure, reference, f"--reference {args.reference}")
+    if Path(args.start).exists():  # a phonopy start: of this crystal, said before the data are read
+        _check_same_lattice(structure, args.structure, PhonopyForceConstants(args.start), f"--start {args.start}")
+    fresh = ForceConstantModel(structure, shells=None if cutoff is not None else shells or 1, cutoff=cutoff)
+    born = _born(args, fresh)
+    if born is not None:
+        fresh.set_born(born, fit=args.fit_born)
     data = data.mask_bragg(args.bragg_radius, fresh.primitive.cell[:])
     if args.loss == "poisson":  # what fit() would refuse, before the (EMT) start
         if data.sigma is None:
@@ -409,27 +354,44 @@ def _fit_command(args) -> int:
                 "temperature": temperature, "statistics": args.statistics, "q": data.q[data.mask]}
     if args.model == "sampling":  # refuse a supercell the data do not fit before the (EMT) start
         sampling["supercell"] = _sampler(fresh, args.supercell, **sampling, verbose=False).supercell
-    if args.start == "springs" and args.debye_temperature is None:
-        from .fit import DEBYE_CANDIDATES, debye_temperature_from_data
-
-        chosen = debye_temperature_from_data(fresh, data, temperature, args.statistics)
-        print(f"start: springs at a Debye temperature of {chosen:.0f} K, the best of {len(DEBYE_CANDIDATES)} "
-              f"({DEBYE_CANDIDATES[0]:.0f}–{DEBYE_CANDIDATES[-1]:.0f} K) on the data")
-        start = fresh
-    else:
-        start = _start_model(fresh, structure, args.start, args.debye_temperature or 300.0)
-    model = copy.deepcopy(start)
-    model.to(_device(args.device))
-    options = {"sampler": _sampler(model, **sampling)} if args.model == "sampling" else _accuracy_options(args)
     optimizer = Optimizer(args.optimizer, max_iter=args.max_iter, first_fit_points=args.first_fit_points or None)
-    result = fit(model, data, temperature=temperature, method=args.model, statistics=args.statistics,
-                 scale=args.scale, background=args.background, compton=args.compton, loss=args.loss,
-                 checkpoint=checkpoint, tds_options=options, optimizer=optimizer, prior_sigma=args.prior_sigma)
-    model.cpu()
+    options = dict(temperature=temperature, method=args.model, statistics=args.statistics, scale=args.scale,
+                   background=args.background, compton=args.compton, loss=args.loss, optimizer=optimizer,
+                   prior_sigma=args.prior_sigma)
+    if shells is None and cutoff is None:  # the range the data choose
+        model, result = fit_range(structure, data, fit, start=args.start, born=born, fit_born=args.fit_born,
+                                  tds_options=_accuracy_options(args), **options)
+        start = None
+    else:
+        start = set_start(fresh, args.start, StartContext(data, temperature, args.statistics,
+                                                          args.debye_temperature, say=print))
+        model = copy.deepcopy(start).to(_device(args.device))
+        tds_options = {"sampler": _sampler(model, **sampling)} if args.model == "sampling" else _accuracy_options(args)
+        result = fit(model, data, checkpoint=checkpoint, tds_options=tds_options, **options)
+    return _report_fit(args, model.cpu(), result, data, start, reference)
+
+
+def _report_fit(args, model, result, data, start, reference) -> int:
+    """Print and write the fit's result; its exit code (0, NOT_CONVERGED or NOT_TRUSTED)."""
+    from . import distributed
+
     print(result.table())
-    if distributed.is_main():
-        result.save(args.out, model, data, start=start, reference=reference)
+    try:
+        if distributed.is_main():
+            result.save(args.out, model, data, start=start, reference=reference)
+    finally:  # every rank waits for rank 0's files: an exit code 3 or 4 must not stop rank 0 mid-save
+        distributed.barrier()
     print(f"wrote {args.out}/")
+    if not result.trusted and result.undetermined:
+        print("ase-tds: the data do not determine the force constants (some 1σ are not finite or absurdly large): "
+              "they are not error bars; check --temperature, the |Q| range and the data's units", file=sys.stderr)
+        return NOT_TRUSTED
+    if not result.trusted:
+        likely = result.missing_physics.get("likely")
+        print("ase-tds: the model does not describe the data (χ²_red {:.3g}): its 1σ are not error bars. {}".format(
+            result.chi2_red, f"Most likely missing: {likely}; cure: {result.missing_physics['cure']}" if likely else
+            "fit.json's missing_physics holds what was tried"), file=sys.stderr)
+        return NOT_TRUSTED
     if not result.status.get("converged", True):
         print(f"ase-tds: the fit did not converge ({result.status['reason']}); its best θ is written, and fit.json "
               "says so. Resume with --checkpoint and a larger --max-iter, or check the start", file=sys.stderr)
@@ -437,49 +399,50 @@ def _fit_command(args) -> int:
     return 0
 
 
-def _start_model(fresh, structure, start, debye_temperature: float = 300.0):
-    """`fresh` (a model with θ = 0) set from --start: emt | springs | zero | calculator:module.Class | a phonopy
-    file."""
-    if start == "zero":
-        return fresh
-    if start == "springs":
-        return fresh.set_from_springs(debye_temperature)
-    if start == "emt":
-        from ase.calculators.emt import EMT, parameters
-
-        missing = sorted(set(structure.get_chemical_symbols()) - set(parameters))
-        if missing:
-            raise ValueError(f"--start emt: ASE's EMT does not cover {missing}; use --start calculator:module.Class "
-                             "(any ASE calculator that does) or --start FILE (phonopy force constants)")
-        return fresh.set_from_calculator(EMT())
-    if start.startswith("calculator:"):
-        return fresh.set_from_calculator(_calculator(start))
-    return fresh.set_from_phonopy(start)
+def _range_arguments(args) -> tuple[int | None, float | None]:
+    """(shells, cutoff) of --shells / --cutoff; (None, None) for auto (the default where neither is given)."""
+    for name, value, kind in (("--shells", args.shells, int), ("--cutoff", args.cutoff, float)):
+        if value is None or value == "auto":
+            continue
+        try:
+            number = kind(value)
+        except ValueError:
+            number = None
+        if number is None or not 0 < number < np.inf:
+            example = "--shells 5" if kind is int else "--cutoff 5.8"
+            what = "number of neighbour shells" if kind is int else "force-constant cutoff in Å"
+            raise ValueError(f"{name} {value}: give a positive {what}, e.g. {example}, or auto (the range the "
+                             "data choose)")
+        return (number, None) if kind is int else (None, number)
+    return None, None
 
 
-def _calculator(spec: str):
-    """An ASE calculator from 'calculator:module.Class' (built with no arguments), e.g. a machine-learned potential."""
-    import importlib
+def _born(args, model):
+    """The Born charges of --born (phonopy's BORN) or, for --fit-born alone, a generic start; None without them."""
+    from .dipole import BornCharges
+    from .fitting.missing import generic_born
 
-    path = spec.split(":", 1)[1]
-    module_name, _, class_name = path.rpartition(".")
-    if not module_name:
-        raise ValueError(f"--start {spec}: give calculator:module.Class, e.g. calculator:ase.calculators.emt.EMT")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"--start {spec}: cannot import {class_name} from {module_name} ({err}); install the "
-                         "package or check the name") from err
-    try:
-        return cls()
-    except Exception as err:  # any constructor failure of a third-party calculator
-        raise ValueError(f"--start {spec}: {class_name}() failed ({type(err).__name__}: {err}); a calculator that "
-                         "needs arguments can be used from Python: model.set_from_calculator(calc)") from err
+    if args.born:
+        return BornCharges.from_phonopy_born(args.born, model.primitive)
+    return generic_born(model) if args.fit_born else None
+
+
+def _checkpoint_path(args) -> Path | None:
+    """--checkpoint as a Path (None without one), refused when it is a folder or its folder does not exist."""
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    if checkpoint is not None and checkpoint.is_dir():
+        raise IsADirectoryError(f"--checkpoint {checkpoint} is a folder; give a file name, e.g. "
+                                f"{checkpoint / 'fit.ckpt'}")
+    if checkpoint is not None and not checkpoint.parent.is_dir():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder {checkpoint.parent}; create it first")
+    if checkpoint is not None:
+        _check_writable("--checkpoint", checkpoint, checkpoint.parent)
+    return checkpoint
 
 
 def _run_simulate(args) -> int:
     from .covariance import UnstableError
-    from .data import simulate
+    from .forward import simulate
     from .model import ForceConstantModel
     from .structure import reciprocal_q
     from .phonopy_source import PhonopyForceConstants
@@ -488,7 +451,7 @@ def _run_simulate(args) -> int:
     structure = _read_structure(args.structure)
     # the sampling model needs a ForceConstantModel (its pairs on a supercell); the others use phonopy's as they are
     fc = ForceConstantModel.from_phonopy(args.fc) if args.model == "sampling" else PhonopyForceConstants(args.fc)
-    _check_same_lattice(structure, args.structure, fc, args.fc)
+    _check_same_lattice(structure, args.structure, fc, f"--fc {args.fc}")
     hkl = _read_hkl(Path(args.hkl), structure)
     fc.to(_device(args.device))
     options = _accuracy_options(args) if args.model == "gaussian" else {}
@@ -510,11 +473,11 @@ def _run_simulate(args) -> int:
 
 def _check_same_lattice(structure, structure_name, fc, fc_name) -> None:
     """Refuse force constants whose lattice (or orientation) is not that of `structure`'s cell."""
-    lattice = np.array(structure.cell[:]) @ np.linalg.inv(np.array(fc.primitive.cell[:]))
-    if np.abs(lattice - np.round(lattice)).max() > 1e-3:
-        raise ValueError(f"{structure_name}: its cell is not a lattice of the force constants' crystal in the same "
-                         f"orientation (cell · inv(primitive cell of {fc_name}) = {np.round(lattice, 3).tolist()} is not "
-                         "integer); give the structure the force constants were computed for")
+    from .structure import integer_matrix
+
+    integer_matrix(structure.cell[:], fc.primitive.cell[:],
+                   f"{structure_name}: its cell is not a lattice of the force constants' crystal ({fc_name}) in the "
+                   "same orientation", "give the structure the force constants were computed for")
 
 
 def _read_structure(name):
@@ -539,35 +502,28 @@ def _read_structure(name):
         raise StructureError(f"{path}: holds no periodic 3D unit cell (pbc={atoms.pbc.tolist()}, cell volume "
                              f"{abs(atoms.cell.volume):.3g} Å³), as a molecule does; give a crystal with its unit "
                              "cell, e.g. as CIF or POSCAR")
+    partial = {site: occupancy for site, occupancy in (atoms.info.get("occupancy") or {}).items()
+               if any(abs(value - 1) > 1e-6 for value in occupancy.values()) or len(occupancy) > 1}
+    if partial:
+        site, occupancy = next(iter(partial.items()))
+        raise StructureError(f"{path}: partial occupancy (site {site}: {occupancy}); ase_tds models an ordered "
+                             "crystal with every site fully occupied, so a disordered one would be fitted as if "
+                             "fully occupied; give an ordered structure (e.g. a supercell that places the atoms)")
     return atoms
 
 
 def _read_hkl(path: Path, structure) -> np.ndarray:
-    """hkl (N, 3) r.l.u. from a data file (HDF5 point list, NXdata, .npz), an .npy, or a text file of rows."""
-    import h5py
-
+    """hkl (N, 3) r.l.u. from any file of the reader table (ase_tds.io.readers): the hkl of a data file (HDF5
+    point list, NXdata, .npz, ...), or a list of points (HDF5 `hkl` alone, .npy, a text file of rows)."""
     from .data import TDSData
+    from .io.readers import reader_for
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such hkl file")
-    if h5py.is_hdf5(path):
-        with h5py.File(path, "r") as f:
-            hkl = f["hkl"][()] if "hkl" in f and "intensity" not in f else None
-        if hkl is None:
-            hkl = TDSData.read(path, structure=structure).hkl
-    elif path.suffix == ".npz":
-        hkl = TDSData.read(path, structure=structure).hkl
-    else:
-        try:
-            hkl = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, ndmin=2)
-        except ValueError as err:
-            raise ValueError(f"{path}: not a table of numbers ({err}); give one 'h k l' row per point") from None
-    hkl = np.asarray(hkl, dtype=float)
-    if hkl.ndim != 2 or hkl.shape[1] != 3 or len(hkl) == 0:
-        raise ValueError(f"{path}: hkl has shape {hkl.shape}; give N ≥ 1 rows of three numbers h k l, shape (N, 3)")
-    if not np.isfinite(hkl).all():
-        raise ValueError(f"{path}: hkl has NaN/inf values; give N ≥ 1 rows of three finite numbers h k l")
-    return hkl
+    reader = reader_for(path, points_only=True)
+    if reader.points_only:
+        return reader.read(path)["hkl"]
+    return TDSData.read(path, structure=structure).hkl
 
 
 def _run_export(args) -> int:
@@ -584,7 +540,7 @@ def _run_export(args) -> int:
 
 def _run_plot(args) -> int:
     from .data import TDSData
-    from .fit import FitResult
+    from .fitting import FitResult
     from .model import ForceConstantModel
     from .phonopy_source import PhonopyForceConstants
     from .atomic import write_files

@@ -21,22 +21,38 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from ase import units
 from scipy.special import zeta
 from torch.autograd.function import once_differentiable
 
 from .chunks import map_chunks, matrix_chunk
 from .source import ForceConstantSource
 from .structure import reciprocal_vectors, reduced_q
+from .units import HBAR_OMEGA_UNIT, KB
 
-KB = units.kB  # eV/K
-# ħω in eV for ω² = 1 eV/Å²/amu
-HBAR_OMEGA_UNIT = units._hbar * np.sqrt(units._e / (1e-20 * units._amu)) / units._e
 STATISTICS = ("classical", "quantum")
+# THz: a mode more imaginary than this (ν < −UNSTABLE_THZ) makes force constants dynamically unstable; above
+# it, an imaginary ν is rounding of an acoustic mode near Γ
+UNSTABLE_THZ = 1e-3
 
 
 class UnstableError(ArithmeticError):
     """Force constants that are not dynamically stable (D(q) not positive definite at some q)."""
+
+
+def unstable_modes(frequencies) -> np.ndarray:
+    """Where frequencies are dynamically unstable modes: ν < −UNSTABLE_THZ (the one stability test).
+
+    Args:
+        frequencies (array_like | torch.Tensor): ν, THz (any shape), imaginary modes as negative numbers (as
+            `ForceConstantSource.frequencies` gives them).
+
+    Returns:
+        bool array of the shape of `frequencies`: True for a mode more imaginary than UNSTABLE_THZ; `.any()`
+        says whether the force constants are unstable at these q.
+    """
+    if isinstance(frequencies, torch.Tensor):
+        frequencies = frequencies.detach().cpu().numpy()
+    return np.asarray(frequencies, dtype=float) < -UNSTABLE_THZ
 
 
 def check_statistics(statistics: str) -> None:
@@ -52,18 +68,32 @@ def check_statistics(statistics: str) -> None:
         raise ValueError(f"statistics must be 'classical' or 'quantum', got {statistics!r}")
 
 
-def check_temperature(temperature: float, statistics: str) -> None:
-    """Refuse a temperature that the statistics cannot use.
+def check_temperature(temperature: float, statistics: str | None) -> None:
+    """Refuse a temperature that cannot be used: the one temperature rule of ase_tds.
+
+    A model's temperature (ThermalCovariance, and so simulate, fit and export) is finite and ≥ 0 K, with 0 K
+    only for quantum statistics: there the displacements are the zero-point motion, while classically they
+    vanish and the crystal scatters no diffuse intensity at all. A measurement's temperature (statistics None:
+    a data file's attribute, or the temperature given for the data) is finite and > 0 K: no measurement is made
+    at 0 K, so a 0 there is a missing value written as a number, not a temperature to model.
 
     Args:
-        temperature: K: finite and > 0, or 0 with quantum statistics.
-        statistics: "classical" or "quantum".
+        temperature: K.
+        statistics: "classical" or "quantum" for a model's temperature; None for a measurement's.
 
     Raises:
-        ValueError: a negative or non-finite temperature, or 0 K with classical statistics.
+        TypeError: a temperature that is not a number.
+        ValueError: a negative or non-finite temperature, or 0 K with classical statistics or for a measurement.
     """
-    if not np.isfinite(temperature) or temperature < 0 or (temperature == 0 and statistics == "classical"):
-        raise ValueError(f"temperature must be > 0 K (≥ 0 K for quantum statistics), got {temperature!r}")
+    try:
+        if isinstance(temperature, (str, bytes)) or np.ndim(temperature) != 0:
+            raise TypeError
+        float(temperature)
+    except (TypeError, ValueError):
+        raise TypeError(f"temperature must be a number in K, e.g. 300.0; got {temperature!r}") from None
+    if not np.isfinite(temperature) or temperature < 0 or (temperature == 0 and statistics != "quantum"):
+        allowed = "" if statistics is None else " (≥ 0 K for quantum statistics)"
+        raise ValueError(f"temperature must be > 0 K{allowed}, got {temperature!r}")
 
 
 def thermal_energy(omega2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -405,17 +435,20 @@ class ThermalCovariance:
         """The series coefficients b_k where the quantum series converges (`quantum_series`), else None."""
         return quantum_series(self.source, self.temperature) if self.statistics == "quantum" else None
 
-    def lifted(self, q) -> LiftedDynamicalMatrix:
+    def lifted(self, q, q_direction=None) -> LiftedDynamicalMatrix:
         """D(q) of the source at Cartesian q (B, 3) Å⁻¹, with the translations lifted at Γ points.
 
         Args:
             q (array_like | torch.Tensor): Cartesian q (B, 3) Å⁻¹ (reshaped to (-1, 3)).
+            q_direction (torch.Tensor | None): (3,), the direction of approach at Γ points, for a source with a
+                dipole–dipole term (`has_dipole`); None: its non-analytic part left out there.
 
         Returns:
             D, D + cP, P and c; D (B, 3n, 3n) complex, eV/Å²/amu.
         """
         q = self._q(q)
-        dyn = self.source.dynamical_matrix(q)
+        has_dipole = getattr(self.source, "has_dipole", False)
+        dyn = self.source.dynamical_matrix(q, q_direction) if has_dipole else self.source.dynamical_matrix(q)
         c = gamma_lift(dyn).detach()  # C̃ does not depend on c: no gradient through it
         gamma = is_gamma(self.source, q)
         if not gamma.any():
@@ -424,8 +457,30 @@ class ThermalCovariance:
         proj = translation_projector(self.source.masses, torch.exp(-1j * (q @ pos.T))) * gamma[:, None, None]
         return LiftedDynamicalMatrix(dyn, dyn + c * proj, proj, c)
 
+    def _direction_averaged(self, func, q, *per_q) -> torch.Tensor:
+        """func(q, *per_q, q_direction) where D(q) is analytic; at the Γ points of a source with a dipole–dipole
+        term (its limit depends on the direction of approach), the average over the directions of
+        `ase_tds.dipole.GAMMA_DIRECTIONS`: a Γ point of a mesh stands for the cell around it."""
+        q = self._q(q)
+        if not getattr(self.source, "has_dipole", False):
+            return func(q, *per_q, None)
+        from .dipole import GAMMA_DIRECTIONS, at_gamma
+
+        gamma = at_gamma(q, self.source.primitive.cell[:])
+        if not gamma.any():
+            return func(q, *per_q, None)
+        pick = torch.nonzero(gamma)[:, 0]
+        rest = torch.nonzero(~gamma)[:, 0]
+        directions, weights = (torch.as_tensor(x, dtype=q.dtype, device=q.device) for x in GAMMA_DIRECTIONS)
+        at = sum(w * func(q[pick], *(x[pick] for x in per_q), d) for d, w in zip(directions, weights))
+        out = torch.zeros((len(q), *at.shape[1:]), dtype=at.dtype, device=at.device).index_put((pick,), at)
+        if len(rest):
+            out = out.index_put((rest,), func(q[rest], *(x[rest] for x in per_q), None))
+        return out
+
     def mass_weighted(self, q) -> torch.Tensor:
-        """M^{1/2} C̃(q) M^{1/2} (B, 3n, 3n) complex, Å²·amu: k_BT·D⁻¹ (classical) or h(D) (quantum).
+        """M^{1/2} C̃(q) M^{1/2} (B, 3n, 3n) complex, Å²·amu: k_BT·D⁻¹ (classical) or h(D) (quantum); at Γ points of
+        a source with a dipole–dipole term, averaged over the directions of approach.
 
         Args:
             q (array_like | torch.Tensor): Cartesian q (B, 3) Å⁻¹ (reshaped to (-1, 3)).
@@ -436,7 +491,10 @@ class ThermalCovariance:
         Raises:
             UnstableError: D(q) is not positive definite (beyond the translations at Γ) at some q.
         """
-        d = self.lifted(q)
+        return self._direction_averaged(self._mass_weighted, q)
+
+    def _mass_weighted(self, q, q_direction) -> torch.Tensor:
+        d = self.lifted(q, q_direction)
         series = self._series()
         if self.statistics == "quantum" and series is None:
             func = _quantum_h(self.temperature)
@@ -480,11 +538,14 @@ class ThermalCovariance:
         Raises:
             UnstableError: D(q) is not positive definite (beyond the translations at Γ) at some q.
         """
+        return self._direction_averaged(self._mass_weighted_form, q, v)
+
+    def _mass_weighted_form(self, q, v: torch.Tensor, q_direction) -> torch.Tensor:
         if self.statistics == "quantum" and self._series() is None:  # the eigen route
-            cov = self.mass_weighted(q)
+            cov = self._mass_weighted(q, q_direction)
             vc = v.to(cov.dtype)
             return torch.einsum("bi,bij,bj->b", vc.conj(), cov, vc).real
-        d = self.lifted(q)
+        d = self.lifted(q, q_direction)
         value = self.kbt * InverseForm.apply(d.lifted, v, "Q")
         if d.projector is not None:  # the lifted translations: subtract k_BT/c · v†Pv
             vc = v.to(d.projector.dtype)
@@ -761,3 +822,18 @@ def mesh_q(model, mesh, shift: bool = False) -> torch.Tensor:
     """
     q = reduced_grid(mesh, shift) @ reciprocal_vectors(model.primitive.cell[:])
     return torch.as_tensor(q, dtype=model.dtype, device=model.device)
+
+
+def lowest_frequency(model, mesh=(6, 6, 6)) -> float:
+    """The lowest phonon frequency (THz, imaginary as negative) of `model` on a Γ-centred q mesh, Γ left out.
+
+    `unstable_modes(lowest_frequency(model))` says whether the force constants are unstable on that mesh.
+
+    Args:
+        model (ForceConstantSource): anything with `frequencies(q)` and a primitive cell.
+        mesh (tuple[int, int, int]): (3,) q points per reciprocal axis of the primitive cell.
+
+    Returns:
+        The lowest frequency, THz; negative for an imaginary mode.
+    """
+    return float(model.frequencies(mesh_q(model, mesh)[1:]).min())

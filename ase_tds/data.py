@@ -3,14 +3,14 @@
 One point list: hkl (N, 3) in reciprocal-lattice units (r.l.u.) of `cell`, Cartesian Q (N, 3) in Å⁻¹
 with Q = 2π·hkl·inv(cell)ᵀ, intensity (N,), σ (N,) and a mask (N,) bool, True = use the point.
 Files (docs/data-format.md): an HDF5 point list, a NeXus NXdata volume on H, K, L axes, or an `.npz` with the
-point-list keys. Every problem with user data raises `TDSError` naming the file, the field and the fix.
+point-list keys, each read by its reader in ase_tds.io (the table ase_tds.io.readers.READERS). Every problem
+with user data raises `TDSError` naming the file, the field and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,15 +19,14 @@ import numpy as np
 from ase.geometry import cell_to_cellpar
 
 from .atomic import atomic_paths
-from .structure import reciprocal_q
+from .covariance import check_temperature
+from .io.base import TDSError
+from .io.readers import reader_for
+from .structure import StructureError, integer_matrix, reciprocal_q
 
 ABSOLUTE_UNITS = "e.u./atom"
 CELL_LENGTH_RTOL = 1e-3
 CELL_ANGLE_TOL_DEG = 0.1
-
-
-class TDSError(ValueError):
-    """Data that cannot be used; the message names the file, the field and the fix."""
 
 
 @dataclass(eq=False)
@@ -276,13 +275,14 @@ class TDSData:
         """
         hkl = self._require_hkl("mask_bragg")
         # a primitive reciprocal-lattice vector with integer coordinates m sits at hkl = m·Mᵀ, M = cell·inv(P)
-        lattice = np.eye(3) if primitive_cell is None else self.cell @ np.linalg.inv(_as_cell(primitive_cell))
-        if not np.allclose(lattice, np.round(lattice), atol=1e-3):
+        try:
+            lattice = np.eye(3) if primitive_cell is None else integer_matrix(self.cell, _as_cell(primitive_cell), "")
+        except StructureError as err:
             raise self._error(
-                "primitive_cell", "does not span the lattice of cell (cell·inv(primitive) is not an integer matrix)",
+                "primitive_cell", f"does not span the lattice of cell ({err})",
                 "give the primitive cell of the same crystal in the same Cartesian frame (e.g. from "
-                "ase_tds.structure.find_primitive)")
-        lattice_t = np.round(lattice).T
+                "ase_tds.structure.find_primitive)") from None
+        lattice_t = lattice.T
         m_nearest = np.round(hkl @ np.linalg.inv(lattice_t))
         offsets = np.array(np.meshgrid(*3 * [[-1, 0, 1]], indexing="ij")).reshape(3, -1).T
         candidates = (m_nearest[:, None, :] + offsets[None, :, :]) @ lattice_t  # (N, 27, 3) Bragg hkl
@@ -351,6 +351,8 @@ class TDSData:
     def read(cls, path, structure=None, temperature=None, bin: int = 1) -> TDSData:
         """Read a data file: an HDF5 point list (docs/data-format.md), a NeXus NXdata volume, or an `.npz` point list.
 
+        The format is the first of the reader table (ase_tds.io.readers.READERS) that takes the file.
+
         The structure may be left out only when the file stores the cell in a `cell` dataset; when both are
         there they must agree. `bin` (NeXus volumes only) averages bin³ voxels into one point (their mean hkl
         and mean intensity, σ = √Σσ²/n over the n measured voxels of the block; a remainder at the end of an
@@ -377,20 +379,12 @@ class TDSData:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such data file")
-        volume = False
-        if zipfile.is_zipfile(path):
-            fields = _read_npz(path)
-        elif h5py.is_hdf5(path):
-            with h5py.File(path, "r") as f:
-                volume = not ("hkl" in f or "intensity" in f)
-                fields = _read_nxdata(_find_nxdata(f, path), path, bin) if volume else _read_point_list(f, path)
-        else:
-            raise TDSError(f"{path}: neither HDF5 nor .npz; write the data as an HDF5 point list "
-                           "(datasets hkl, intensity, sigma, mask; attribute temperature — docs/data-format.md)")
-        if bin > 1 and not volume:
+        reader = reader_for(path)  # the format: ase_tds.io.readers.READERS
+        if bin > 1 and not reader.volume:
             raise TDSError(f"{path}: bin={bin} averages the voxels of a NeXus volume, and this file is a point list; "
                            "read it without bin")
-        stored_cell = fields.pop("cell")
+        fields = reader.read(path, bin=bin) if reader.volume else reader.read(path)
+        stored_cell = fields.pop("cell", None)
         if structure is None and stored_cell is None:
             raise TDSError(f"{path}: field 'hkl' indexes the cell of a structure file, and none was given; "
                            "pass the structure (e.g. TDSData.read(path, structure=atoms) or the STRUCTURE argument)")
@@ -467,8 +461,10 @@ class TDSData:
             value = float(np.asarray(value, dtype=float).reshape(()))
         except (TypeError, ValueError):
             raise self._error(field, f"is {value!r}, not one number", "give the temperature in K") from None
-        if not np.isfinite(value) or value <= 0:
-            raise self._error(field, f"is {value} K", "give a positive temperature in K")
+        try:  # a measurement's temperature: > 0 K (the one rule, covariance.check_temperature)
+            check_temperature(value, None)
+        except ValueError:
+            raise self._error(field, f"is {value} K", "give a positive temperature in K") from None
         return value
 
     def _require_hkl(self, operation) -> np.ndarray:
@@ -510,162 +506,6 @@ def add_poisson_noise(data: TDSData, counts: float, rng=None) -> TDSData:
     return dataclasses.replace(data, intensity=count / scale, sigma=np.sqrt(np.maximum(count, 1.0)) / scale)
 
 
-# ---- file readers: each returns the keyword arguments of TDSData.from_hkl plus the stored `cell` --------
-
-
-def _read_point_list(f: h5py.File, path: Path) -> dict:
-    for name in ("hkl", "intensity"):
-        if name not in f:
-            raise TDSError(f"{path}: no dataset '{name}'; a point list needs 'hkl' (N, 3) and 'intensity' (N,) "
-                           "(docs/data-format.md)")
-
-    def optional(name):
-        return f[name][()] if name in f else None
-
-    provenance = _text(f.attrs.get("provenance"))
-    try:
-        provenance = json.loads(provenance) if provenance else None
-    except json.JSONDecodeError:
-        provenance = None  # another program's attribute of that name: not ours to read
-    return dict(hkl=f["hkl"][()], intensity=f["intensity"][()], sigma=optional("sigma"), mask=optional("mask"),
-                temperature=f.attrs.get("temperature"), units=_text(f.attrs.get("units")), cell=optional("cell"),
-                provenance=provenance if isinstance(provenance, dict) else None)
-
-
-def _read_npz(path: Path) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        for name in ("hkl", "intensity"):
-            if name not in z:
-                raise TDSError(f"{path}: no array '{name}'; an .npz point list needs 'hkl' (N, 3) and "
-                               "'intensity' (N,) (docs/data-format.md)")
-
-        def optional(name):
-            return z[name] if name in z else None
-
-        units = optional("units")
-        return dict(hkl=z["hkl"], intensity=z["intensity"], sigma=optional("sigma"), mask=optional("mask"),
-                    temperature=optional("temperature"), units=None if units is None else str(units[()]),
-                    cell=optional("cell"))
-
-
-def _find_nxdata(f: h5py.File, path: Path) -> h5py.Group:
-    groups = []
-    f.visititems(lambda name, item: groups.append(item)
-                 if isinstance(item, h5py.Group) and _text(item.attrs.get("NX_class")) == "NXdata" else None)
-    if len(groups) == 1:
-        return groups[0]
-    if not groups:
-        raise TDSError(f"{path}: no datasets 'hkl' and 'intensity' (point list) and no NXdata group; "
-                       "write the data as in docs/data-format.md")
-    node = f  # several volumes: follow the NeXus `default` attributes from the root
-    while isinstance(node, h5py.Group) and _text(node.attrs.get("NX_class")) != "NXdata":
-        default = _text(node.attrs.get("default"))
-        if default is None or default not in node:
-            raise TDSError(f"{path}: several NXdata groups ({', '.join(g.name for g in groups)}); "
-                           "name the one to read with the `default` attributes of the root and entry")
-        node = node[default]
-    return node
-
-
-NEXUS_SLAB_VOXELS = 2**22  # voxels read at a time from a NeXus volume
-
-
-def _read_nxdata(group: h5py.Group, path: Path, bin: int = 1) -> dict:
-    """The measured voxels of an NXdata volume (or bin³ averages of them), read in slabs along its first axis."""
-    where = f"{path}:{group.name}"
-    signal_name = _text(group.attrs.get("signal"))
-    if signal_name is None:  # older style: signal=1 on the dataset itself
-        signal_name = next((name for name, item in group.items()
-                            if isinstance(item, h5py.Dataset) and _text(item.attrs.get("signal")) == "1"), None)
-    if signal_name is None or signal_name not in group:
-        raise TDSError(f"{where}: field 'signal' does not name an intensity dataset; set the group attribute "
-                       "signal='<dataset name>'")
-    signal = group[signal_name]  # an h5py dataset: read below in slabs
-    if signal.ndim != 3:
-        raise TDSError(f"{where}: field '{signal_name}' has shape {signal.shape}; an NXdata volume needs a 3D "
-                       "intensity on H, K, L axes")
-    axes = group.attrs.get("axes", signal.attrs.get("axes"))
-    axes = [_text(a) for a in np.atleast_1d(axes)] if axes is not None else []
-    if len(axes) == 1:
-        axes = axes[0].replace(",", ":").split(":")
-    if len(axes) != 3 or any(a not in group for a in axes):
-        raise TDSError(f"{where}: field 'axes' is {axes}; set axes=['H', 'K', 'L'] naming three 1D axis datasets "
-                       "of the group")
-    # the axes by name, in any order of the signal's dimensions: H, K, L (also "h", "[H,0,0]", ...)
-    components = ["".join(c for c in a.lower() if c not in "[], 0") for a in axes]
-    if sorted(components) != ["h", "k", "l"]:
-        raise TDSError(f"{where}: field 'axes' is {axes}; name the three axis datasets H, K and L (any order), "
-                       "e.g. axes=['H', 'K', 'L'], so that each dimension's reciprocal-lattice direction is known")
-    centres = []
-    for dim, name in enumerate(axes):
-        values = np.asarray(group[name][()], dtype=float).ravel()
-        n = signal.shape[dim]
-        if len(values) == n + 1:  # histogram bin edges
-            values = 0.5 * (values[1:] + values[:-1])
-        if len(values) != n:
-            raise TDSError(f"{where}: field '{name}' has {len(values)} values but the intensity has {n} along "
-                           f"axis {dim}; give one value (or n+1 bin edges) per voxel")
-        centres.append(values)
-    errors_name = next((n for n in ("errors", f"{signal_name}_errors") if n in group), None)
-    errors = None if errors_name is None else group[errors_name]
-    if errors is not None and errors.shape != signal.shape:
-        raise TDSError(f"{where}: field '{errors_name}' has {errors.size} values for {signal.size} voxels; "
-                       "give one σ per voxel")
-    shape = np.array(signal.shape) // bin
-    if np.any(shape == 0):
-        raise TDSError(f"{where}: bin={bin} is larger than the volume {signal.shape}; use a smaller bin")
-    centres = [c[: n * bin].reshape(n, bin).mean(axis=1) for c, n in zip(centres, shape)]
-    rows = max(1, NEXUS_SLAB_VOXELS // (int(np.prod(signal.shape[1:])) * bin)) * bin  # voxel rows per slab
-    parts = []
-    for start in range(0, shape[0] * bin, rows):
-        stop = min(start + rows, shape[0] * bin)
-        block = np.asarray(signal[start:stop, : shape[1] * bin, : shape[2] * bin], dtype=float)
-        sigma = None if errors is None else np.asarray(errors[start:stop, : shape[1] * bin, : shape[2] * bin],
-                                                         dtype=float)
-        measured = np.isfinite(block) & (np.isfinite(sigma) if sigma is not None else True)
-        grouped = lambda a: a.reshape(-1, bin, shape[1], bin, shape[2], bin).sum(axis=(1, 3, 5))
-        count = grouped(measured.astype(float))
-        mean = grouped(np.where(measured, block, 0.0)) / np.maximum(count, 1)
-        keep = np.nonzero(count > 0)
-        index = (keep[0] + start // bin, keep[1], keep[2])
-        sig = None if sigma is None else np.sqrt(grouped(np.where(measured, sigma, 0.0) ** 2))[keep] / count[keep]
-        parts.append((np.stack([centres[d][index[d]] for d in range(3)], axis=-1), mean[keep], sig))
-    hkl = np.concatenate([p[0] for p in parts]).reshape(-1, 3)[:, [components.index(c) for c in "hkl"]]
-    values = np.concatenate([p[1] for p in parts])
-    sigma = None if errors is None else np.concatenate([p[2] for p in parts])
-    return dict(hkl=hkl, intensity=values, sigma=sigma, mask=None, temperature=_nexus_temperature(group),
-                units=_text(signal.attrs.get("units", group.attrs.get("units"))),
-                cell=group["cell"][()] if "cell" in group else None)
-
-
-def _nexus_temperature(group: h5py.Group):
-    """The `temperature` attribute of the NXdata group or of an ancestor, or of an ancestor's `sample`."""
-    node = group
-    while True:
-        if "temperature" in node.attrs:
-            return node.attrs["temperature"]
-        sample = node.get("sample")
-        if isinstance(sample, h5py.Group):
-            if "temperature" in sample.attrs:
-                return sample.attrs["temperature"]
-            if isinstance(sample.get("temperature"), h5py.Dataset):
-                return float(np.mean(sample["temperature"][()]))
-        if node.name == "/":
-            return None
-        node = node.parent
-
-
-def _text(value) -> str | None:
-    """An HDF5/npz attribute as str (bytes decoded; a 1-element array unwrapped), or None."""
-    if value is None:
-        return None
-    if isinstance(value, np.ndarray) and value.size == 1:
-        value = value.reshape(()).item()
-    if isinstance(value, bytes):
-        return value.decode()
-    return str(value)
-
-
 def _is_rows_of_3(array) -> bool:
     """True for a finite numeric array of shape (N, 3)."""
     array = np.asarray(array)
@@ -695,88 +535,3 @@ def _compare_cells(cell, structure_cell, source: str, structure_name: str) -> No
 
 def _format_cellpar(cellpar) -> str:
     return ", ".join(f"{x:.4f}" for x in cellpar)
-
-
-def points_in_sphere(model, n: int, q_max: float, rng=None) -> np.ndarray:
-    """n random hkl (n, 3) in r.l.u. of `model.unitcell`, uniform in the ball |Q| ≤ q_max: points for synthetic data.
-
-    Args:
-        model: a force-constant source (its `unitcell` and `q_from_hkl`).
-        n: how many points.
-        q_max: the ball's radius, Å⁻¹.
-        rng (numpy.random.Generator | int | None): random numbers (or their seed).
-
-    Returns:
-        hkl (n, 3), r.l.u. of the unit cell.
-    """
-    rng = np.random.default_rng(rng)
-    box = q_max * np.linalg.norm(model.unitcell.cell[:], axis=1) / (2 * np.pi)
-    points = []
-    while sum(len(p) for p in points) < n:
-        hkl = rng.uniform(-box, box, size=(4 * n, 3))
-        points.append(hkl[np.linalg.norm(model.q_from_hkl(hkl), axis=1) <= q_max])
-    return np.concatenate(points)[:n]
-
-
-def simulate(model, hkl, temperature: float, method: str = "gaussian", statistics: str = "quantum",
-             cell=None, counts: float | None = None, rng=None, tds_options: dict | None = None) -> TDSData:
-    """Synthetic TDS in absolute units (e.u./atom) at hkl (N, 3) from force constants `model`: a
-    ForceConstantModel, or a PhonopyForceConstants (phonopy's force constants used as they are).
-
-    hkl in r.l.u. of `cell` (default the model's unit cell); counts: Poisson noise with the mean
-    intensity at that many counts (σ written alongside), None for noise-free data.
-    The gaussian model chooses its grid for the largest |Q| (`TDSModel`, `converged_grid`); `provenance` records
-    the model's settings and its own error estimate (`TDSModel.discretisation_error`: median and largest relative).
-    method "sampling" (give tds_options=dict(sampler=...)): σ holds the Monte-Carlo standard error of the
-    sampled mean (floored at 1e-9 of the largest |I|, for Q where every sample scatters alike, e.g. Q = 0),
-    added in quadrature to the counting σ when counts are given.
-
-    Args:
-        model (ForceConstantModel | PhonopyForceConstants): ForceConstantModel or PhonopyForceConstants.
-        hkl (array_like): (N, 3) r.l.u. of `cell`.
-        temperature: K.
-        method: "one-phonon", "gaussian" (all orders) or "sampling" (`TDSModel`).
-        statistics: "quantum" (Bose–Einstein) or "classical" phonon occupation.
-        cell (array_like | None): lattice vectors (3, 3) Å as rows; None = the model's unit cell.
-        counts: counts at the mean intensity for Poisson noise; None = noise-free.
-        rng (np.random.Generator | int | None): numpy Generator or seed for the noise; None = fresh entropy.
-        tds_options: further keyword arguments of `TDSModel` (e.g. sampler, grid, dw_mesh); None = defaults.
-
-    Returns:
-        TDSData in e.u./atom at the N points, with temperature, provenance and (with noise or sampling) σ.
-
-    Raises:
-        ValueError: an unknown method or statistics, or invalid `TDSModel` options.
-        UnstableError: force constants that are not dynamically stable (imaginary modes).
-    """
-    import torch
-
-    from .tds import TDSModel
-
-    cell = np.array(model.unitcell.cell[:] if cell is None else cell, dtype=float)
-    q = reciprocal_q(hkl, cell)
-    options = dict(tds_options or {})
-    if method == "gaussian":
-        options.setdefault("q_max", float(np.linalg.norm(q, axis=1).max()))
-    tds = TDSModel(model, temperature, method=method, statistics=statistics, **options)
-    stderr = None
-    with torch.no_grad():
-        if method == "sampling":
-            intensity, stderr = (x.cpu().numpy() for x in tds.sampler.intensity(tds, q))
-            stderr = np.maximum(stderr, max(1e-9 * np.abs(intensity).max(), np.finfo(float).tiny))
-        else:
-            intensity = tds(q).cpu().numpy()
-        delta = tds.discretisation_error(q).cpu().numpy()
-    relative = delta / np.maximum(np.abs(intensity), np.finfo(float).tiny)
-    provenance = {"model": tds.settings(), "force_constants": repr(model),
-                  "model_error": {"estimate": "|I(grid) − I(1.5 × grid)|" if method == "gaussian" else "none",
-                                  "median_relative": float(np.median(relative)),
-                                  "max_relative": float(relative.max())}}
-    data = TDSData.from_hkl(hkl, intensity, cell, sigma=stderr, temperature=temperature, units=ABSOLUTE_UNITS,
-                            source="simulated", provenance=provenance)
-    if counts is None:
-        return data
-    noisy = add_poisson_noise(data, counts, rng)
-    if stderr is None:
-        return noisy
-    return dataclasses.replace(noisy, sigma=np.hypot(noisy.sigma, stderr))

@@ -70,6 +70,13 @@ def start(device: str = "cpu") -> bool:
     return True
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (nothing on one process): e.g. rank 0's files are written before any rank
+    exits, since torchrun stops the others as soon as one exits with a non-zero code."""
+    if active():
+        dist.barrier()
+
+
 def stop() -> None:
     """Leave the process group, if any."""
     if active():

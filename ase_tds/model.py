@@ -8,7 +8,6 @@ symmetry-adapted basis. Everything from θ on is a differentiable torch graph on
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +17,10 @@ from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
 from .basis import build_basis
-from .covariance import HBAR_OMEGA_UNIT, KB, mesh_q
+from .born import BornParameters
+from .dynamical import assemble_dynamical_matrix, fold_pairs, group_by_block, row_sum_bound
+from .phonopy_load import load_phonopy, short_range_force_constants
+from .covariance import mesh_q, unstable_modes
 from .source import SourceTensors
 from .structure import (
     StructureError,
@@ -33,14 +35,13 @@ from .structure import (
     to_ase_atoms,
     to_phonopy_atoms,
 )
+from .units import HBAR_OMEGA_UNIT, KB, THZ_PER_SQRT_EV_A2_AMU
 
 # eV/Å²: force constants below this are rounding noise of a file (phonopy writes 15 decimals)
 NEGLIGIBLE = 1e-8
-# √(eV/Å²/amu) in THz (ν = √λ · THZ_PER_SQRT_EV_A2_AMU / 2π folded in); phonopy's VaspToTHz
-THZ_PER_SQRT_EV_A2_AMU = 15.633302300230191
 
 
-class ForceConstantModel(SourceTensors, torch.nn.Module):
+class ForceConstantModel(BornParameters, SourceTensors, torch.nn.Module):
     """Symmetry-reduced harmonic force constants of a crystal, with θ the only trainable parameter.
 
     ForceConstantModel(atoms, shells=5) or ForceConstantModel(atoms, cutoff=5.8): `atoms` is any
@@ -74,6 +75,7 @@ class ForceConstantModel(SourceTensors, torch.nn.Module):
         self.symprec = symprec
         self.basis = build_basis(self.primitive, self.cutoff, symprec=symprec)
         self.labels = list(self.basis.labels)
+        self.born_basis = None  # the basis of fitted Born charges and ε∞ (`set_born(fit=True)`), else None
 
         self.theta = torch.nn.Parameter(torch.zeros(self.basis.n_params, dtype=dtype))
         masses = self.primitive.get_masses()
@@ -115,6 +117,11 @@ class ForceConstantModel(SourceTensors, torch.nn.Module):
         """
         return dict(zip(self.labels, self.theta.detach().cpu().tolist()))
 
+    def unit_of(self, index: int) -> str:
+        """The unit of θ[index]: eV/Å² for a force constant, e for a Born charge, none ("") for ε∞."""
+        label = self.labels[index]
+        return "e" if label.startswith("Z*") else "" if label.startswith("ε∞") else "eV/Å²"
+
     def table(self, uncertainties=None) -> str:
         """Plain-text table of label, value (eV/Å²) and unit, and 1σ when `uncertainties` (n_params,) are given.
 
@@ -126,7 +133,7 @@ class ForceConstantModel(SourceTensors, torch.nn.Module):
         """
         lines = [f"{'label':<14}{'value':>12}  unit" + ("         1σ" if uncertainties is not None else "")]
         for i, (label, value) in enumerate(self.parameter_dict().items()):
-            line = f"{label:<14}{value:>12.5f}  eV/Å²"
+            line = f"{label:<14}{value:>12.5f}  {self.unit_of(i):<5}"
             if uncertainties is not None:
                 line += f"  {float(uncertainties[i]):>9.5f}"
             lines.append(line)
@@ -143,18 +150,22 @@ class ForceConstantModel(SourceTensors, torch.nn.Module):
         flat = flat.index_add(0, self.tensor_entry, self.theta[self.tensor_param] * self.tensor_value)
         return flat.reshape(-1, 3, 3)
 
-    def dynamical_matrix(self, q) -> torch.Tensor:
-        """D(q) (B, 3n, 3n) complex, eV/Å²/amu, for Cartesian q (B, 3) in Å⁻¹ (phases from atomic positions).
+    def dynamical_matrix(self, q, q_direction=None) -> torch.Tensor:
+        """D(q) (B, 3n, 3n) complex, eV/Å²/amu, for Cartesian q (B, 3) in Å⁻¹ (phases from atomic positions): the
+        force constants', plus the dipole–dipole term where the crystal has Born charges (`set_born`).
 
         Args:
             q (array_like | torch.Tensor): Cartesian q (B, 3) Å⁻¹ (array or tensor; reshaped to (B, 3)).
+            q_direction (array_like | torch.Tensor | None): (B, 3) or (3,), the direction of approach at Γ points
+                (the non-analytic term); None: left out there.
 
         Returns:
             D(q) (B, 3n, 3n) complex eV/Å²/amu, n = `n_atoms`, differentiable in θ.
         """
         q = torch.as_tensor(q, dtype=self.dtype, device=self.device).reshape(-1, 3)
         angle = torch.einsum("ba,kma->bkm", q, self.block_vectors)
-        return assemble_dynamical_matrix(angle, self.block_weighted, self.n_atoms)
+        dyn = assemble_dynamical_matrix(angle, self.block_weighted, self.n_atoms)
+        return dyn if self.born is None else dyn + self.dipole_matrix(q, q_direction)
 
     @property
     def block_weighted(self) -> torch.Tensor:
@@ -167,7 +178,7 @@ class ForceConstantModel(SourceTensors, torch.nn.Module):
         Returns:
             The bound, eV/Å²/amu.
         """
-        return row_sum_bound(self.block_weighted, self.n_atoms)
+        return row_sum_bound(self.block_weighted, self.n_atoms) + self.dipole_bound()
 
     def frequencies(self, q) -> np.ndarray:
         """Phonon frequencies (B, 3n) in THz at Cartesian q (B, 3) Å⁻¹; imaginary modes as negative numbers.
@@ -279,7 +290,12 @@ class ForceConstantModel(SourceTensors, torch.nn.Module):
         rows = supercell.primitive.p2s_map if layout == "compact" else np.arange(len(sc))
         if layout not in ("compact", "full"):
             raise ValueError(f"layout must be 'compact' or 'full', got {layout!r}")
-        return self._fold(self.pair_force_constants(), sc.positions, sc.cell, rows)
+        short = self._fold(self.pair_force_constants(), sc.positions, sc.cell, rows)
+        if self.born is None:
+            return short
+        from .dipole import dipole_force_constants
+
+        return short + dipole_force_constants(supercell, self.primitive, self.born_charges(), layout)
 
     def _fold(self, pair_fc: torch.Tensor, positions, cell, rows) -> torch.Tensor:
         """Sum per-pair blocks (P, 3, 3) into an array (len(rows), N, 3, 3) on a supercell."""
@@ -304,6 +320,8 @@ class ForceConstantModel(SourceTensors, torch.nn.Module):
                      primitive_matrix=self.primitive_matrix, symprec=self.symprec)
         with torch.no_grad():
             ph.force_constants = self.force_constants(ph, "compact").cpu().numpy()
+            if self.born is not None:
+                ph.nac_params = self.born_charges().nac_params(self.primitive, ph)
         return ph
 
     # ------------------------------------------------------------------ initial values
@@ -318,13 +336,33 @@ class ForceConstantModel(SourceTensors, torch.nn.Module):
             The model itself.
 
         Raises:
-            ValueError: θ of another shape.
+            ValueError: θ of another shape, or not finite.
         """
-        theta = torch.as_tensor(np.asarray(theta, dtype=float))
+        try:
+            theta = torch.as_tensor(np.asarray(theta, dtype=float))
+        except (TypeError, ValueError):
+            raise TypeError(f"theta must be {self.n_params} numbers (eV/Å², in the order {', '.join(self.labels)}); "
+                            f"got {type(theta).__name__}") from None
         if theta.shape != self.theta.shape:
             raise ValueError(f"expected {self.n_params} parameters ({', '.join(self.labels)}), got shape {tuple(theta.shape)}")
+        if not torch.isfinite(theta).all():
+            bad = [label for label, value in zip(self.labels, theta.tolist()) if not np.isfinite(value)]
+            raise ValueError(f"force constants must be finite numbers (eV/Å²); {', '.join(bad)} are not")
         self.theta.copy_(theta)
         return self
+
+    def set_force_constants(self, values) -> "ForceConstantModel":
+        """Set the force-constant part of θ (the first `basis.n_params`, eV/Å²), leaving fitted Born parameters.
+
+        Args:
+            values (array_like): (basis.n_params,) eV/Å², in the order of `basis.labels`.
+
+        Returns:
+            The model itself.
+        """
+        theta = self.theta.detach().cpu().numpy().copy()
+        theta[:self.basis.n_params] = np.asarray(values, dtype=float)
+        return self.set_parameters(theta)
 
     def set_from_bvk(self, constants: dict) -> "ForceConstantModel":
         """Set θ from a {label: value eV/Å²} dict (labels as in `self.labels`; missing ones become 0).
@@ -338,10 +376,10 @@ class ForceConstantModel(SourceTensors, torch.nn.Module):
         Raises:
             KeyError: a label the model does not have.
         """
-        unknown = sorted(set(constants) - set(self.labels))
+        unknown = sorted(set(constants) - set(self.basis.labels))
         if unknown:
-            raise KeyError(f"unknown force-constant label(s) {unknown}; this model's labels are {self.labels}")
-        return self.set_parameters([float(constants.get(label, 0.0)) for label in self.labels])
+            raise KeyError(f"unknown force-constant label(s) {unknown}; this model's labels are {self.basis.labels}")
+        return self.set_force_constants([float(constants.get(label, 0.0)) for label in self.basis.labels])
 
     @classmethod
     def from_phonopy(cls, source) -> ForceConstantModel:
@@ -402,16 +440,20 @@ class ForceConstantModel(SourceTensors, torch.nn.Module):
             ValueError: an unreadable file, or one without force constants.
         """
         ph = load_phonopy(phonopy_or_path)
-        fc = np.asarray(ph.force_constants)
+        fc = short_range_force_constants(ph, self.primitive)
+        if ph.nac_params is not None and self.born is None:
+            from .dipole import BornCharges
+
+            self.set_born(BornCharges.from_phonopy_born(ph, self.primitive))
         sc = ph.supercell
         rows = ph.primitive.p2s_map if fc.shape[0] != fc.shape[1] else np.arange(len(sc))
         self._check_species(sc)
         design = self._fold(torch.as_tensor(self.basis.tensors).permute(1, 2, 3, 0), sc.positions, sc.cell, rows)
-        design = design.reshape(-1, self.n_params).numpy()
-        if np.linalg.matrix_rank(design) < self.n_params:
+        design = design.reshape(-1, self.basis.n_params).numpy()
+        if np.linalg.matrix_rank(design) < self.basis.n_params:
             raise StructureError("the phonopy supercell is too small to determine all force constants of "
                                  f"this model (cutoff {self.cutoff:.3f} Å); use force constants from a larger supercell")
-        return self.set_parameters(np.linalg.lstsq(design, fc.reshape(-1), rcond=None)[0])
+        return self.set_force_constants(np.linalg.lstsq(design, fc.reshape(-1), rcond=None)[0])
 
     def set_from_springs(self, debye_temperature: float = 300.0, decay: float = 0.5) -> "ForceConstantModel":
         """A generic start for any crystal: central springs between every pair within the cutoff.
@@ -445,10 +487,10 @@ class ForceConstantModel(SourceTensors, torch.nn.Module):
         for kappa in range(self.n_atoms):  # on-site: −Σ of the off-site blocks of atom κ
             site = np.nonzero((self.basis.atom0 == kappa) & ~off)[0]
             pair_fc[site] = -pair_fc[(self.basis.atom0 == kappa) & off].sum(axis=0)
-        self.set_parameters(self.basis.project(pair_fc))
+        self.set_force_constants(self.basis.project(pair_fc))
         q = mesh_q(self, (8, 8, 8))[1:]  # Γ (the translations) left out
         lowest = self.frequencies(q).min()
-        if lowest < -1e-6:
+        if unstable_modes(lowest):
             raise StructureError(f"central springs within the cutoff {self.cutoff:.3f} Å leave this crystal unstable "
                                  f"(imaginary {-lowest:.3g} THz): use a larger cutoff (more shells), or start from a "
                                  "calculator or a phonopy file")
@@ -456,7 +498,7 @@ class ForceConstantModel(SourceTensors, torch.nn.Module):
             omega2 = torch.linalg.eigvalsh(self.dynamical_matrix(q)).clamp(min=0).mean().item()  # eV/Å²/amu
         hbar_omega_debye = HBAR_OMEGA_UNIT * np.sqrt(5 / 3 * omega2)
         scale = (KB * debye_temperature / hbar_omega_debye) ** 2
-        return self.set_parameters(self.theta.detach().cpu().numpy() * scale)
+        return self.set_force_constants(self.theta.detach().cpu().numpy()[:self.basis.n_params] * scale)
 
     def set_from_calculator(self, calc, supercell_matrix=None, displacement: float = 0.01,
                             progress: bool = True) -> "ForceConstantModel":
@@ -497,127 +539,3 @@ class ForceConstantModel(SourceTensors, torch.nn.Module):
         expected = np.array(self.primitive.get_chemical_symbols())[kappa]
         if not np.array_equal(expected, np.array(phonopy_supercell.symbols)):
             raise StructureError("the phonopy structure's species do not match the model's crystal")
-
-
-def group_by_block(block: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs grouped by atom block b = κ·n + κ' (P,): (slots (n², m) pair indices, filled (n², m) 0/1).
-
-    m is the largest group; shorter groups are padded with pair 0 and filled = 0, so that a padded
-    pair contributes nothing once its weight is multiplied by `filled`.
-
-    Args:
-        block: (P,) int block index κ·n + κ' of each pair.
-        n: atoms in the primitive cell.
-
-    Returns:
-        slots (n², m) int pair indices and filled (n², m) float 0/1.
-    """
-    block = np.asarray(block)
-    counts = np.bincount(block, minlength=n * n)
-    order = np.argsort(block, kind="stable")
-    rank = np.arange(len(block)) - np.repeat(np.cumsum(counts) - counts, counts)
-    slots = np.zeros((n * n, max(int(counts.max()), 1)), dtype=np.int64)
-    filled = np.zeros(slots.shape)
-    slots[block[order], rank] = order
-    filled[block[order], rank] = 1.0
-    return slots, filled
-
-
-def assemble_dynamical_matrix(angle: torch.Tensor, weighted: torch.Tensor, n: int) -> torch.Tensor:
-    """D (B, 3n, 3n) complex: block κ,κ' = Σ_m e^{i·angle[b, k, m]} weighted[k, m], k = κ·n + κ'.
-
-    angle (B, n², m) rad; weighted (n², m, 3, 3) Φ/√(m_κ m_κ') in eV/Å²/amu, zero for padding (see
-    `group_by_block`). Two real batched matmuls, cos and sin: no scatter, no complex exponentials.
-
-    Args:
-        angle: q·r per pair (B, n², m) rad.
-        weighted: Φ/√(m_κ m_κ') (n², m, 3, 3) eV/Å²/amu.
-        n: atoms in the primitive cell.
-
-    Returns:
-        D (B, 3n, 3n) complex eV/Å²/amu.
-    """
-    w = weighted.reshape(n * n, -1, 9)
-    real = torch.einsum("bkm,kme->bke", torch.cos(angle), w)
-    imag = torch.einsum("bkm,kme->bke", torch.sin(angle), w)
-    # one pass from the block layout (B, κ, κ', α, β) to (B, κα, κ'β)
-    real, imag = (part.reshape(-1, n, n, 3, 3).permute(0, 1, 3, 2, 4) for part in (real, imag))
-    return torch.complex(real, imag).reshape(-1, 3 * n, 3 * n)
-
-
-def row_sum_bound(weighted: torch.Tensor, n: int) -> float:
-    """max over rows and columns of Σ|w| for weighted (n², m, 3, 3) as in `assemble_dynamical_matrix`.
-
-    Every |D_ij(q)| ≤ Σ_pairs |w_ij|, so this bounds ‖D(q)‖∞ and ‖D(q)‖₁, hence every eigenvalue of
-    D(q) (and of (D + D†)/2), at every q.
-
-    Args:
-        weighted: Φ/√(m_κ m_κ') (n², m, 3, 3) eV/Å²/amu.
-        n: atoms in the primitive cell.
-
-    Returns:
-        The bound, eV/Å²/amu.
-    """
-    with torch.no_grad():
-        entries = weighted.abs().reshape(n, n, -1, 3, 3).sum(2)  # (κ, κ', α, β)
-        rows, cols = entries.sum(dim=(1, 3)), entries.sum(dim=(0, 2))
-        return float(torch.maximum(rows.max(), cols.max()))
-
-
-def fold_pairs(pair_fc: torch.Tensor, entries, n_rows: int, n_super: int) -> torch.Tensor:
-    """Sum per-pair blocks (P, ...) into (n_rows, n_super, ...) at `entries` (M, 3): (row, pair, column).
-
-    Args:
-        pair_fc: per-pair blocks (P, ...), e.g. Φ (P, 3, 3) eV/Å².
-        entries (array_like): (M, 3) int (row, pair, column), as `ForceConstantModel.supercell_columns` gives.
-        n_rows: rows of the result.
-        n_super: atoms N of the supercell.
-
-    Returns:
-        (n_rows, n_super, ...) in the units of `pair_fc`, differentiable in it.
-    """
-    entries = torch.as_tensor(entries, device=pair_fc.device)
-    flat = torch.zeros(n_rows * n_super, *pair_fc.shape[1:], dtype=pair_fc.dtype, device=pair_fc.device)
-    flat.index_add_(0, entries[:, 0] * n_super + entries[:, 2], pair_fc[entries[:, 1]])
-    return flat.reshape(n_rows, n_super, *pair_fc.shape[1:])
-
-
-def load_phonopy(source):
-    """A phonopy.Phonopy with force constants: `source` is one already, a phonopy.load-able yaml, or a folder
-    holding phonopy_params.yaml (what `ase-tds fit` writes).
-
-    Force constants are read as stored, or produced from forces when the file holds only those.
-    Bare FORCE_CONSTANTS / force_constants.hdf5 files are refused: they lack the crystal structure.
-
-    Args:
-        source (phonopy.Phonopy | str | Path): phonopy.Phonopy, a phonopy.load-able yaml, or a folder holding
-            phonopy_params.yaml.
-
-    Returns:
-        (phonopy.Phonopy): with force constants (eV/Å²).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: a bare force-constants file, an unreadable file, or no force constants nor forces.
-    """
-    if isinstance(source, (str, Path)):
-        import phonopy
-
-        path = Path(source)
-        if path.is_dir():
-            path = path / "phonopy_params.yaml"
-        if not path.exists():
-            raise FileNotFoundError(f"no phonopy file at {path}: give a phonopy.load-able yaml or a folder "
-                                    "holding phonopy_params.yaml")
-        if path.name.startswith("FORCE_CONSTANTS") or path.suffix in (".hdf5", ".h5"):
-            raise ValueError(f"{path} holds force constants without the crystal structure they belong to; "
-                             "pass the phonopy_params.yaml written next to it (structure and force constants in one file)")
-        try:
-            source = phonopy.load(path, log_level=0)
-        except Exception as err:  # phonopy reports unreadable files in many ways
-            raise ValueError(f"phonopy could not read {path} ({type(err).__name__}: {err}); "
-                             "expected a phonopy.yaml-like file such as phonopy_params.yaml") from err
-    if getattr(source, "force_constants", None) is None:
-        raise ValueError("the phonopy data hold no force constants (nor forces to produce them); produce them "
-                         "first (ph.produce_force_constants()) or save with Phonopy.save(settings={'force_constants': True})")
-    return source

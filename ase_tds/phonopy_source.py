@@ -13,14 +13,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .model import (
-    ForceConstantModel,
-    assemble_dynamical_matrix,
-    group_by_block,
-    load_phonopy,
-    reciprocal_q,
-    row_sum_bound,
-)
+from .dynamical import assemble_dynamical_matrix, group_by_block, row_sum_bound
+from .model import ForceConstantModel
+from .phonopy_load import load_phonopy, short_range_force_constants
+from .structure import reciprocal_q
 from .source import SourceTensors
 from .structure import to_ase_atoms
 
@@ -45,10 +41,14 @@ class PhonopyForceConstants(SourceTensors, torch.nn.Module):
     def __init__(self, source, dtype: torch.dtype = torch.float64):
         super().__init__()
         ph = load_phonopy(source)
-        fc = np.asarray(ph.force_constants, dtype=float)
         prim = ph.primitive
         self.unitcell = to_ase_atoms(ph.unitcell)
         self.primitive = to_ase_atoms(prim)
+        fc = short_range_force_constants(ph, self.primitive)
+        if ph.nac_params is not None:
+            from .dipole import BornCharges
+
+            self.born = BornCharges.from_phonopy_born(ph, self.primitive)
         n, n_super = len(prim), len(ph.supercell)
         rows = np.arange(n) if fc.shape[0] == n else prim.p2s_map  # compact or full layout
         s2pp = np.array([prim.p2p_map[s] for s in prim.s2p_map])  # (N,) the primitive atom of each supercell atom
@@ -81,11 +81,14 @@ class PhonopyForceConstants(SourceTensors, torch.nn.Module):
     def __repr__(self) -> str:
         return f"PhonopyForceConstants({self.primitive.get_chemical_formula()}, {self.n_terms} image terms)"
 
-    def dynamical_matrix(self, q) -> torch.Tensor:
-        """D(q) (B, 3n, 3n) complex, eV/Å²/amu, for Cartesian q (B, 3) Å⁻¹: phonopy's, made Hermitian.
+    def dynamical_matrix(self, q, q_direction=None) -> torch.Tensor:
+        """D(q) (B, 3n, 3n) complex, eV/Å²/amu, for Cartesian q (B, 3) Å⁻¹: phonopy's, made Hermitian; with phonopy's
+        Born charges (`nac_params`) its Gonze–Lee dipole–dipole term too, at any q (`ase_tds.dipole`).
 
         Args:
             q (array_like | torch.Tensor): Cartesian q (B, 3) Å⁻¹ (array or tensor; reshaped to (B, 3)).
+            q_direction (array_like | torch.Tensor | None): (B, 3) or (3,), the direction of approach at Γ points
+                (the non-analytic term); None: left out there.
 
         Returns:
             D(q) (B, 3n, 3n) complex eV/Å²/amu, n = `n_atoms`.
@@ -93,6 +96,8 @@ class PhonopyForceConstants(SourceTensors, torch.nn.Module):
         q = torch.as_tensor(q, dtype=self.dtype, device=self.device).reshape(-1, 3)
         angle = torch.einsum("ba,kma->bkm", q, self.block_vectors)
         dyn = assemble_dynamical_matrix(angle, self.block_weighted, self.n_atoms)
+        if self.born is not None:
+            dyn = dyn + self.dipole_matrix(q, q_direction)
         return 0.5 * (dyn + dyn.mH)
 
     def eigenvalue_bound(self) -> float:
@@ -101,7 +106,7 @@ class PhonopyForceConstants(SourceTensors, torch.nn.Module):
         Returns:
             The bound, eV/Å²/amu.
         """
-        return row_sum_bound(self.block_weighted, self.n_atoms)
+        return row_sum_bound(self.block_weighted, self.n_atoms) + self.dipole_bound()
 
     # ν(q) from D(q): the same few lines as the model's (eigvalsh, signed √, THz)
     frequencies = ForceConstantModel.frequencies

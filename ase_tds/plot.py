@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 from matplotlib.figure import Figure
 
-from .calculator import UNSTABLE_THZ
+from .covariance import unstable_modes
 from .structure import reciprocal_vectors
 
 
@@ -64,7 +64,7 @@ def plot_dispersion(models: dict, path, title: str = "phonon dispersion", covari
     lowest = 0.0
     for i, (name, model) in enumerate(models.items()):
         freq = model.frequencies(q)
-        if freq.min() < -UNSTABLE_THZ:
+        if unstable_modes(freq).any():
             warnings.warn(f"{name}: imaginary modes down to {freq.min():.3f} THz (dynamically unstable), drawn "
                           "below zero", UserWarning, stacklevel=2)
         lowest = min(lowest, freq.min())
@@ -86,7 +86,7 @@ def plot_dispersion(models: dict, path, title: str = "phonon dispersion", covari
         ax.axvline(t, color="0.8", lw=0.8)
     ax.set_xticks(ticks, labels)
     ax.set_xlim(x[0], x[-1])
-    if lowest < -UNSTABLE_THZ:
+    if unstable_modes(lowest):
         ax.axhline(0, color="k", lw=0.8)
     else:
         ax.set_ylim(bottom=0)

@@ -14,36 +14,6 @@ from .atomic import write_files
 DRAWN_POINTS = 20000
 
 
-def tds_options_of(model, settings: dict) -> dict:
-    """The TDSModel options a fit used, from its recorded settings (`FitResult.settings`).
-
-    Args:
-        model (ForceConstantSource): the force constants the options are for (a ForceConstantModel for "sampling":
-            its sampler is rebuilt on it).
-        settings: a fit's settings (fit.json's "settings"): grid, dw_mesh, refine, accuracy, and for "sampling"
-            the sampler (kind, supercell, n_samples, seed).
-
-    Returns:
-        Keyword arguments of TDSModel.
-
-    Raises:
-        ValueError: a sampling fit whose settings do not name its sampler (an older fit.json).
-    """
-    from . import sampling
-
-    options = {key: settings[key] for key in ("grid", "dw_mesh", "refine", "accuracy") if settings.get(key) is not None}
-    if settings["method"] == "sampling":
-        spec = settings.get("sampler") or {}
-        if spec.get("kind") not in ("DenseSampler", "QSpaceSampler"):
-            raise ValueError("the fit's settings do not name its sampler (kind, supercell, n_samples, seed): a "
-                             "fit.json of an older ase_tds; refit to redraw the sampling model")
-        seed = 0 if spec["seed"] is None else spec["seed"]  # an unseeded fit evaluates its result at seed 0
-        options["sampler"] = getattr(sampling, spec["kind"])(model, spec["supercell"], settings["temperature"],
-                                                             settings["statistics"], n_samples=spec["n_samples"],
-                                                             seed=seed, progress=False)
-    return options
-
-
 def draw_tds_fit(model, result, data, path) -> None:
     """tds_fit.png: the used points of `data` against the fitted model of the data, `result.calculated` (scale,
     background and Compton term) of I(Q) from `model` under the fit's settings (its sampler for "sampling").
@@ -56,12 +26,10 @@ def draw_tds_fit(model, result, data, path) -> None:
         data (TDSData): the data fitted (its mask: the points used).
         path (str | Path): the image file.
     """
+    from .forward import from_settings
     from .plot import plot_tds_fit
-    from .tds import TDSModel
 
-    settings = result.settings
-    tds = TDSModel(model, settings["temperature"], method=settings["method"], statistics=settings["statistics"],
-                   **tds_options_of(model, settings))
+    tds = from_settings(model, result.settings)
     used = np.nonzero(np.asarray(data.mask, dtype=bool))[0]
     title = "TDS fit"
     if len(used) > DRAWN_POINTS:  # a whole volume: an evenly spaced subset reads the same and draws in seconds

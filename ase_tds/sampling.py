@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .covariance import ThermalCovariance, UnstableError, gamma_lift, translation_projector
-from .model import assemble_dynamical_matrix, fold_pairs, group_by_block
+from .dynamical import assemble_dynamical_matrix, fold_pairs, group_by_block
 from .scattering import debye_waller_exponent
 from .structure import diagonal_supercell_for, reduced_q
 
@@ -197,24 +197,16 @@ class _Sampler:
         keys = np.stack([steps @ size ** np.arange(3), (-steps % size) @ size ** np.arange(3)])
         return len(np.unique(keys.min(axis=0)))
 
-    def _check_tds_model(self, tds_model) -> None:
-        if tds_model.force_constants is not self.model:
-            raise ValueError("the TDSModel and the sampler must share one ForceConstantModel")
-        if tds_model.temperature != self.temperature or tds_model.statistics != self.statistics:
-            raise ValueError(f"the TDSModel ({tds_model.temperature:g} K, {tds_model.statistics}) and the sampler "
-                             f"({self.temperature:g} K, {self.statistics}) must use one temperature and statistics")
-
-    def intensity(self, tds_model, q, n_samples: int | None = None,
+    def intensity(self, form_factors, q, n_samples: int | None = None,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Diffuse I(Q) in e.u. per atom at Cartesian Q (B, 3) Å⁻¹: (mean (B,), standard error (B,)).
 
         mean = ⟨|Σ_j f_j e^{iQ·(R_j+u_j)}|²⟩/N over S samples − |Σ_j f_j e^{iQ·R_j} e^{−W_j}|²/N, with W from
-        this supercell's own covariance; stderr = sample std/√S. Form factors from `tds_model`.
+        this supercell's own covariance; stderr = sample std/√S.
         Differentiable in θ through u (reparameterisation) and through W.
 
         Args:
-            tds_model (TDSModel): the model whose form factors are used; it must share this sampler's force
-                constants, temperature and statistics.
+            form_factors (FormFactors): f_κ(|Q|) of the primitive cell's atoms, e.u.
             q (array_like | torch.Tensor): Cartesian Q (B, 3) Å⁻¹ on this supercell's reciprocal lattice.
             n_samples: S ≥ 2; None: the sampler's `n_samples`.
             generator: the random numbers of z; None: seeded with `seed` when set, else torch's global generator.
@@ -224,11 +216,9 @@ class _Sampler:
             stderr: its Monte-Carlo standard error, (B,) e.u. per atom (no gradient).
 
         Raises:
-            ValueError: a TDSModel with other force constants, temperature or statistics, Q off the supercell's
-                reciprocal lattice, or n_samples < 2.
+            ValueError: Q off the supercell's reciprocal lattice, or n_samples < 2.
             UnstableError: the force constants are not dynamically stable at a commensurate q.
         """
-        self._check_tds_model(tds_model)
         q = torch.as_tensor(q, dtype=self.model.dtype, device=self.model.device).reshape(-1, 3)
         self.check_q(q)
         n_samples = self.n_samples if n_samples is None else int(n_samples)
@@ -236,7 +226,7 @@ class _Sampler:
             raise ValueError(f"n_samples must be ≥ 2 for a standard error, got {n_samples}")
         generator = self._generator(generator)
         factor = self._factor()
-        form = tds_model.form_factors(torch.linalg.norm(q, dim=-1))[:, self.unit_sites]  # (B, n_unit)
+        form = form_factors(torch.linalg.norm(q, dim=-1))[:, self.unit_sites]  # (B, n_unit)
         ideal = self._tensor(self.positions).reshape(self.n_cells, -1, 3)
         amp_bragg = form * torch.exp(-debye_waller_exponent(q, self._msd(factor)))
         bragg = _ScatteredPower.apply(q, ideal, amp_bragg, self.chunk) / self.n_atoms
@@ -286,13 +276,21 @@ class DenseSampler(_Sampler):
         self._entries = model.supercell_columns(self.positions, self.cell, np.arange(self.n_atoms))
 
     def hessian(self) -> torch.Tensor:
-        """H (3N, 3N) eV/Å², layout (atom, Cartesian), from folding the model's pairs onto the supercell.
+        """H (3N, 3N) eV/Å², layout (atom, Cartesian), from folding the model's pairs onto the supercell; with Born
+        charges, plus their dipole–dipole force constants of this periodic supercell (`dipole_force_constants`).
 
         Returns:
             H, (3N, 3N) eV/Å².
         """
         n = self.n_atoms
         full = fold_pairs(self.model.pair_force_constants(), self._entries, n, n)
+        if getattr(self.model, "born", None) is not None:
+            from ase import Atoms
+
+            from .dipole import dipole_force_constants
+
+            supercell = Atoms(self.symbols, positions=self.positions, cell=self.cell, pbc=True)
+            full = full + dipole_force_constants(supercell, self.model.primitive, self.model.born_charges(), "full")
         return full.permute(0, 2, 1, 3).reshape(3 * n, 3 * n)
 
     def _masses(self) -> torch.Tensor:
@@ -354,6 +352,9 @@ class QSpaceSampler(_Sampler):
     """
 
     def __init__(self, model, supercell, temperature: float, statistics: str = "classical", **kwargs):
+        if getattr(model, "born", None) is not None:
+            raise ValueError("QSpaceSampler does not carry the dipole–dipole term of Born charges; for a polar "
+                             "crystal use DenseSampler (classical; export: sampler='dense'), or the gaussian model")
         super().__init__(model, supercell, temperature, statistics, **kwargs)
         unit = model.unitcell
         n_unit = len(unit)

@@ -80,6 +80,25 @@ def debye_waller_exponent(q: torch.Tensor, msd: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.einsum("ba,kac,bc->bk", q, msd, q)
 
 
+class DebyeWaller:
+    """The Debye–Waller factor e^{−W_κ(Q)} of a crystal, from its self covariance C_{κ0,κ0} (n, 3, 3) Å² (a value).
+
+    Args:
+        self_covariance: C_{κ0,κ0}, (n, 3, 3) Å² (in θ's graph where a gradient is wanted).
+    """
+
+    def __init__(self, self_covariance: torch.Tensor):
+        self.self_covariance = self_covariance
+
+    def exponent(self, q: torch.Tensor) -> torch.Tensor:
+        """W_κ(Q), (B, n), for Cartesian q (B, 3) Å⁻¹ (`debye_waller_exponent`)."""
+        return debye_waller_exponent(q, self.self_covariance)
+
+    def factor(self, q: torch.Tensor) -> torch.Tensor:
+        """e^{−W_κ(Q)}, (B, n), for Cartesian q (B, 3) Å⁻¹."""
+        return torch.exp(-self.exponent(q))
+
+
 def one_phonon_intensity(covariance: ThermalCovariance, q: torch.Tensor, amplitude: torch.Tensor) -> torch.Tensor:
     """I₁(Q) = (1/n) Σ_κκ' A_κ A_κ' Q·C̃_κκ'(Q)·Q, (B,) e.u., with A_κ = f_κ e^{−W_κ} (B, n), for q (B, 3) Å⁻¹.
 

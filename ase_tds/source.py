@@ -7,6 +7,8 @@ constants used as they are, nothing trainable).
 
 from __future__ import annotations
 
+import collections
+import hashlib
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -14,8 +16,81 @@ import torch
 from ase import Atoms
 
 
+DIPOLE_CACHE_ENTRIES = 2**23  # complex entries of D_dd kept for fixed Born charges (128 MB)
+
+
+def _dipole_key(q: torch.Tensor, q_direction, born) -> str:
+    """A key of the values of q, the direction and the charges."""
+    digest = hashlib.sha1(q.detach().cpu().numpy().tobytes())
+    for x in (q_direction, born.charges, born.epsilon):
+        if x is not None:
+            digest.update(torch.as_tensor(x).detach().cpu().numpy().tobytes())
+    return f"{q.device}:{q.dtype}:{tuple(q.shape)}:{digest.hexdigest()}"
+
+
 class SourceTensors:
-    """`dtype` and `device` of a force-constant source (a torch Module with a `masses` buffer), by name."""
+    """What both force-constant sources share: `dtype` and `device` (from a `masses` buffer), and the dipole–dipole
+    term of Born effective charges where the source has them (`born`, docs/theory.md "Polar crystals")."""
+
+    born = None  # BornCharges of the primitive cell's atoms, or None: no dipole–dipole term
+
+    @property
+    def has_dipole(self) -> bool:
+        """True where D(q) carries the dipole–dipole term of Born charges (non-analytic at Γ)."""
+        return self.born is not None
+
+    def born_charges(self):
+        """The Born charges (`ase_tds.dipole.BornCharges`) on the source's dtype and device, or None."""
+        return None if self.born is None else self.born.to(self.dtype, self.device)
+
+    def dipole_matrix(self, q: torch.Tensor, q_direction=None) -> torch.Tensor:
+        """D_dd(q) (B, 3n, 3n) complex eV/Å²/amu at Cartesian q (B, 3) Å⁻¹ (`ase_tds.dipole`); at Γ the non-analytic
+        term along `q_direction` (B, 3) or (3,), left out where None.
+
+        Raises:
+            ValueError: a source without Born charges.
+        """
+        from .dipole import dipole_dynamical_matrix
+
+        if self.born is None:
+            raise ValueError("these force constants have no Born charges: no dipole–dipole term")
+        born = self.born_charges()
+        if born.charges.requires_grad or born.epsilon.requires_grad:  # fitted charges: in θ's graph, every time
+            return dipole_dynamical_matrix(q, self.primitive, born, q_direction, self.masses)
+        q = torch.as_tensor(q, dtype=self.dtype, device=self.device).reshape(-1, 3)
+        key = _dipole_key(q, q_direction, born)
+        cache = self.__dict__.setdefault("_dipole_cache", collections.OrderedDict())
+        if key not in cache:  # fixed charges: the same q (a grid's mesh, the data's points) cost one Ewald sum
+            cache[key] = dipole_dynamical_matrix(q, self.primitive, born, q_direction, self.masses)
+            while sum(v.numel() for v in cache.values()) > DIPOLE_CACHE_ENTRIES and len(cache) > 1:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return cache[key]
+
+    def dipole_bound(self, mesh: int = 6) -> float:
+        """A bound (eV/Å²/amu) on the largest eigenvalue of D_dd(q): 1.5 × the largest on a `mesh`³ grid and at Γ
+        along the directions of `ase_tds.dipole.GAMMA_DIRECTIONS` (0 without Born charges).
+
+        Returns:
+            The bound, eV/Å²/amu.
+        """
+        from .covariance import mesh_q
+        from .dipole import GAMMA_DIRECTIONS
+
+        if self.born is None:
+            return 0.0
+        born = self.born_charges()
+        key = torch.cat([born.charges.detach().reshape(-1), born.epsilon.detach().reshape(-1)]).cpu()
+        cached = getattr(self, "_dipole_bound", None)
+        if cached is not None and cached[0].shape == key.shape and torch.equal(cached[0], key):
+            return cached[1]
+        with torch.no_grad():
+            q = mesh_q(self, (mesh,) * 3)
+            directions = torch.as_tensor(GAMMA_DIRECTIONS[0], dtype=self.dtype, device=self.device)
+            values = [torch.linalg.eigvalsh(self.dipole_matrix(q)).max(),
+                      torch.linalg.eigvalsh(self.dipole_matrix(torch.zeros_like(directions), directions)).max()]
+        self._dipole_bound = (key, 1.5 * max(float(v) for v in values))  # once per set of charges
+        return self._dipole_bound[1]
 
     @property
     def dtype(self) -> torch.dtype:

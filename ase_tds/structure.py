@@ -38,8 +38,33 @@ def reciprocal_q(hkl, cell) -> np.ndarray:
 
     Returns:
         Q (N, 3) Å⁻¹, Cartesian.
+
+    Raises:
+        TypeError: hkl that are not numbers. ValueError: hkl not of shape (N, 3) or (3,), or not finite.
     """
-    return np.asarray(hkl, dtype=float) @ reciprocal_vectors(cell)
+    try:
+        hkl = np.asarray(hkl, dtype=float)
+    except (TypeError, ValueError):
+        raise TypeError(f"hkl must be numbers, (N, 3) r.l.u.; got {type(hkl).__name__}") from None
+    if hkl.shape[-1:] != (3,) or hkl.ndim > 2:
+        raise ValueError(f"hkl must have shape (N, 3) (or (3,) for one point), r.l.u.; got shape {hkl.shape}")
+    if not np.isfinite(hkl).all():
+        raise ValueError("hkl must be finite numbers (r.l.u.); some are NaN or infinite")
+    return hkl @ reciprocal_vectors(cell)
+
+
+BRAGG_TOLERANCE = 1e-6  # r.l.u. of the primitive cell: a point this close to a reciprocal-lattice vector is on it
+
+
+def on_bragg_peaks(q, primitive_cell, tolerance: float = BRAGG_TOLERANCE) -> np.ndarray:
+    """Which Cartesian Q (N, 3) Å⁻¹ lie on a Bragg peak: within `tolerance` r.l.u. of a reciprocal-lattice vector
+    of `primitive_cell` (3, 3) Å (Q = 0 included), where the diffuse intensity is not defined apart from the peak.
+
+    Returns:
+        (N,) bool.
+    """
+    hkl = np.asarray(reduced_q(np.asarray(q, dtype=float).reshape(-1, 3), primitive_cell))
+    return np.abs(hkl - np.round(hkl)).max(axis=1) <= tolerance
 
 
 def reduced_q(q, cell) -> np.ndarray | torch.Tensor:
@@ -64,6 +89,44 @@ class StructureError(ValueError):
 
 # Atoms closer than this (Å) are taken as overlapping: shorter than any chemical bond (H₂: 0.74 Å).
 MIN_INTERATOMIC_DISTANCE = 0.5
+
+# Largest |M − round(M)| of M = cell·inv(primitive) for two cells of one lattice (`integer_matrix`):
+# - LATTICE_TOL for cells from two sources (a data file, a CIF, a phonopy file), which agree to the precision of
+#   measured lattice constants (~1e-3, as in data.CELL_LENGTH_RTOL);
+# - EXACT_LATTICE_TOL where the cell must be the crystal's own at its exact lattice constants (TDSFitted's fixed
+#   cell: a 1e-3 strain would move far atoms by ~0.01 Å off their sites, forces by ~0.1 eV/Å).
+LATTICE_TOL = 1e-3
+EXACT_LATTICE_TOL = 1e-5
+
+
+def integer_matrix(cell, primitive, what: str, hint: str = "", tol: float = LATTICE_TOL) -> np.ndarray:
+    """M = cell · inv(primitive) (3, 3) int, the one check that `cell` is a lattice (supercell) of `primitive`.
+
+    Both are lattice vectors (3, 3) Å as rows in the same Cartesian frame; `cell` spans a sublattice of
+    `primitive`'s lattice (the same lattice, a supercell or a conventional cell) exactly when M is an integer
+    matrix; a rotated or strained cell makes it non-integer.
+
+    Args:
+        cell (array_like): lattice vectors (3, 3) Å as rows (ase.Cell accepted).
+        primitive (array_like): lattice vectors (3, 3) Å as rows (ase.Cell accepted).
+        what: the start of the refusal: what is wrong, naming the input (e.g. "x.cif: its cell is not a lattice
+            of the force constants' crystal"; "" = none).
+        hint: the fix, appended to the refusal ("" = none).
+        tol: the largest |M − round(M)| accepted (LATTICE_TOL or EXACT_LATTICE_TOL).
+
+    Returns:
+        round(M), (3, 3) int.
+
+    Raises:
+        StructureError: M is not an integer matrix to within `tol` (the message shows M).
+    """
+    matrix = np.asarray(cell, dtype=float) @ np.linalg.inv(np.asarray(primitive, dtype=float))
+    deviation = float(np.abs(matrix - np.round(matrix)).max())
+    if not deviation <= tol:  # NaN too
+        prefix, fix = (f"{what}: " if what else ""), (f"; {hint}" if hint else "")
+        raise StructureError(f"{prefix}cell · inv(primitive cell) = {np.round(matrix, 4).tolist()} is not an integer "
+                             f"matrix (off by {deviation:.2g}, more than {tol:g}){fix}")
+    return np.round(matrix).astype(int)
 
 
 def check_periodic(atoms: Atoms) -> None:

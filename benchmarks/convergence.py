@@ -75,7 +75,7 @@ def old_intensity(source, q, grid=(9, 9, 9), dw_mesh: int = 12):
 
 
 def accuracy(points: int, mesh: int) -> dict:
-    from ase_tds import PhonopyForceConstants, TDSModel
+    from ase_tds import PhonopyForceConstants, tds_model
 
     out = {}
     for name, (ph, bragg) in crystals().items():
@@ -85,7 +85,7 @@ def accuracy(points: int, mesh: int) -> dict:
         q = ref.commensurate_points(cell, grid, points, 8.0, np.random.default_rng(11), bragg_cell=bragg)
         truth = ref.periodic_crystal_intensity(ph, q, grid, T)
         source = PhonopyForceConstants(ph)
-        tds = TDSModel(source, T, method="gaussian", statistics="quantum")
+        tds = tds_model(source, T, method="gaussian", statistics="quantum")
         with torch.no_grad():
             rows = {"default": tds(q).numpy(), "ase_tds 0.1 default (grid 15³)": old_intensity(source, q, (15,) * 3),
                     "ase_tds 0.1, grid 9³": old_intensity(source, q).numpy()}
@@ -132,7 +132,7 @@ def cross_check(points: int) -> dict:
 def cost(points: int) -> dict:
     from ase.build import bulk
 
-    from ase_tds import ForceConstantModel, PhonopyForceConstants, TDSModel
+    from ase_tds import ForceConstantModel, PhonopyForceConstants, tds_model
 
     out = {}
     ni = ForceConstantModel(bulk("Ni", "fcc", a=ref.NI_A, cubic=True), shells=5)
@@ -143,10 +143,10 @@ def cost(points: int) -> dict:
         rng = np.random.default_rng(1)
         q = rng.normal(size=(4 * points, 3))
         q *= (8.0 * rng.uniform(0.05, 1, len(q)) ** (1 / 3) / np.linalg.norm(q, axis=1))[:, None]
-        from ase_tds.tds import bragg_distance
+        from ase_tds.forward.grid import bragg_distance
 
         q = q[bragg_distance(model.primitive, torch.as_tensor(q)).numpy() > 0.15][:points]
-        tds = TDSModel(model, T, method="gaussian", statistics="quantum")
+        tds = tds_model(model, T, method="gaussian", statistics="quantum")
 
         def new():
             model.theta.grad = None

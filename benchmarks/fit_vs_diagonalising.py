@@ -80,7 +80,7 @@ def eigh_sampler_class():
     """Baseline for the sampling model: the supercell's normal modes by torch.linalg.eigh at every evaluation
     (as a diagonalising sampler, phonopy's for one, draws them), u = √(k_BT) M^{-1/2} V Λ^{-1/2} z, autograd
     through eigh. Same interface as DenseSampler (whose Cholesky it replaces); classical statistics."""
-    from ase_tds.covariance import KB
+    from ase_tds.units import KB
     from ase_tds.sampling import DenseSampler
 
     class EighSampler(DenseSampler):
@@ -108,7 +108,7 @@ def eigh_sampler_class():
 def time_sampling(truth, supercell, n_samples, n_points, repeat) -> dict:
     """Loss + gradient (Σ_Q I(Q) backward) of the sampling model per evaluation: QSpaceSampler against the eigh
     baseline, classical, on `supercell` conventional cells; both with fixed noise."""
-    from ase_tds import TDSModel
+    from ase_tds import tds_model
     from ase_tds.sampling import QSpaceSampler
 
     rng = np.random.default_rng(1)
@@ -118,7 +118,7 @@ def time_sampling(truth, supercell, n_samples, n_points, repeat) -> dict:
     for name, cls in (("ours_qspace", QSpaceSampler), ("baseline_eigh", eigh_sampler_class())):
         model = copy.deepcopy(truth)
         sampler = cls(model, (supercell,) * 3, T_ROOM, "classical", n_samples=n_samples, seed=0, progress=False)
-        tds = TDSModel(model, T_ROOM, method="sampling", statistics="classical", sampler=sampler)
+        tds = tds_model(model, T_ROOM, method="sampling", statistics="classical", sampler=sampler)
         best = np.inf
         for _ in range(repeat):
             model.theta.grad = None
@@ -132,7 +132,7 @@ def time_sampling(truth, supercell, n_samples, n_points, repeat) -> dict:
 
 def make_data(truth, n_points, options=OPTIONS):
     from ase_tds import simulate
-    from ase_tds.data import points_in_sphere
+    from ase_tds.forward import points_in_sphere
 
     rng = np.random.default_rng(2026)
     hkl = points_in_sphere(truth, n_points, q_max=8.0, rng=rng)
@@ -149,11 +149,11 @@ def start_model(truth):
 
 
 def time_evaluations(model, data, statistics, repeat, options=OPTIONS):
-    from ase_tds import TDSModel
-    from ase_tds.fit import _Objective
+    from ase_tds import tds_model
+    from ase_tds.fitting.objective import Objective
 
-    tds = TDSModel(model, T_ROOM, method="gaussian", statistics=statistics, **options)
-    objective = _Objective(tds, data, "fixed", "free", "chi2")
+    tds = tds_model(model, T_ROOM, method="gaussian", statistics=statistics, **options)
+    objective = Objective(tds, data, "fixed", "free", "chi2")
     theta = model.theta.detach().numpy().copy()
     objective.evaluate(theta)  # warm-up
     best, out = np.inf, None

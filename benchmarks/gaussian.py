@@ -1,6 +1,6 @@
 """All-orders (gaussian) TDS for 10⁵ random Q of EMT nickel: wall time, against ase_tds one-phonon.
 
-TDSModel(method="gaussian", statistics="quantum") with its default grid (15³ primitive cells) and dw_mesh (12),
+tds_model(method="gaussian", statistics="quantum") with its default grid (15³ primitive cells) and dw_mesh (12),
 forward only (torch.no_grad), the whole call timed (Debye–Waller mesh and real-space covariance included).
 Named peer: ase_tds one-phonon (quantum, same dw_mesh) on the same Q. If results/one_phonon_vs_euphonic.json
 exists, also the ratio against euphonic's one-phonon Q/s measured there for Ni.
@@ -31,14 +31,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.n_q, args.repeat = 10_000, 1
-    from ase_tds import TDSModel
+    from ase_tds import tds_model
 
     print(machine())
     model = nickel_model()
     q = torch.as_tensor(random_q(model, args.n_q))
     out = {"n_q": args.n_q}
     for method in ("gaussian", "one-phonon"):
-        tds = TDSModel(model, T_ROOM, method=method, statistics="quantum")
+        tds = tds_model(model, T_ROOM, method=method, statistics="quantum")
 
         def run():
             with torch.no_grad():

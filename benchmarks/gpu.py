@@ -48,24 +48,24 @@ def timed(func, device: str, repeat: int = 3):
 
 def cases(n: int):
     """name → (builder(device) → callable returning a tensor or array)."""
-    from ase_tds import TDSData, TDSModel
+    from ase_tds import TDSData, tds_model
     from ase_tds.sampling import QSpaceSampler
 
-    fit_module = importlib.import_module("ase_tds.fit")
+    fit_module = importlib.import_module("ase_tds.fitting.objective")
     ni, ni31cu = nickel_model(), ni31cu_model()
 
     def one_phonon(model, points, **options):
         q = random_q(model, points)
 
         def build(device):
-            tds = TDSModel(copy.deepcopy(model).to(device), T_ROOM, method="one-phonon", **options)
+            tds = tds_model(copy.deepcopy(model).to(device), T_ROOM, method="one-phonon", **options)
             q_t = torch.as_tensor(q, device=device)
             return lambda: tds(q_t).detach()
         return build
 
     def gaussian(device):
         q = torch.as_tensor(random_q(ni, n // 10), device=device)
-        tds = TDSModel(copy.deepcopy(ni).to(device), T_ROOM, q_max=8.0)
+        tds = tds_model(copy.deepcopy(ni).to(device), T_ROOM, q_max=8.0)
         return lambda: tds(q).detach()
 
     def sampler(device):
@@ -80,7 +80,7 @@ def cases(n: int):
         hkl = np.random.default_rng(0).uniform(-4, 4, size=(n, 3))
         data = TDSData.from_hkl(hkl, np.ones(n), model.unitcell.cell[:], sigma=np.full(n, 0.01), temperature=T_ROOM,
                                 units="e.u./atom")
-        objective = fit_module._Objective(TDSModel(model, T_ROOM, q_max=8.0 * 1.2), data, "fixed", "free", "chi2")
+        objective = fit_module.Objective(tds_model(model, T_ROOM, q_max=8.0 * 1.2), data, "fixed", "free", "chi2")
         theta = ni.theta.detach().numpy()
         return lambda: objective.evaluate(theta)[1]
 

@@ -93,10 +93,10 @@ def euphonic_in_subprocess(model, q, msd, temperature, repeat, dw_mesh) -> dict:
 def time_ours(model, q, temperature, statistics, dw_mesh, repeat) -> dict:
     import torch
 
-    from ase_tds import TDSModel
+    from ase_tds import tds_model
     from _common import best_of
 
-    tds = TDSModel(model, temperature, method="one-phonon", statistics=statistics, dw_mesh=dw_mesh)
+    tds = tds_model(model, temperature, method="one-phonon", statistics=statistics, dw_mesh=dw_mesh)
     qt = torch.as_tensor(q, dtype=torch.float64)
 
     def forward_nograd():

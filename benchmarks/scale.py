@@ -63,9 +63,9 @@ def worker(name: str, n: int) -> None:
 
     import torch
 
-    from ase_tds import TDSData, TDSModel, distributed
+    from ase_tds import TDSData, distributed, tds_model
 
-    fit_module = importlib.import_module("ase_tds.fit")
+    fit_module = importlib.import_module("ase_tds.fitting.objective")
     distributed.start()
     truth, atoms = crystal(name)
     rng = np.random.default_rng(0)
@@ -73,8 +73,8 @@ def worker(name: str, n: int) -> None:
     q = truth.q_from_hkl(hkl)
     data = TDSData.from_hkl(hkl, np.ones(n), atoms.cell[:], sigma=np.full(n, 0.01), temperature=T,
                             units="e.u./atom").mask_bragg(0.1, truth.primitive.cell[:])
-    tds = TDSModel(truth, T, q_max=float(np.linalg.norm(q, axis=1).max()))
-    objective = fit_module._Objective(tds, data, "fixed", "free", "chi2")
+    tds = tds_model(truth, T, q_max=float(np.linalg.norm(q, axis=1).max()))
+    objective = fit_module.Objective(tds, data, "fixed", "free", "chi2")
     theta = truth.theta.detach().numpy()
     objective.evaluate(theta)  # warm-up: the model's caches
     t0 = time.perf_counter()
@@ -109,7 +109,7 @@ def volume(quick: bool) -> dict:
     import h5py
     import torch
 
-    from ase_tds import TDSData, TDSModel
+    from ase_tds import TDSData, tds_model
     from ase_tds.data import add_poisson_noise
 
     import tempfile
@@ -121,7 +121,7 @@ def volume(quick: bool) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="scale-"))
     t0 = time.time()
     q = truth.q_from_hkl(grid, atoms.cell[:])
-    default = TDSModel(truth, T, q_max=float(np.linalg.norm(q, axis=1).max()))
+    default = tds_model(truth, T, q_max=float(np.linalg.norm(q, axis=1).max()))
     reference = default.with_grid(tuple(2 * x for x in default.grid))  # the independent discretisation
     with torch.no_grad():
         intensity = reference(q).numpy()

@@ -25,7 +25,7 @@ import torch
 from ase.build import bulk
 from ase.calculators.emt import EMT
 
-from ase_tds import ForceConstantModel, Optimizer, TDSModel, fit, simulate
+from ase_tds import ForceConstantModel, Optimizer, fit, simulate, tds_model
 from ase_tds.io.phonopy import write_phonopy_files
 from ase_tds.plot import plot_dispersion, plot_tds_fit
 
@@ -91,7 +91,7 @@ for label, value, sigma, fixed_sigma in zip(free_result.labels, free_result.thet
 plot_dispersion({"EMT truth": truth, "start": start, "fitted": model}, args.out / "dispersion.png",
                 title="Ni: fitted to synthetic TDS")
 used = data.mask
-tds = TDSModel(model, 300.0, method="gaussian", statistics="quantum", **options)
+tds = tds_model(model, 300.0, method="gaussian", statistics="quantum", **options)
 with torch.no_grad():
     calculated = result.calculated(tds(data.q[used]).numpy(), data.q_norm[used])  # s·I + b (+ A·c(|Q|) when fitted)
 plot_tds_fit(data.q_norm[used], data.intensity[used], calculated, data.sigma[used], args.out / "tds_fit.png")

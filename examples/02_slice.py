@@ -25,7 +25,7 @@ import torch
 from ase.build import bulk
 from ase.calculators.emt import EMT
 
-from ase_tds import ForceConstantModel, Optimizer, TDSData, TDSModel, fit, simulate
+from ase_tds import ForceConstantModel, Optimizer, TDSData, fit, simulate, tds_model
 from ase_tds.plot import plot_dispersion
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -117,7 +117,7 @@ for name, f_true, f_fit in zip(points, truth.frequencies(q), model.frequencies(q
     print(f"{name:<6}{np.array2string(f_true, precision=3):>24}{np.array2string(f_fit, precision=3):>24}")
 
 # Maps of the plane: data, model and normalised residual (masked points blank).
-tds = TDSModel(model, 300.0, **options)
+tds = tds_model(model, 300.0, **options)
 with torch.no_grad():
     calculated = result.calculated(tds(plane.q).numpy(), plane.q_norm)  # s·I + b (+ A·c(|Q|) when fitted)
 residual = np.where(plane.mask, (plane.intensity - calculated) / plane.sigma, np.nan)

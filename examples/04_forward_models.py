@@ -25,7 +25,7 @@ import torch
 from ase.build import bulk
 from ase.calculators.emt import EMT
 
-from ase_tds import ForceConstantModel, TDSModel
+from ase_tds import ForceConstantModel, tds_model
 from ase_tds.sampling import QSpaceSampler
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,23 +41,23 @@ T = 300.0
 conventional = bulk("Ni", "fcc", a=3.52, cubic=True)  # hkl below are in its r.l.u.
 model = ForceConstantModel(bulk("Ni", "fcc", a=3.52), shells=5).set_from_calculator(EMT())  # primitive cell
 models = {
-    "one-phonon, classical": TDSModel(model, T, method="one-phonon", statistics="classical"),
-    "one-phonon, quantum": TDSModel(model, T, method="one-phonon", statistics="quantum"),
-    "gaussian (all orders), quantum": TDSModel(model, T, method="gaussian", statistics="quantum"),
+    "one-phonon, classical": tds_model(model, T, method="one-phonon", statistics="classical"),
+    "one-phonon, quantum": tds_model(model, T, method="one-phonon", statistics="quantum"),
+    "gaussian (all orders), quantum": tds_model(model, T, method="gaussian", statistics="quantum"),
 }
 # The sampling model describes one periodic supercell: 12×12×12 primitive cells, 1728 atoms. Its exact
 # counterpart is the gaussian model of that periodic crystal alone (refine=False: no larger crystals near Bragg).
 L = 12
 sampler = QSpaceSampler(model, (L, L, L), T, statistics="quantum", n_samples=n_samples, seed=1)
-sampling = TDSModel(model, T, method="sampling", statistics="quantum", sampler=sampler)
-same_supercell = TDSModel(model, T, method="gaussian", statistics="quantum", grid=(L, L, L), refine=False)
+sampling = tds_model(model, T, method="sampling", statistics="quantum", sampler=sampler)
+same_supercell = tds_model(model, T, method="gaussian", statistics="quantum", grid=(L, L, L), refine=False)
 
 # 1. Along (h, 1/2, 0) of the cubic cell, h in steps of 1/6 (on the supercell's reciprocal lattice).
 h = np.arange(6, 37) / 6
 q = model.q_from_hkl(np.stack([h, np.full_like(h, 0.5), np.zeros_like(h)], axis=1), cell=conventional.cell)
 with torch.no_grad():
     line = {name: tds(q).numpy() for name, tds in models.items()}
-    mean, stderr = (x.numpy() for x in sampler.intensity(sampling, q))
+    mean, stderr = (x.numpy() for x in sampling.intensity(q))
     exact = same_supercell(q).numpy()
 names = ("gaussian (all orders), quantum", "one-phonon, quantum", "one-phonon, classical")
 gauss, one_q, one_c = (line[name] for name in names)
@@ -84,7 +84,7 @@ print("(median [10th–90th percentile] over random Q in |Q| ± 0.25 Å⁻¹)")
 
 # 3. Mean-square displacement per Cartesian direction, the Debye–Waller input.
 with torch.no_grad():
-    msd = {s: TDSModel(model, T, method="one-phonon", statistics=s).mean_square_displacement()[0, 0, 0].item()
+    msd = {s: tds_model(model, T, method="one-phonon", statistics=s).mean_square_displacement()[0, 0, 0].item()
            for s in ("classical", "quantum")}
     msd["supercell"] = sampler.mean_square_displacement()[0, 0, 0].item()
 print(f"\n⟨u_x²⟩ at {T:g} K: classical {msd['classical']:.5f} Å², quantum {msd['quantum']:.5f} Å² "
@@ -93,7 +93,7 @@ print(f"\n⟨u_x²⟩ at {T:g} K: classical {msd['classical']:.5f} Å², quantum
 
 # 4. A finite periodic supercell supports only Q on its own reciprocal lattice.
 try:
-    sampler.intensity(sampling, model.q_from_hkl([[2.05, 0.5, 0.0]], cell=conventional.cell))
+    sampling.intensity(model.q_from_hkl([[2.05, 0.5, 0.0]], cell=conventional.cell))
 except ValueError as err:
     print(f"\nsampling at hkl (2.05, 0.5, 0) refused: {err}")
 

@@ -105,31 +105,72 @@ def _mode_weight(freq_thz: np.ndarray, temperature: float, statistics: str) -> n
     return hbar / (2 * amu * omega) / np.tanh(x) * 1e20
 
 
-def real_space_correlation(ph, mesh, temperature: float, statistics: str = "quantum"):
-    """(lattice (G, 3) int in [0, M), C (G, n, n, 3, 3) Å²: C_{κ0,κ'l} of the periodic crystal `mesh`)."""
-    mesh = np.array(mesh, dtype=int)
-    ph.run_mesh(mesh, is_gamma_center=True, with_eigenvectors=True, is_mesh_symmetry=False, is_time_reversal=False)
-    result = ph.mesh
-    qpts, freqs, vecs = result.qpoints, result.frequencies, result.eigenvectors  # (N, 3), (N, 3n), (N, 3n, 3n)
-    prim = ph.primitive
-    n = len(prim)
-    masses = np.asarray(prim.masses)
-    pos_frac = prim.scaled_positions
-    # the three translations at Γ: drop the three lowest modes there
+# Γ of a polar crystal: the non-analytic term depends on the direction of approach. A mesh's Γ point stands for the
+# cell around it: average the covariance over directions (Lebedev's 26-point rule, folded to 13 by q → −q).
+LEBEDEV_13 = (np.vstack([np.eye(3), np.array([[1, 1, 0], [1, -1, 0], [1, 0, 1], [1, 0, -1], [0, 1, 1], [0, 1, -1]])
+                         / np.sqrt(2), np.array([[1, 1, 1], [1, 1, -1], [1, -1, 1], [-1, 1, 1]]) / np.sqrt(3)]),
+              np.concatenate([np.full(3, 2 / 21), np.full(6, 8 / 105), np.full(4, 9 / 140)]))
+
+
+def _modes(ph, qpts, direction=None):
+    """(frequencies (N, 3n) THz, eigenvectors (N, 3n, 3n)) from phonopy's eigen-solver at reduced qpts (N, 3)."""
+    ph.run_qpoints(qpts, with_eigenvectors=True, nac_q_direction=direction)
+    return ph.qpoints.frequencies, ph.qpoints.eigenvectors
+
+
+def _mode_covariance(ph, qpts, temperature: float, statistics: str, direction=None) -> np.ndarray:
+    """M^{1/2}C̃M^{1/2} (N, 3n, 3n) at reduced qpts, phonopy's phases; the three translations at Γ dropped."""
+    freqs, vecs = _modes(ph, qpts, direction)
+    n3 = freqs.shape[1]
     gamma = np.all(np.abs(qpts - np.round(qpts)) < 1e-12, axis=1)
     weight = np.zeros_like(freqs)
     ok = freqs > 1e-6
     weight[ok] = _mode_weight(freqs[ok], temperature, statistics)
     weight[gamma, :3] = 0.0
-    if np.any(~ok & ~(gamma[:, None] & (np.arange(3 * n) < 3)[None])):
+    if np.any(~ok & ~(gamma[:, None] & (np.arange(n3) < 3)[None])):
         raise ValueError("imaginary or zero modes away from Γ: the force constants are not stable")
-    cov = np.einsum("qv,qiv,qjv->qij", weight, vecs, vecs.conj())  # mass-weighted, phase from positions
+    return np.einsum("qv,qiv,qjv->qij", weight, vecs, vecs.conj())
+
+
+def mesh_covariance(ph, mesh, temperature: float, statistics: str = "quantum"):
+    """(reduced q (N, 3) of the Γ-centred mesh, M^{1/2}C̃M^{1/2} (N, 3n, 3n) in the cell-origin convention).
+
+    With phonopy's dipole correction (`nac_params`), whose sum is valid only in the first Brillouin zone: each q is
+    evaluated at its first-zone image q₀ (phonopy's `BrillouinZone`), where the cell-origin covariance is the same
+    (periodic in q); at Γ it is the average over the directions of approach (LEBEDEV_13).
+    """
+    from phonopy.structure.brillouin_zone import BrillouinZone
+
+    mesh = np.array(mesh, dtype=int)
+    grid = np.stack(np.meshgrid(*[np.arange(m) for m in mesh], indexing="ij"), -1).reshape(-1, 3)
+    qpts = grid / mesh
+    prim = ph.primitive
+    if ph.nac_params is not None:
+        zone = BrillouinZone(np.linalg.inv(prim.cell))
+        zone.run(qpts)
+        inner = np.array([points[0] for points in zone.shortest_qpoints])
+    else:
+        inner = qpts
+    gamma = np.all(np.abs(qpts - np.round(qpts)) < 1e-12, axis=1)
+    cov = _mode_covariance(ph, inner, temperature, statistics)
+    if ph.nac_params is not None and gamma.any():
+        cart = prim.cell  # a Cartesian direction d in reduced reciprocal coordinates: d·A / 2π ∝ A d
+        cov[gamma] = sum(w * _mode_covariance(ph, inner[gamma], temperature, statistics, np.asarray(cart) @ d)
+                         for d, w in zip(*LEBEDEV_13))
+    # to the cell-origin convention: × e^{−iq₀·(r_κ' − r_κ)} (periodic in q)
+    phase = np.repeat(np.exp(-2j * np.pi * (inner @ prim.scaled_positions.T)), 3, axis=1)  # (N, 3n)
+    return qpts, cov * phase.conj()[:, :, None] * phase[:, None, :]
+
+
+def real_space_correlation(ph, mesh, temperature: float, statistics: str = "quantum"):
+    """(lattice (G, 3) int in [0, M), C (G, n, n, 3, 3) Å²: C_{κ0,κ'l} of the periodic crystal `mesh`)."""
+    mesh = np.array(mesh, dtype=int)
+    qpts, cov = mesh_covariance(ph, mesh, temperature, statistics)
+    prim = ph.primitive
+    n = len(prim)
+    masses = np.asarray(prim.masses)
     inv_sqrt_m = np.repeat(1 / np.sqrt(masses), 3)
-    cov *= inv_sqrt_m[None, :, None] * inv_sqrt_m[None, None, :]
-    cov = cov.reshape(-1, n, 3, n, 3)
-    # to the cell-origin convention for the FFT: × e^{−iq·(r_κ' − r_κ)} (q in reduced units, r fractional)
-    phase = np.exp(-2j * np.pi * (qpts @ pos_frac.T))  # (N, n): e^{−iq·r_κ}
-    cov = cov * phase.conj()[:, :, None, None, None] * phase[:, None, None, :, None]
+    cov = (cov * inv_sqrt_m[None, :, None] * inv_sqrt_m[None, None, :]).reshape(-1, n, 3, n, 3)
     # phonopy orders its mesh with the first index fastest; put it on the (m1, m2, m3) grid
     index = np.round(qpts * mesh).astype(int) % mesh
     grid = np.zeros(tuple(mesh) + (n, 3, n, 3), dtype=complex)

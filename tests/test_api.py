@@ -28,7 +28,7 @@ def test_every_name_in_all_is_importable():
 
 def test_names_the_docs_promise_are_exported():
     promised = promised_names()
-    assert {"ForceConstantModel", "TDSModel", "fit", "FitResult", "DenseSampler", "QSpaceSampler",
+    assert {"ForceConstantModel", "tds_model", "fit", "FitResult", "DenseSampler", "QSpaceSampler",
             "StructureError", "UnstableError"} <= promised
     assert promised <= set(ase_tds.__all__), promised - set(ase_tds.__all__)
 
@@ -68,14 +68,12 @@ def test_both_force_constant_sources_satisfy_the_protocol_and_the_kernels_take_e
 
 
 def test_one_name_from_phonopy_files_to_a_model(tmp_path):
-    """ForceConstantModel.from_phonopy reads back the θ of the files it wrote; the old name warns and agrees."""
+    """ForceConstantModel.from_phonopy reads back the θ of the files it wrote; the old name is gone (0.1)."""
     import numpy as np
-    import pytest
     from ase.build import bulk
     from ase.calculators.emt import EMT
 
-    from ase_tds import ForceConstantModel
-    from ase_tds.calculator import model_from_phonopy
+    from ase_tds import ForceConstantModel, calculator
     from ase_tds.io.phonopy import write_phonopy_files
 
     model = ForceConstantModel(bulk("Ni", "fcc", a=3.52), shells=3).set_from_calculator(EMT(), progress=False)
@@ -83,6 +81,4 @@ def test_one_name_from_phonopy_files_to_a_model(tmp_path):
     again = ForceConstantModel.from_phonopy(tmp_path)
     assert again.labels == model.labels
     np.testing.assert_allclose(again.theta.detach().numpy(), model.theta.detach().numpy(), atol=1e-9)
-    with pytest.warns(DeprecationWarning, match="ForceConstantModel.from_phonopy"):
-        old = model_from_phonopy(tmp_path)
-    np.testing.assert_array_equal(old.theta.detach().numpy(), again.theta.detach().numpy())
+    assert not hasattr(calculator, "model_from_phonopy")

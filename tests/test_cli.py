@@ -20,12 +20,12 @@ from ase.io import read, write
 import ase_tds.plot as tds_plot
 from ase_tds import ForceConstantModel, TDSData, fit, simulate
 from ase_tds.background import ComptonShape
-from ase_tds.checkpoint import Checkpoint
+from ase_tds.fitting.checkpoint import Checkpoint
 from ase_tds.cli import main
-from ase_tds.fit import FitResult
+from ase_tds.fitting import FitResult
 from ase_tds.io.phonopy import write_phonopy_files
 from ase_tds.sampling import QSpaceSampler
-from ase_tds.tds import TDSModel
+from ase_tds.forward import tds_model
 
 from conftest import ni_conventional
 
@@ -194,7 +194,7 @@ def test_fit_compton_recovers_the_amplitude_and_draws_it(dataset, tmp_path, caps
     # the drawn curve is FitResult.calculated of the fitted model's I(Q), Compton term included
     result = FitResult.from_dict(saved, symbols=["Ni"])
     model = ForceConstantModel(read(structure), shells=1).set_parameters(result.theta)
-    intensity = TDSModel(model, 300.0, method="one-phonon", statistics="classical").forward(
+    intensity = tds_model(model, 300.0, method="one-phonon", statistics="classical").forward(
         model.q_from_hkl(TDSData.read(out / "data.h5").hkl)).detach().numpy()
     used = TDSData.read(out / "data.h5").mask
     np.testing.assert_allclose(call["model"], result.calculated(intensity[used], call["q_norm"]), rtol=1e-10)
@@ -235,8 +235,8 @@ def test_simulate_sampling_writes_the_monte_carlo_error(dataset, sampled):
     path, hkl = sampled
     data = TDSData.read(path, structure=read(structure))
     sampler = QSpaceSampler(truth, (3, 3, 3), 300.0, "classical", n_samples=8, seed=0, progress=False)
-    tds = TDSModel(truth, 300.0, method="sampling", statistics="classical", sampler=sampler)
-    mean, stderr = (x.detach().numpy() for x in sampler.intensity(tds, truth.q_from_hkl(hkl)))
+    tds = tds_model(truth, 300.0, method="sampling", statistics="classical", sampler=sampler)
+    mean, stderr = (x.detach().numpy() for x in tds.intensity(truth.q_from_hkl(hkl)))
     np.testing.assert_allclose(data.intensity, mean, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(data.sigma, stderr, rtol=1e-8)
     assert data.absolute and 0.1 < np.median(data.sigma / data.intensity) < 1  # 8 samples: ≈ 1/√8
@@ -340,7 +340,7 @@ def test_simulate_uses_the_phonopy_file_as_it_is(dataset, tmp_path, capsys):
     for source, extra in ((tmp_path / "hkl.npy", []), (tmp_path / "sim.h5", ["--counts", 1e4, "--seed", 1])):
         code, err = in_process(capsys, "simulate", structure, "--fc", folder / "truth" / "phonopy_params.yaml",
                                "--hkl", source, "--temperature", 250, "--model", "one-phonon", "--statistics",
-                               "classical", "--out", tmp_path / "again.h5", *extra)
+                               "classical", "--out", tmp_path / "again.h5", "--overwrite", *extra)
         assert code == 0, err
         again = TDSData.read(tmp_path / "again.h5", structure=read(structure))
         np.testing.assert_allclose(again.hkl, hkl, rtol=0, atol=1e-15)
@@ -375,8 +375,8 @@ def test_export_writes_training_data(fitted, tmp_path):
      "temperature must be > 0"),
     (["simulate", "{structure}", "--fc", "{truth}", "--hkl", "{hkl}", "--temperature", 300, "--out", "no/x.h5"],
      "no such folder"),
-    (["export", "{truth}", "--supercell", 2, 2, 2, "--temperature", 0, "--samples", 2, "--out", "x.extxyz"],
-     "temperature must be > 0"),
+    (["export", "{truth}", "--supercell", 2, 2, 2, "--temperature", 0, "--samples", 2, "--out", "x.extxyz",
+      "--statistics", "classical"], "temperature must be > 0"),  # quantum (the default) allows 0 K: zero-point motion
     (["export", "{truth}", "--supercell", 2, 2, 2, "--temperature", 300, "--samples", 0, "--out", "x.extxyz"],
      "n_samples must be a positive integer"),
     (["export", "{truth}", "--supercell", 2, 2, 2, "--temperature", 300, "--samples", 2, "--out", "."],
@@ -537,9 +537,9 @@ def test_ctrl_c_during_a_fit_says_where_the_checkpoint_is_and_resumes(dataset, t
 
 
 @pytest.mark.parametrize("command, work, hint", [
-    (["fit", "{structure}", "{data}", "--out", "out", "--shells", 1], ("ase_tds.fit", "fit"),
+    (["fit", "{structure}", "{data}", "--out", "out", "--shells", 1], ("ase_tds.fitting", "fit"),
      " (give --checkpoint FILE to be able to resume a fit)"),
-    (["demo", "--out", "out", "--points", 50], ("ase_tds.data", "simulate"), ""),
+    (["demo", "--out", "out", "--points", 50], ("ase_tds.forward", "simulate"), ""),
 ])
 def test_ctrl_c_without_a_checkpoint_says_nothing_was_written(dataset, tmp_path, capsys, monkeypatch, command, work,
                                                               hint):
@@ -605,12 +605,12 @@ def test_tds_fit_shows_the_data_where_the_model_agrees(tmp_path, monkeypatch):
 def test_start_from_any_importable_calculator_equals_its_own_start():
     """--start calculator:ase.calculators.emt.EMT: the same force constants as --start emt (finite displacements
     with the calculator built by name)."""
-    from ase_tds.cli import _start_model
+    from ase_tds.fitting import set_start
 
     fresh = lambda: ForceConstantModel(ni_conventional(), shells=2)  # noqa: E731
-    by_name = _start_model(fresh(), ni_conventional(), "calculator:ase.calculators.emt.EMT")
+    by_name = set_start(fresh(), "calculator:ase.calculators.emt.EMT")
     np.testing.assert_allclose(by_name.theta.detach().numpy(),
-                               _start_model(fresh(), ni_conventional(), "emt").theta.detach().numpy(), atol=1e-12)
+                               set_start(fresh(), "emt").theta.detach().numpy(), atol=1e-12)
     assert abs(by_name.parameter_dict()["1XX"]) > 0.5
 
 

@@ -20,9 +20,9 @@ from ase.build import bulk
 from phonopy.structure.atoms import PhonopyAtoms
 
 import reference_tds as ref
-from ase_tds import PhonopyForceConstants, TDSModel
+from ase_tds import PhonopyForceConstants, tds_model
 from ase_tds.covariance import ThermalCovariance
-from ase_tds.scattering import multi_phonon_intensity, one_phonon_intensity
+from ase_tds.scattering import DebyeWaller, multi_phonon_intensity, one_phonon_intensity
 
 from conftest import emt_phonopy
 
@@ -80,7 +80,7 @@ def test_reference_is_converged(case):
 def test_package_periodic_crystal_equals_the_reference_code(case):
     """ase_tds on one grid (refine=False) at Q on that grid's reciprocal lattice is the same periodic crystal:
     its windowed lattice sum, Cholesky covariance and first-order split against phonopy's modes and a plain sum."""
-    tds = TDSModel(case["source"], T, method="gaussian", statistics="quantum", grid=case["mesh"], refine=False)
+    tds = tds_model(case["source"], T, method="gaussian", statistics="quantum", grid=case["mesh"], refine=False)
     with torch.no_grad():
         ours = tds(case["q"]).numpy()
     err = relative(ours, case["truth"])
@@ -91,7 +91,7 @@ def test_package_periodic_crystal_equals_the_reference_code(case):
 def test_default_intensities_are_converged(case):
     """The default model (grid chosen by the package) within 1e-3 (median) and 3e-3 (worst) of the limit, and its own
     error estimate (`discretisation_error`) at least half the true error on 95 % of the points."""
-    tds = TDSModel(case["source"], T, method="gaussian", statistics="quantum")
+    tds = tds_model(case["source"], T, method="gaussian", statistics="quantum")
     with torch.no_grad():
         ours = tds(case["q"]).numpy()
         estimate = tds.discretisation_error(case["q"]).numpy() / case["truth"]
@@ -110,9 +110,9 @@ def test_converged_debye_waller_with_grid_correlations_is_biased(case):
     src = case["source"]
     q = torch.as_tensor(case["q"])
     with torch.no_grad():
-        tds = TDSModel(src, T, method="one-phonon", statistics="quantum")
+        tds = tds_model(src, T, method="one-phonon", statistics="quantum")
         covariance = ThermalCovariance(src, T, "quantum")
-        amp = tds.amplitude(q, covariance.converged_mean_square_displacement(12))
+        amp = tds.amplitude(q, DebyeWaller(covariance.converged_mean_square_displacement(12)))
         old = (one_phonon_intensity(covariance, q, amp)
                + multi_phonon_intensity(q, amp, *covariance.real_space(grid))).numpy()
     bias = np.median(old / case["truth"] - 1)

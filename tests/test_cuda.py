@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ase_tds import ForceConstantModel, TDSData, TDSFitted, TDSModel, fit, simulate
+from ase_tds import ForceConstantModel, TDSData, TDSFitted, fit, simulate, tds_model
 
 from conftest import cached_model, ni_conventional
 
@@ -36,19 +36,19 @@ def test_forward_models(name, method, rng):
     hkl = rng.uniform(-3, 3, size=(500, 3))
     q = cpu.q_from_hkl(hkl)
     options = dict(grid=(6, 6, 6)) if method == "gaussian" else {}
-    expected = TDSModel(cpu, 300.0, method=method, **options)(torch.as_tensor(q))
-    got = TDSModel(gpu, 300.0, method=method, **options)(torch.as_tensor(q, device="cuda"))
+    expected = tds_model(cpu, 300.0, method=method, **options)(torch.as_tensor(q))
+    got = tds_model(gpu, 300.0, method=method, **options)(torch.as_tensor(q, device="cuda"))
     _close(got, expected)
 
 
 def test_loss_gradient_and_fit():
-    fit_module = importlib.import_module("ase_tds.fit")
+    fit_module = importlib.import_module("ase_tds.fitting.objective")
     truth = ForceConstantModel(ni_conventional(), shells=2).set_from_bvk(TRUTH)
     hkl = np.random.default_rng(0).uniform(-3, 3, size=(400, 3))
     data = simulate(truth, hkl, 300.0, tds_options=dict(grid=(6, 6, 6)))
     start = copy.deepcopy(truth).set_parameters(0.9 * truth.theta.detach().numpy())
     cpu, gpu = _both(start)
-    values = [fit_module._Objective(TDSModel(m, 300.0, grid=(6, 6, 6)), data, "fixed", "free", "chi2")
+    values = [fit_module.Objective(tds_model(m, 300.0, grid=(6, 6, 6)), data, "fixed", "free", "chi2")
               .evaluate(0.9 * truth.theta.detach().numpy()) for m in (cpu, gpu)]
     _close(values[1][1], values[0][1])
     assert values[1][0] == pytest.approx(values[0][0], rel=1e-10)

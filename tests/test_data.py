@@ -129,7 +129,7 @@ def test_nxdata_bin_averages_voxels_with_their_errors(tmp_path, ni, monkeypatch)
     its measured voxels with σ = √Σσ²/n; read in slabs of one block row (the slab loop itself is exercised)."""
     path = tmp_path / "volume.nxs"
     (h, k, l), intensity = write_nxdata(path)
-    monkeypatch.setattr("ase_tds.data.NEXUS_SLAB_VOXELS", 1)
+    monkeypatch.setattr("ase_tds.io.nexus.NEXUS_SLAB_VOXELS", 1)
     data = TDSData.read(path, structure=ni, bin=2)
     assert len(data) == 2
     for row, block in enumerate((intensity[0:2, 0:2, :], intensity[2:4, 0:2, :])):

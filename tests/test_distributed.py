@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from ase_tds import ForceConstantModel, TDSModel, simulate
+from ase_tds import ForceConstantModel, simulate, tds_model
 from ase_tds.data import add_poisson_noise
 
 from conftest import ni_conventional
 
-fit_module = importlib.import_module("ase_tds.fit")  # the module (the package's `fit` is the function)
+fit_module = importlib.import_module("ase_tds.fitting.objective")  # the loss of a fit (its CHUNK_POINTS)
 TRUTH = {"1XX": 1.54, "1ZZ": -0.055, "1XY": 1.59, "2XX": -0.24, "2YY": 0.03}
 
 
@@ -36,11 +36,11 @@ def dataset(tmp_path_factory):
 @pytest.mark.parametrize("loss, compton", [("chi2", True), ("poisson", False)])
 def test_chunks_give_the_loss_and_gradient_of_one_pass(dataset, monkeypatch, loss, compton):
     _, truth, data = dataset
-    tds = TDSModel(copy.deepcopy(truth), 300.0, grid=(5, 5, 5))
+    tds = tds_model(copy.deepcopy(truth), 300.0, grid=(5, 5, 5))
     theta = 0.9 * truth.theta.detach().numpy()
-    whole = fit_module._Objective(tds, data, "free", "free", loss, compton=compton).evaluate(theta)
+    whole = fit_module.Objective(tds, data, "free", "free", loss, compton=compton).evaluate(theta)
     monkeypatch.setattr(fit_module, "CHUNK_POINTS", 37)
-    objective = fit_module._Objective(tds, data, "free", "free", loss, compton=compton)
+    objective = fit_module.Objective(tds, data, "free", "free", loss, compton=compton)
     assert len(objective.chunks) == -(-len(objective.y) // 37)
     chunked = objective.evaluate(theta)
     assert chunked[0] == pytest.approx(whole[0], rel=1e-10)  # sums in another order

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from ase_tds import ForceConstantModel, Optimizer, TDSData, TDSModel, fit, simulate
+from ase_tds import ForceConstantModel, Optimizer, TDSData, fit, simulate, tds_model
 from ase_tds.background import ComptonShape
 from ase_tds.covariance import UnstableError
 from ase_tds.data import add_poisson_noise
-from ase_tds.fit import FitResult, _Objective
+from ase_tds.fitting import FitResult
+from ase_tds.fitting.objective import Objective
 from ase_tds.sampling import DenseSampler
 
 from conftest import ni_conventional
@@ -101,9 +102,12 @@ def test_unstable_start_is_refused(truth, method, tmp_path):
             fit(model, data, method=method, statistics="classical", tds_options=options, progress=False,
                 optimizer=Optimizer(first_fit_points=20))
         np.testing.assert_array_equal(model.theta.detach().numpy(), before)
-    if method == "one-phonon":  # the same from a checkpoint (a bare θ: the older format, or written by hand)
+    if method == "one-phonon":  # the same from a checkpoint (of one iteration, its θ then made unstable)
         stable = _start(truth)
-        (tmp_path / "ckpt.json").write_text(json.dumps({"theta": before.tolist()}))
+        fit(_start(truth), data, method=method, statistics="classical", tds_options=options, progress=False,
+            checkpoint=tmp_path / "ckpt.json", optimizer=Optimizer(max_iter=1))
+        saved = json.loads((tmp_path / "ckpt.json").read_text())
+        (tmp_path / "ckpt.json").write_text(json.dumps(dict(saved, theta=before.tolist())))
         with pytest.raises(UnstableError, match="unstable \\(θ from the checkpoint"):
             fit(stable, data, method=method, statistics="classical", tds_options=options, progress=False,
                 checkpoint=tmp_path / "ckpt.json")
@@ -162,8 +166,8 @@ def test_poisson_gradient_of_the_profiled_deviance(truth):
     data = simulate(truth, _points(200), 300.0, method="one-phonon", statistics="classical", counts=50, rng=3,
                     tds_options=FAST)
     data = dataclasses.replace(data, units=None)
-    tds = TDSModel(_start(truth, 0.9), 300.0, method="one-phonon", statistics="classical", **FAST)
-    objective = _Objective(tds, data, "free", "free", "poisson", compton=True)
+    tds = tds_model(_start(truth, 0.9), 300.0, method="one-phonon", statistics="classical", **FAST)
+    objective = Objective(tds, data, "free", "free", "poisson", compton=True)
     theta = tds.force_constants.theta.detach().numpy().copy()
     value, grad, beta = objective.evaluate(theta)
     assert len(beta) == 3
@@ -189,8 +193,8 @@ def test_poisson_fit_recovers_theta_at_low_counts(truth):
     assert np.all(np.abs(pulls) < 4), pulls
     assert result.chi2_red == pytest.approx(1.0, abs=0.2) and result.deviance > 0
     # with a free scale the profiled Poisson scale has a closed form, Σn / Σ t·I(θ): against the Newton profile
-    tds = TDSModel(model, 300.0, method="one-phonon", statistics="classical", **FAST)
-    objective = _Objective(tds, dataclasses.replace(data, units=None), "free", "none", "poisson")
+    tds = tds_model(model, 300.0, method="one-phonon", statistics="classical", **FAST)
+    objective = Objective(tds, dataclasses.replace(data, units=None), "free", "none", "poisson")
     np.testing.assert_allclose(objective.exposure.numpy(), exposure, rtol=1e-10)  # inferred from I/σ², zeros too
     with torch.no_grad():
         calc = tds(data.q)
@@ -290,21 +294,21 @@ def test_sampling_fit_by_lbfgs_reaches_the_exact_minimum(truth, sampled):
 
 
 def test_monte_carlo_weights_add_the_sampled_variance(truth):
-    """add_monte_carlo_variance: w = 1/(σ² + (r·I_obs)²), r = stderr/mean of the sampler at θ; finite at Q = 0
-    (every sample scatters alike there: mean and standard error exactly 0, r = 0) and where the mean is ≤ 0
-    (r = the median of the others)."""
+    """The sampling model's weights at θ (Objective(..., theta=θ)): w = 1/(σ² + (r·I_obs)²), r = stderr/mean of the
+    sampler at θ; finite at Q = 0 (every sample scatters alike there: mean and standard error exactly 0, r = 0) and
+    where the mean is ≤ 0 (r = the median of the others)."""
     sampler = DenseSampler(truth, (3, 3, 3), 300.0, n_samples=8, seed=0, progress=False)
     hkl = np.vstack([[[0, 0, 0]], _grid_points(3, 20)])
     data = simulate(truth, hkl, 300.0, method="sampling", statistics="classical", tds_options=dict(sampler=sampler))
     data = dataclasses.replace(data, sigma=data.sigma + 1e-3)
-    tds = TDSModel(truth, 300.0, method="sampling", statistics="classical", sampler=sampler)
-    objective = _Objective(tds, data, "free", "none", "chi2")
+    tds = tds_model(truth, 300.0, method="sampling", statistics="classical", sampler=sampler)
+    q = torch.as_tensor(data.q[data.mask])  # the points the loss uses
     with torch.no_grad():
-        mean, stderr = (x.numpy() for x in sampler.intensity(tds, objective.q))
+        mean, stderr = (x.numpy() for x in tds.intensity(q))
     assert mean[0] == 0 and stderr[0] == 0 and np.all(mean[1:] > 0)
     mean[1] = -mean[1]  # a point whose sampled mean came out negative (Bragg part subtracted)
     sampler.intensity = lambda *args, **kwargs: (torch.as_tensor(mean), torch.as_tensor(stderr))
-    objective.add_monte_carlo_variance(truth.theta.detach().numpy())
+    objective = Objective(tds, data, "free", "none", "chi2", theta=truth.theta.detach().numpy())  # weights at θ
     relative = np.divide(stderr, np.abs(mean), out=np.zeros_like(stderr), where=mean != 0)  # 0 at Q = 0
     relative[1] = np.median(relative[2:])
     expected = 1.0 / (data.sigma**2 + (relative * data.intensity) ** 2)
@@ -325,10 +329,11 @@ class _Cliff:
 def test_lbfgs_keeps_the_best_theta_and_reports_a_stall():
     """L-BFGS towards a minimum past an unstable region: the returned θ is the lowest loss seen (not the start),
     and the status says it stalled, not converged."""
-    from ase_tds.fit import _lbfgs, _Run
+    from ase_tds.fitting.optimizers import LBFGS, minimise
 
-    run = _Run(whiten=np.eye(1), done=0, history=[4.0], saver=None, progress=False)
-    theta, iterations, status = _lbfgs(_Cliff(), np.array([0.0]), Optimizer(max_iter=50), run)
+    settings = Optimizer("lbfgs", max_iter=50)
+    state, status = minimise(_Cliff(), settings, LBFGS.start(np.array([0.0]), np.eye(1), [4.0], settings))
+    theta, iterations = state.theta, state.iterations
     assert 0.0 < theta[0] <= 1.0 and (theta[0] - 2) ** 2 < 4.0
     assert status["converged"] is False and "stalled" in status["reason"], status
 
@@ -336,7 +341,7 @@ def test_lbfgs_keeps_the_best_theta_and_reports_a_stall():
 def test_lbfgs_status_tells_convergence_from_a_stall():
     from types import SimpleNamespace
 
-    from ase_tds.fit import _lbfgs_status
+    from ase_tds.fitting.optimizers.lbfgs import lbfgs_status as _lbfgs_status
 
     done = SimpleNamespace(status=0, message="CONVERGENCE: REL_REDUCTION_OF_F_<=_FACTR*EPSMCH", nit=12)
     assert _lbfgs_status(done, np.zeros(3), 200) == {"converged": True,
@@ -349,19 +354,18 @@ def test_lbfgs_status_tells_convergence_from_a_stall():
     assert not stalled["converged"] and stalled["reason"].startswith("stalled at the start")
 
 
-def test_optimizer_settings_are_one_object_and_the_old_keywords_still_work(truth, tmp_path):
-    """fit(..., optimizer=Optimizer(max_iter=2)) stops after 2 iterations; the deprecated max_iter= keyword warns
-    and gives the same fit; options after `data` are keyword-only."""
+def test_optimizer_settings_are_one_object(truth, tmp_path):
+    """fit(..., optimizer=Optimizer(max_iter=2)) stops after 2 iterations; options after `data` are keyword-only,
+    and the removed max_iter= keyword is refused."""
     data = simulate(truth, np.random.default_rng(3).uniform(-2, 2, size=(80, 3)), 300.0, method="one-phonon",
                     statistics="classical")
     options = dict(method="one-phonon", statistics="classical", scale="fixed", background="none", progress=False)
     new = fit(_start(truth), data, optimizer=Optimizer(max_iter=2), **options)
-    with pytest.warns(DeprecationWarning, match=r"optimizer=Optimizer\(max_iter=...\)"):
-        old = fit(_start(truth), data, max_iter=2, **options)
-    assert new.iterations == old.iterations == 2 and new.settings["optimizer"] == "lbfgs"
-    np.testing.assert_array_equal(new.theta, old.theta)
+    assert new.iterations == 2 and new.settings["optimizer"] == "lbfgs"
     with pytest.raises(TypeError):
         fit(_start(truth), data, 300.0)
+    with pytest.raises(TypeError):
+        fit(_start(truth), data, max_iter=2, **options)
     with pytest.raises(ValueError, match="max_iter must be a whole number"):
         Optimizer(max_iter=-1)
 

@@ -350,7 +350,7 @@ def test_the_spring_stiffness_is_read_off_the_data():
     """Data of springs at a 700 K Debye temperature: the scan picks a neighbouring candidate (566 or 800 K), where
     the default 300 K would start 5× too soft."""
     from ase_tds import simulate
-    from ase_tds.fit import debye_temperature_from_data
+    from ase_tds.fitting import debye_temperature_from_data
 
     truth = ForceConstantModel(ni_conventional(), shells=2).set_from_springs(700.0)
     hkl = np.random.default_rng(2).uniform(-4, 4, size=(300, 3))

@@ -7,7 +7,7 @@ from ase.calculators.emt import EMT
 from phonopy import Phonopy
 
 from ase_tds import ForceConstantModel, PhonopyForceConstants, simulate
-from ase_tds.model import reciprocal_q
+from ase_tds.structure import reciprocal_q
 from ase_tds.structure import to_phonopy_atoms
 
 from conftest import FCC_PRIMITIVE_MATRIX, cu3au, emt_phonopy, ni_conventional

@@ -3,7 +3,7 @@
 Covariances: a supercell Hessian folded here by brute force from the model's pairs on ase's
 `Atoms.repeat`, diagonalised with numpy (pseudo-inverse = centre of mass fixed; quantum: mode sums).
 Intensities: the exact Var(F)/N of the same periodic supercell from that covariance, and
-TDSModel(method="gaussian") on it, within 4 standard errors.
+tds_model(method="gaussian") on it, within 4 standard errors.
 Gradients: torch.autograd.gradcheck with the noise fixed.
 """
 
@@ -17,7 +17,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from torch.func import functional_call
 
-from ase_tds import ForceConstantModel, TDSModel
+from ase_tds import ForceConstantModel, tds_model
 from ase_tds.sampling import DenseSampler, QSpaceSampler
 
 from conftest import NI_A, ni_conventional
@@ -185,10 +185,10 @@ def test_sampling_intensity_matches_gaussian_on_the_same_supercell(emt_models, n
     assert len(model.unitcell) == model.n_atoms  # the supercell is then a grid of primitive cells
     q = torch.as_tensor(model.q_from_hkl(hkl))
     sampler = sampler_class(model, supercell, T, statistics, n_samples=1500, seed=11, progress=False)
-    tds = TDSModel(model, T, method="sampling", statistics=statistics, sampler=sampler)
-    gaussian = TDSModel(model, T, method="gaussian", statistics=statistics, grid=supercell, refine=False)
+    tds = tds_model(model, T, method="sampling", statistics=statistics, sampler=sampler)
+    gaussian = tds_model(model, T, method="gaussian", statistics=statistics, grid=supercell, refine=False)
     with torch.no_grad():
-        mean, stderr = sampler.intensity(tds, q)
+        mean, stderr = tds.intensity(q)
         np.testing.assert_allclose(tds(q).numpy(), mean.numpy(), rtol=1e-12)  # seed: the same noise
         reference = gaussian(q).numpy()
         form = tds.form_factors(torch.linalg.norm(q, dim=-1)).numpy()
@@ -204,13 +204,12 @@ def test_sampling_intensity_matches_gaussian_on_the_same_supercell(emt_models, n
 def test_q_off_the_supercell_lattice_is_refused(emt_models):
     model = emt_models["Ni conventional"]
     sampler = QSpaceSampler(model, (2, 2, 2), T, progress=False)
-    tds = TDSModel(model, T, method="sampling", statistics="classical", sampler=sampler)
+    tds = tds_model(model, T, method="sampling", statistics="classical", sampler=sampler)
     q = model.q_from_hkl([[0.5, 0, 0], [1, 0.25, 0]])
     with pytest.raises(ValueError, match=r"Q\[1\].*not on the reciprocal lattice of the 2×2×2 supercell"):
         tds(q)
     with pytest.raises(ValueError, match="one temperature and statistics"):
-        sampler.intensity(TDSModel(model, 500.0, method="sampling", statistics="classical", sampler=sampler),
-                          q[:1])
+        tds_model(model, 500.0, method="sampling", statistics="classical", sampler=sampler)
 
 
 def test_distinct_q_counts_q_modulo_the_reciprocal_lattice(emt_models):
@@ -231,7 +230,7 @@ def test_reparameterisation_gradient(emt_models, sampler_class, statistics):
     """gradcheck of Σ_Q I(Q) w.r.t. θ, fixed noise, conventional Ni 1×1×2 (Γ, Nyquist plane, 4-atom unit)."""
     model = emt_models["Ni conventional"]
     sampler = sampler_class(model, (1, 1, 2), T, statistics, n_samples=3, seed=5, progress=False)
-    tds = TDSModel(model, T, method="sampling", statistics=statistics, sampler=sampler)
+    tds = tds_model(model, T, method="sampling", statistics=statistics, sampler=sampler)
     q = torch.as_tensor(model.q_from_hkl([[1, 0, 0.5], [2, 1, 1.5], [1, 1, 1], [0, 3, 2.5]]))
     theta = model.theta.detach().clone().requires_grad_(True)
 
@@ -245,7 +244,7 @@ def test_commensurate_supercell_is_the_smallest_that_sees_every_q():
     """Points on a quarter grid need L = 4 along each axis (or more when the cutoff needs it); the sampler built on
     that supercell accepts every point, and one on a smaller one refuses them."""
     from ase_tds import ForceConstantModel, QSpaceSampler
-    from ase_tds.data import points_in_sphere
+    from ase_tds.forward import points_in_sphere
     from ase_tds.sampling import commensurate_supercell
 
     from conftest import ni_conventional

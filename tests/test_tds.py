@@ -1,4 +1,4 @@
-"""TDSModel intensities (docs/theory.md), each against an independent route, float64.
+"""Forward-model intensities (docs/theory.md), each against an independent route, float64.
 
 - one-phonon: euphonic's one-phonon structure factor (its own dynamical matrix and eigen-solve from the
   phonopy_params.yaml we export), weighted with coth(ħω/2k_BT) or 2k_BT/ħω; and euphonic's eigenvectors
@@ -22,9 +22,10 @@ import torch
 import xraydb
 from ase import units
 
-from ase_tds import TDSModel
+from ase_tds import tds_model
 from ase_tds.covariance import ThermalCovariance, UnstableError
-from ase_tds.scattering import LatticeWindow, multi_phonon_intensity, one_phonon_intensity, partition_of_unity
+from ase_tds.scattering import (DebyeWaller, LatticeWindow, multi_phonon_intensity, one_phonon_intensity,
+                                 partition_of_unity)
 
 from test_covariance import (  # noqa: F401  (models: a module fixture re-used here)
     STATISTICS,
@@ -38,7 +39,7 @@ from test_covariance import (  # noqa: F401  (models: a module fixture re-used h
 try:  # a test extra (GPL-3): only the euphonic comparisons need it
     import euphonic
     from euphonic import ureg
-    from euphonic.debye_waller import DebyeWaller
+    from euphonic.debye_waller import DebyeWaller as EuphonicDebyeWaller
 except ImportError:  # pragma: no cover
     euphonic = None
 
@@ -101,14 +102,14 @@ def test_one_phonon_equals_euphonic_structure_factor(models, euphonic_fc, name, 
     mean-square displacement (so DW enters both identically). Q anywhere up to ~12 Å⁻¹, not at Γ.
     k_BT from ase.units on both sides: euphonic's pint k_B (CODATA 2018) differs from ase's by 3.5e-7."""
     model, fc = models[name], euphonic_fc[name]
-    tds = TDSModel(model, T_ROOM, method="one-phonon", statistics=statistics, form_factors=CONSTANT_F[name],
+    tds = tds_model(model, T_ROOM, method="one-phonon", statistics=statistics, form_factors=CONSTANT_F[name],
                    dw_mesh=6)
     q = model.q_from_hkl(rng.uniform(-4, 4, size=(40, 3)))
     with torch.no_grad():
         ours = tds(q).numpy()
         msd = tds.mean_square_displacement().numpy()
     perm = euphonic_order(model, fc)
-    dw = DebyeWaller(fc.crystal, ureg.Quantity(0.5 * msd[perm], "angstrom**2"), ureg.Quantity(T_ROOM, "K"))
+    dw = EuphonicDebyeWaller(fc.crystal, ureg.Quantity(0.5 * msd[perm], "angstrom**2"), ureg.Quantity(T_ROOM, "K"))
     lengths = {s: ureg.Quantity(v, "fm") for s, v in CONSTANT_F[name].items()}
     sf = euphonic_modes(fc, q).calculate_structure_factor(scattering_lengths=lengths, dw=dw)
     s_nu = sf.structure_factors.to("fm**2").magnitude  # f² × dimensionless, per atom
@@ -157,7 +158,7 @@ def test_one_phonon_with_xraydb_form_factors_equals_euphonic_modes(models, eupho
                                                                     statistics, rng):
     """Q-dependent f₀(|Q|) for every species (xraydb): the mode sum over euphonic's eigenvectors."""
     model, fc = models[name], euphonic_fc[name]
-    tds = TDSModel(model, T_ROOM, method="one-phonon", statistics=statistics, dw_mesh=6)
+    tds = tds_model(model, T_ROOM, method="one-phonon", statistics=statistics, dw_mesh=6)
     q = model.q_from_hkl(rng.uniform(-4, 4, size=(40, 3)))
     with torch.no_grad():
         ours = tds(q).numpy()
@@ -170,7 +171,7 @@ def test_one_phonon_with_xraydb_form_factors_equals_euphonic_modes(models, eupho
 
 def _one_phonon_at_g(models, euphonic_fc, name, hkl, statistics):  # noqa: F811
     model, fc = models[name], euphonic_fc[name]
-    tds = TDSModel(model, T_ROOM, method="one-phonon", statistics=statistics, dw_mesh=4)
+    tds = tds_model(model, T_ROOM, method="one-phonon", statistics=statistics, dw_mesh=4)
     q = model.q_from_hkl([hkl])
     with torch.no_grad():
         ours = tds(q).numpy()
@@ -199,16 +200,16 @@ def test_one_phonon_at_reciprocal_lattice_vectors(models, euphonic_fc, name, hkl
 @pytest.mark.parametrize("name", ["Ni", "AuCu3"])
 def test_gaussian_first_order_is_the_one_phonon_model(models, name, statistics, rng):  # noqa: F811
     """gaussian − (its orders ≥ 2: LatticeWindow.intensity on the same grid's correlation) equals
-    TDSModel(method="one-phonon") with the grid's own Debye–Waller factor (dw_mesh="grid"), to round-off: the
+    tds_model(method="one-phonon") with the grid's own Debye–Waller factor (dw_mesh="grid"), to round-off: the
     gaussian model is one periodic crystal, its W, first order and higher orders from one q mesh."""
     model = models[name]
     grid = (5, 5, 5)
-    gauss = TDSModel(model, T_ROOM, method="gaussian", statistics=statistics, grid=grid, refine=False)
-    one = TDSModel(model, T_ROOM, method="one-phonon", statistics=statistics, dw_mesh="grid", grid=grid)
+    gauss = tds_model(model, T_ROOM, method="gaussian", statistics=statistics, grid=grid, refine=False)
+    one = tds_model(model, T_ROOM, method="one-phonon", statistics=statistics, dw_mesh="grid", grid=grid)
     q = torch.as_tensor(model.q_from_hkl(rng.uniform(-3, 3, size=(30, 3))))
     with torch.no_grad():
         correlation, self_cov = gauss.grid_covariance()
-        amp = gauss.amplitude(q, self_cov)
+        amp = gauss.amplitude(q, DebyeWaller(self_cov))
         window = LatticeWindow(model.primitive, grid)
         multi = window.intensity(q, amp, window.gather(correlation))
         total, first = gauss(q), one(q)
@@ -297,7 +298,7 @@ def dense_intensity(dense, cov, q, symbols):
 def _gaussian_vs_dense(models, name, L, statistics, q):  # noqa: F811
     model = models[name]
     dense = dense_supercell(model, L)
-    tds = TDSModel(model, T_ROOM, method="gaussian", statistics=statistics, grid=(L, L, L), refine=False)
+    tds = tds_model(model, T_ROOM, method="gaussian", statistics=statistics, grid=(L, L, L), refine=False)
     with torch.no_grad():
         ours = tds(q).numpy()
     symbols = sorted(set(dense.symbols))
@@ -343,8 +344,8 @@ def test_multi_phonon_share_for_nickel(models, rng):  # noqa: F811
     model = models["Ni"]
     q = 7.0 * random_directions(rng, 40)
     with torch.no_grad():
-        total = TDSModel(model, T_ROOM, method="gaussian", statistics="quantum", grid=(15, 15, 15))(q).numpy()
-        first = TDSModel(model, T_ROOM, method="one-phonon", statistics="quantum")(q).numpy()
+        total = tds_model(model, T_ROOM, method="gaussian", statistics="quantum", grid=(15, 15, 15))(q).numpy()
+        first = tds_model(model, T_ROOM, method="one-phonon", statistics="quantum")(q).numpy()
     share = 1 - first / total
     p10, p50, p90 = np.percentile(share, [10, 50, 90])
     print(f"multi-phonon share at |Q| = 7 Å⁻¹: median {p50:.3f}, 10–90 % {p10:.3f}–{p90:.3f}")
@@ -365,7 +366,7 @@ def test_quantum_tends_to_classical_at_high_temperature(models, method, rng):  #
     amp = torch.full((len(q), 1), 20.0, dtype=torch.float64)
     for t in temperatures:
         with torch.no_grad():
-            i_q, i_c = (TDSModel(model, t, method=method, statistics=s, dw_mesh=4, grid=(7, 7, 7))(q).numpy()
+            i_q, i_c = (tds_model(model, t, method=method, statistics=s, dw_mesh=4, grid=(7, 7, 7))(q).numpy()
                         for s in ("quantum", "classical"))
             k_q, k_c = (one_phonon_intensity(ThermalCovariance(model, t, s), torch.as_tensor(q), amp).numpy()
                         for s in ("quantum", "classical"))
@@ -385,7 +386,7 @@ def test_low_temperature_limits(models, rng):  # noqa: F811
 
     def run(t, statistics, method="one-phonon"):
         with torch.no_grad():
-            return TDSModel(model, t, method=method, statistics=statistics, dw_mesh=4, grid=(5, 5, 5))(q).numpy()
+            return tds_model(model, t, method=method, statistics=statistics, dw_mesh=4, grid=(5, 5, 5))(q).numpy()
 
     small, double = run(0.01, "classical"), run(0.02, "classical")
     assert np.abs(double / small - 2).max() < 1e-3
@@ -410,7 +411,7 @@ def test_gradients_match_finite_differences(models, method, statistics):  # noqa
     # the transverse acoustic pair is exactly degenerate at X and L
     ta = model.frequencies(model.q_from_hkl([NI_HKL["X"], NI_HKL["L"]]))[:, :2]
     assert np.abs(ta[:, 1] - ta[:, 0]).max() < 1e-9 and ta.min() > 1
-    tds = TDSModel(model, T_ROOM, method=method, statistics=statistics, dw_mesh=3, grid=(5, 5, 5),
+    tds = tds_model(model, T_ROOM, method=method, statistics=statistics, dw_mesh=3, grid=(5, 5, 5),
                    form_factors={"Ni": 1.0})
     hkl = list(NI_HKL.values()) + ([(2, 0, 0)] if method == "gaussian" else [])
     q = torch.as_tensor(model.q_from_hkl(hkl))
@@ -429,7 +430,7 @@ def test_gradients_match_finite_differences_compound(models):  # noqa: F811
     q = torch.as_tensor(model.q_from_hkl([(0.5, 0.5, 0), (1.5, 0.5, 0.5), (0.3, 1.2, 2.1)]))
     theta0 = model.theta.detach().clone().requires_grad_(True)
     for method, statistics in [("one-phonon", "quantum"), ("gaussian", "classical")]:
-        tds = TDSModel(model, T_ROOM, method=method, statistics=statistics, dw_mesh=2, grid=(3, 3, 3),
+        tds = tds_model(model, T_ROOM, method=method, statistics=statistics, dw_mesh=2, grid=(3, 3, 3),
                        form_factors={"Au": 1.0, "Cu": 0.4})
 
         def intensity(theta):
@@ -442,19 +443,19 @@ def test_gradients_match_finite_differences_compound(models):  # noqa: F811
 def test_bad_arguments_raise_value_errors(models):  # noqa: F811
     model = models["Ni"]
     with pytest.raises(ValueError, match="method"):
-        TDSModel(model, T_ROOM, method="two-phonon")
+        tds_model(model, T_ROOM, method="two-phonon")
     with pytest.raises(ValueError, match="statistics"):
-        TDSModel(model, T_ROOM, statistics="bose")
+        tds_model(model, T_ROOM, statistics="bose")
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="temperature"):
-            TDSModel(model, bad)
+            tds_model(model, bad)
     with pytest.raises(ValueError, match="temperature"):
-        TDSModel(model, 0.0, statistics="classical")
-    TDSModel(model, 0.0, statistics="quantum")  # zero point: allowed
+        tds_model(model, 0.0, statistics="classical")
+    tds_model(model, 0.0, statistics="quantum")  # zero point: allowed
     with pytest.raises(ValueError, match="sampler"):
-        TDSModel(model, T_ROOM, method="sampling")
+        tds_model(model, T_ROOM, method="sampling")
     with pytest.raises(ValueError, match="form factors"):
-        TDSModel(model, T_ROOM, form_factors={"Fe": 26.0})
+        tds_model(model, T_ROOM, form_factors={"Fe": 26.0})
 
 
 @pytest.mark.parametrize("statistics", STATISTICS)
@@ -466,7 +467,7 @@ def test_unstable_force_constants_raise_unstable_error(models, statistics):  # n
     model.set_from_bvk(theta)
     q = torch.as_tensor(model.q_from_hkl([[1, 0, 0], [0.5, 0.5, 0.5], [0.3, 1.2, 2.1]]))
     with pytest.raises(UnstableError):
-        TDSModel(model, T_ROOM, method="one-phonon", statistics=statistics, dw_mesh=3)(q)
+        tds_model(model, T_ROOM, method="one-phonon", statistics=statistics, dw_mesh=3)(q)
     amp = torch.full((len(q), 1), 20.0, dtype=torch.float64)  # the kernel alone, without a Debye–Waller mesh
     with pytest.raises(UnstableError):
         one_phonon_intensity(ThermalCovariance(model, T_ROOM, statistics), q, amp)
@@ -477,17 +478,17 @@ def test_fixed_theta_cache_follows_theta(models, rng):  # noqa: F811
     must be seen (equal to a fresh model), and with gradients the cached values must not be used."""
     model = copy.deepcopy(models["Ni"])
     q = 5.0 * random_directions(rng, 8)
-    tds = TDSModel(model, T_ROOM, method="gaussian", statistics="quantum", dw_mesh=4, grid=(5, 5, 5))
+    tds = tds_model(model, T_ROOM, method="gaussian", statistics="quantum", dw_mesh=4, grid=(5, 5, 5))
     with torch.no_grad():
         first = tds(q)
         model.theta.mul_(1.1)
         changed = tds(q)
-        fresh = TDSModel(model, T_ROOM, method="gaussian", statistics="quantum", dw_mesh=4, grid=(5, 5, 5))(q)
+        fresh = tds_model(model, T_ROOM, method="gaussian", statistics="quantum", dw_mesh=4, grid=(5, 5, 5))(q)
     assert relative_error(changed, fresh) < 1e-13
     assert relative_error(changed, first) > 1e-3
     model.theta.grad = None
     tds(q).sum().backward()  # the graph runs through the Debye–Waller factors and the higher orders
-    reference = TDSModel(model, T_ROOM, method="gaussian", statistics="quantum", dw_mesh=4, grid=(5, 5, 5))
+    reference = tds_model(model, T_ROOM, method="gaussian", statistics="quantum", dw_mesh=4, grid=(5, 5, 5))
     grad = model.theta.grad.clone()
     model.theta.grad = None
     reference(q).sum().backward()
@@ -509,17 +510,17 @@ def test_chunks_in_worker_threads_equal_one_block(models, rng, statistics):  # n
         values, grads = [], []
         for chunk in (3, 64):
             model.theta.grad = None
-            value = TDSModel(model, T_ROOM, chunk=chunk, **options)(q)
+            value = tds_model(model, T_ROOM, chunk=chunk, **options)(q)
             value.sum().backward()
             values.append(value.detach())
             grads.append(model.theta.grad.clone())
-        chunked = TDSModel(model, T_ROOM, chunk=3, **options)
+        chunked = tds_model(model, T_ROOM, chunk=3, **options)
         for _ in range(4):  # the same gradient to the last bit on every call (a fixed chunk-to-thread assignment)
             model.theta.grad = None
             chunked(q).sum().backward()
             assert torch.equal(model.theta.grad, grads[0])
         with torch.no_grad():
-            assert not TDSModel(model, T_ROOM, chunk=3, **options)(q).requires_grad
+            assert not tds_model(model, T_ROOM, chunk=3, **options)(q).requires_grad
             meshes = [(ThermalCovariance(model, T_ROOM, statistics).mean_square_displacement((3, 3, 3), chunk=chunk),
                        ThermalCovariance(model, T_ROOM, statistics).real_space((3, 3, 3), chunk=chunk)[1])
                       for chunk in (5, None)]
@@ -527,7 +528,7 @@ def test_chunks_in_worker_threads_equal_one_block(models, rng, statistics):  # n
         with torch.no_grad():
             model.theta.mul_(-1)
         with pytest.raises(UnstableError):
-            TDSModel(model, T_ROOM, chunk=3, **options)(q)
+            tds_model(model, T_ROOM, chunk=3, **options)(q)
     finally:
         torch.set_num_threads(threads)
     assert relative_error(values[0], values[1]) < 1e-14

@@ -13,7 +13,7 @@ import numpy as np
 from phonopy.file_IO import write_force_constants_to_hdf5, write_FORCE_CONSTANTS
 
 from ..atomic import write_files
-from ..model import load_phonopy as read_force_constants  # noqa: F401  (the one loader, re-exported)
+from ..phonopy_load import load_phonopy as read_force_constants  # noqa: F401  (the one loader, re-exported)
 from ..structure import diagonal_supercell_for
 
 PARAMS_FILE = "phonopy_params.yaml"

@@ -1,0 +1,132 @@
+"""A range chosen by the data: grow the model shell by shell, keep the smallest the held-out points do not reject
+(docs/theory.md, "The range of the force constants").
+
+The used points are split once (seed 0) into a training part (80 %) and held-out points (20 %). Each candidate, one
+more neighbour shell than the last, is fitted to the training points from the previous candidate's fitted force
+constants (projected on its basis, the new shell at zero), then judged by the χ² of the held-out points at its
+fitted θ (nuisance terms profiled there) plus 2 per parameter: AIC on points the fit did not see, so that a shell
+the data do not need costs more than it gains. Growth stops two shells after the best score, at `max_shells`, or
+where the parameters would exceed a tenth of the training points. The best candidate is then fitted to all points
+from its training fit. Every candidate is recorded (`FitResult.settings["range"]`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data import TDSData
+from ..forward import tds_model
+from ..model import ForceConstantModel
+from ..structure import diagonal_supercell_for
+from .objective import Objective
+from .result import FitResult
+from .starts import StartContext, set_start
+
+HELD_OUT = 0.2
+PATIENCE = 2  # shells tried past the best score
+MAX_SHELLS = 12
+POINTS_PER_PARAMETER = 10
+
+
+def split(data: TDSData, fraction: float = HELD_OUT, seed: int = 0) -> tuple[TDSData, TDSData]:
+    """(training, held-out) copies of `data`, the used points divided at random (the same for the same data).
+
+    Args:
+        data: the data; its mask selects the points divided.
+        fraction: the held-out share, in (0, 1).
+        seed: of the random division.
+
+    Returns:
+        Two TDSData with complementary masks.
+    """
+    used = np.nonzero(np.asarray(data.mask, dtype=bool))[0]
+    held = np.zeros(len(data), dtype=bool)
+    held[np.random.default_rng(seed).choice(used, size=max(1, int(round(fraction * len(used)))), replace=False)] = True
+    return data.with_mask(~held), data.with_mask(held)
+
+
+def held_out_chi2(model, data: TDSData, fit_settings: dict, tds_options: dict) -> float:
+    """χ² of the held-out `data` at the model's θ, nuisance terms profiled on them (the fit's loss and weights)."""
+    options = dict(tds_options, q_max=float(data.q_norm[np.asarray(data.mask, dtype=bool)].max()))
+    tds = tds_model(model, fit_settings["temperature"], method=fit_settings["method"],
+                    statistics=fit_settings["statistics"], **options)
+    theta = model.theta.detach().cpu().numpy()
+    objective = Objective(tds, data, fit_settings["scale"], fit_settings["background"], fit_settings["loss"],
+                          fit_settings["compton"] is True, theta=theta)
+    return float(objective.evaluate(theta)[0])
+
+
+def _grown(previous: ForceConstantModel, shells: int) -> ForceConstantModel:
+    """A model of `shells` shells started at `previous`'s fitted constants (their Born charges carried along)."""
+    model = ForceConstantModel(previous.unitcell, shells=shells, symprec=previous.symprec)
+    if previous.born is not None:
+        born = previous.born_charges()
+        model.set_born(born, fit=previous.born_basis is not None)
+    matrix = diagonal_supercell_for(np.array(previous.unitcell.cell[:]), max(model.cutoff, previous.cutoff))
+    return model.set_from_phonopy(previous.to_phonopy(matrix))
+
+
+def fit_range(structure, data: TDSData, fit_function, *, start: str = "springs", born=None, fit_born: bool = False,
+              first_shells: int = 1, max_shells: int = MAX_SHELLS, progress: bool = True,
+              **options) -> tuple[ForceConstantModel, FitResult]:
+    """Fit with the range the data choose: see the module docstring.
+
+    Args:
+        structure (ase.Atoms): the crystal.
+        data: the data; its mask selects the points used.
+        fit_function (Callable): `ase_tds.fitting.fit` (passed in: it calls this module's caller back).
+        start: the first candidate's start (a name of `STARTS` or a phonopy file).
+        born (BornCharges | None): Born charges of the crystal (fixed, or the start of fitted ones).
+        fit_born: fit the Born charges and ε∞ too.
+        first_shells: the smallest candidate.
+        max_shells: the largest candidate.
+        progress: progress bars and a line per candidate.
+        **options (Any): keyword arguments of `fit` (method, statistics, scale, background, tds_options, ...).
+
+    Returns:
+        The chosen range's model and its fit to all the points; the result's settings["range"] holds every
+            candidate (shells, cutoff Å, parameters, χ²_red of the training points, held-out χ² per point, score).
+    """
+    training, held_out = split(data)
+    say = tqdm.write if progress else (lambda text: None)
+    tds_options = dict(options.get("tds_options") or {})
+    candidates, models, best = [], [], None
+    model = None
+    for shells in range(first_shells, max_shells + 1):
+        if model is None:
+            model = ForceConstantModel(structure, shells=shells)
+            if born is not None:
+                model.set_born(born, fit=fit_born)
+            set_start(model, start, StartContext(training, options.get("temperature"),
+                                                 options.get("statistics", "quantum"), progress=progress, say=say))
+        else:
+            model = _grown(model, shells)
+        if model.n_params * POINTS_PER_PARAMETER > training.n_used:
+            say(f"range: {shells} shells would have {model.n_params} parameters, more than a tenth of the "
+                f"{training.n_used} training points; stopping")
+            break
+        result = fit_function(model, training, progress=progress, explain_misfit=False, **options)
+        chi2 = held_out_chi2(model, held_out, result.settings, tds_options)
+        record = dict(shells=shells, cutoff=model.cutoff, parameters=model.n_params,
+                      chi2_red_training=result.chi2_red, held_out_chi2_per_point=chi2 / held_out.n_used,
+                      score=chi2 + 2 * model.n_params, status=result.status)
+        candidates.append(record)
+        models.append((model.theta.detach().clone(), model))
+        say(f"range: {shells} shells, cutoff {model.cutoff:.3f} Å, {model.n_params} parameters: χ²_red "
+            f"{result.chi2_red:.3f} (training), {record['held_out_chi2_per_point']:.3f} per held-out point")
+        if best is None or record["score"] < candidates[best]["score"]:
+            best = len(candidates) - 1
+        elif len(candidates) - 1 - best >= PATIENCE:
+            break
+    theta, chosen = models[best]
+    with torch.no_grad():
+        chosen.theta.copy_(theta)
+    result = fit_function(chosen, data, progress=progress, **options)
+    limit = best == len(candidates) - 1 and candidates[-1]["shells"] >= max_shells
+    result.settings["range"] = dict(candidates=candidates, chosen=candidates[best], held_out=HELD_OUT,
+                                    rule="smallest held-out χ² + 2 per parameter", at_limit=bool(limit))
+    say(f"range: chose {candidates[best]['shells']} shells (cutoff {chosen.cutoff:.3f} Å, {chosen.n_params} "
+        "parameters)" + (" — the largest tried: the data may ask for more" if limit else ""))
+    return chosen, result

@@ -1,0 +1,73 @@
+"""A range chosen by the data (`fitting.range`) and a misfit that names its missing physics (`fitting.missing`).
+
+Data from models outside the fitted one: a 3-shell truth fitted from one shell up; a polar truth (Born charges)
+fitted without them, and with them at too short a cutoff.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from ase.build import bulk
+
+from ase_tds import ForceConstantModel, fit, simulate
+from ase_tds.dipole import BornCharges
+from ase_tds.fitting.range import fit_range
+
+from conftest import ni_conventional
+
+FAST = dict(method="one-phonon", statistics="classical", background="none", progress=False,
+            tds_options=dict(dw_mesh=3))
+
+
+def _points(model, n, seed=0):
+    hkl = np.random.default_rng(seed).uniform(-3, 3, size=(4 * n, 3))
+    far = np.linalg.norm(hkl - np.round(hkl), axis=1) > 0.15
+    return hkl[far][:n]
+
+
+def test_the_range_the_data_choose(rng):
+    """Nickel whose force constants reach the 3rd shell: the held-out score falls to 3 shells and not beyond it
+    (noise only), every candidate is recorded, and the fit of the chosen range recovers the truth."""
+    truth = ForceConstantModel(ni_conventional(), shells=3).set_from_bvk(
+        {"1XX": 1.5, "1ZZ": -0.06, "1XY": 1.6, "2XX": 0.1, "2YY": -0.03, "3XX": 0.05, "3YY": 0.02, "3YZ": 0.01,
+         "3XZ": 0.02})
+    data = simulate(truth, _points(truth, 500), 300.0, method="one-phonon", statistics="classical", counts=1e6,
+                    rng=1, tds_options=dict(dw_mesh=3))
+    model, result = fit_range(ni_conventional(), data, fit, start="springs", max_shells=6, **FAST)
+    record = result.settings["range"]
+    assert [c["shells"] for c in record["candidates"]][:3] == [1, 2, 3]
+    assert record["chosen"]["shells"] == 3 and model.n_params == truth.n_params
+    scores = [c["score"] for c in record["candidates"]]
+    assert scores[2] < scores[1] < scores[0]  # each needed shell lowers the held-out score
+    assert result.trusted and np.all(np.abs(result.theta - truth.theta.detach().numpy()) < 4 * result.sigma)
+
+
+@pytest.fixture(scope="module")
+def polar_truth():
+    """Rocksalt NaCl, 2 shells of springs with Born charges ±1.1 e, ε∞ 2.4, and one-phonon data from it."""
+    model = ForceConstantModel(bulk("NaCl", "rocksalt", a=5.64), shells=2).set_from_springs(300.0)
+    sign = 1 if model.primitive.get_chemical_symbols()[0] == "Na" else -1
+    model.set_born(BornCharges(sign * np.array([np.eye(3) * 1.1, -np.eye(3) * 1.1]), 2.4 * np.eye(3)))
+    data = simulate(model, _points(model, 400, seed=3), 300.0, method="one-phonon", statistics="classical",
+                    counts=1e6, rng=2, tds_options=dict(dw_mesh=3))
+    return model, data
+
+
+def test_without_the_born_charges_the_fit_names_dipole_forces(polar_truth):
+    truth, data = polar_truth
+    model = ForceConstantModel(truth.unitcell, shells=2)
+    with pytest.warns(UserWarning, match="most likely comes from missing dipole"):
+        result = fit(model, data, start="springs", **FAST)
+    assert not result.trusted and result.missing_physics["likely"] == "dipole"
+    assert "--born" in result.missing_physics["cure"] and "NOT TRUSTED" in result.table()
+
+
+def test_at_too_short_a_range_the_fit_names_the_range(polar_truth):
+    truth, data = polar_truth
+    model = ForceConstantModel(truth.unitcell, shells=1).set_born(copy.deepcopy(truth.born))
+    with pytest.warns(UserWarning, match="most likely comes from missing range"):
+        result = fit(model, data, start="springs", **FAST)
+    assert not result.trusted and result.missing_physics["likely"] == "range"
