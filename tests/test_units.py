@@ -132,7 +132,7 @@ def _fresh_import(monkeypatch):
     for name in [name for name in sys.modules if name == "ase_tds" or name.startswith("ase_tds.")]:
         monkeypatch.delitem(sys.modules, name)
     importlib.import_module("ase_tds")
-    return sys.modules["ase_tds.calculator"]
+    return importlib.import_module("ase_tds.calculator")  # `ase_tds` loads its names on first use
 
 
 def test_import_without_ase_4(monkeypatch):

@@ -23,8 +23,8 @@ from ..covariance import UnstableError
 from ..model import ForceConstantModel
 from ..structure import diagonal_supercell_for, pair_distances
 
-SUBSET = 3000  # points refitted per extension
-ITERATIONS = 40
+SUBSET = 1500  # points refitted per extension
+ITERATIONS = 20
 CURES = {"range": "a longer range: --cutoff auto (or a larger --cutoff / --shells)",
          "dipole": "the dipole–dipole forces of Born charges: --born BORN (phonopy's file), or --fit-born"}
 
