@@ -48,7 +48,7 @@ class _EighModeSum:
 
     @staticmethod
     def apply(matrix, func):
-        from ase_tds.covariance import thermal_energy
+        from ase_tds.quantum import thermal_energy
 
         lam, vec = torch.linalg.eigh(matrix)
         f = thermal_energy(lam, func.temperature) / lam

@@ -1,10 +1,9 @@
 """Each constant and each check said once: units (from ASE and phonopy), the stability threshold, the
 lattice-integer check, the temperature rule, and the guarded ASE plug-in entry point."""
 
-import importlib
 import re
+import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -127,32 +126,26 @@ def test_a_measurement_is_never_at_zero_kelvin():
 
 # ---- ASE's private plug-in package ------------------------------------------------------------------------------
 
-def _fresh_import(monkeypatch):
-    """`import ase_tds` from scratch; monkeypatch puts the modules of this session back afterwards."""
-    for name in [name for name in sys.modules if name == "ase_tds" or name.startswith("ase_tds.")]:
-        monkeypatch.delitem(sys.modules, name)
-    importlib.import_module("ase_tds")
-    return importlib.import_module("ase_tds.calculator")  # `ase_tds` loads its names on first use
+def _plugins_in_a_fresh_process(setup: str) -> list:
+    """`import ase_tds.calculator` in a new Python after `setup` (which breaks ase._4), and its plug-in list: a fresh
+    process, so that no second copy of the package's classes lingers in this one."""
+    code = (f"import sys, types\n{setup}\nimport ase_tds, ase_tds.calculator as c\n"
+            "assert c.TDSFitted.implemented_properties == ['energy', 'free_energy', 'forces']\n"
+            "print(sorted(c.__ase_plugins__))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return eval(done.stdout.strip().splitlines()[-1])
 
 
-def test_import_without_ase_4(monkeypatch):
+def test_import_without_ase_4():
     """A missing (or moved) ase._4 leaves the plug-in list empty and `import ase_tds` working."""
-    for name in [name for name in sys.modules if name == "ase._4" or name.startswith("ase._4.")]:
-        monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.setitem(sys.modules, "ase._4", None)  # None in sys.modules: ImportError on import
-    calculator = _fresh_import(monkeypatch)
-    assert calculator.__ase_plugins__ == set()
-    assert calculator.TDSFitted.implemented_properties == ["energy", "free_energy", "forces"]
+    assert _plugins_in_a_fresh_process("sys.modules['ase._4'] = None  # ImportError on import") == []
 
 
-def test_import_with_a_changed_ase_4_api(monkeypatch):
+def test_import_with_a_changed_ase_4_api():
     """An ase._4 whose CalculatorPlugin takes other arguments does not break the import either."""
-    def changed(*args, **kwargs):
-        raise TypeError("CalculatorPlugin() got an unexpected keyword argument 'citation'")
-
-    fake = types.ModuleType("ase._4.plugins.plugin")
-    fake.CalculatorPlugin = changed
-    for name in ("ase._4", "ase._4.plugins"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, "ase._4.plugins.plugin", fake)
-    assert _fresh_import(monkeypatch).__ase_plugins__ == set()
+    setup = ("def changed(*args, **kwargs):\n    raise TypeError('unexpected keyword argument citation')\n"
+             "fake = types.ModuleType('ase._4.plugins.plugin')\nfake.CalculatorPlugin = changed\n"
+             "for name in ('ase._4', 'ase._4.plugins'):\n    sys.modules[name] = types.ModuleType(name)\n"
+             "sys.modules['ase._4.plugins.plugin'] = fake")
+    assert _plugins_in_a_fresh_process(setup) == []
