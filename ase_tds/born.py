@@ -21,6 +21,12 @@ from .covariance import UnstableError
 AXES = "xyz"
 
 
+def unit_of(label: str) -> str:
+    """The unit of the parameter `label`: e for a Born charge ("Z*…"), none for ε∞ ("ε∞…"), eV/Å² for a force
+    constant."""
+    return "e" if label.startswith("Z*") else "" if label.startswith("ε∞") else "eV/Å²"
+
+
 @dataclass(frozen=True)
 class BornBasis:
     """The symmetry-adapted basis of Born charges and ε∞ of one crystal.

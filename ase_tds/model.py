@@ -17,7 +17,7 @@ from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
 from .basis import build_basis
-from .born import BornParameters
+from .born import BornParameters, unit_of
 from .dynamical import assemble_dynamical_matrix, fold_pairs, group_by_block, row_sum_bound
 from .phonopy_load import load_phonopy, short_range_force_constants
 from .covariance import mesh_q, unstable_modes
@@ -117,11 +117,6 @@ class ForceConstantModel(BornParameters, SourceTensors, torch.nn.Module):
         """
         return dict(zip(self.labels, self.theta.detach().cpu().tolist()))
 
-    def unit_of(self, index: int) -> str:
-        """The unit of θ[index]: eV/Å² for a force constant, e for a Born charge, none ("") for ε∞."""
-        label = self.labels[index]
-        return "e" if label.startswith("Z*") else "" if label.startswith("ε∞") else "eV/Å²"
-
     def table(self, uncertainties=None) -> str:
         """Plain-text table of label, value (eV/Å²) and unit, and 1σ when `uncertainties` (n_params,) are given.
 
@@ -133,7 +128,7 @@ class ForceConstantModel(BornParameters, SourceTensors, torch.nn.Module):
         """
         lines = [f"{'label':<14}{'value':>12}  unit" + ("         1σ" if uncertainties is not None else "")]
         for i, (label, value) in enumerate(self.parameter_dict().items()):
-            line = f"{label:<14}{value:>12.5f}  {self.unit_of(i):<5}"
+            line = f"{label:<14}{value:>12.5f}  {unit_of(label):<5}"
             if uncertainties is not None:
                 line += f"  {float(uncertainties[i]):>9.5f}"
             lines.append(line)

@@ -12,14 +12,10 @@ import numpy as np
 import torch
 
 from ..atomic import write_atomic
+from ..born import unit_of
 from ..data import TDSData
 
 # what to_dict writes and from_dict needs
-def unit_of(label: str) -> str:
-    """The unit of the parameter `label`: e for a Born charge, none for ε∞, eV/Å² for a force constant."""
-    return "e" if label.startswith("Z*") else "" if label.startswith("ε∞") else "eV/Å²"
-
-
 SAVED_KEYS = ("parameters", "correlation", "scale", "background", "compton", "chi2", "chi2_red", "deviance",
               "n_points", "iterations", "status", "settings", "model_error", "combinations", "warnings",
               "trusted", "missing_physics")
