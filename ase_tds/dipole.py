@@ -464,7 +464,6 @@ def _supercell_geometry(supercell, primitive: Atoms, layout: str):
     `make_Gonze_nac_dataset` chooses them (on a zone face its truncated sum depends on the one chosen).
     """
     from phonopy import Phonopy
-    from phonopy.harmonic.dynmat_to_fc import get_commensurate_points
 
     if isinstance(supercell, Atoms):
         pcell = np.array(primitive.cell[:], dtype=float)
@@ -489,13 +488,40 @@ def _supercell_geometry(supercell, primitive: Atoms, layout: str):
         kind = ours[[prim.p2p_map[i] for i in prim.s2p_map]]
         rows, pcell = np.asarray(prim.p2s_map), np.asarray(prim.cell, dtype=float)
         smat, positions = np.rint(np.linalg.inv(prim.primitive_matrix)).astype(int), scell.positions
-    from phonopy.structure.brillouin_zone import BrillouinZone
-
-    zone = BrillouinZone(np.linalg.inv(pcell))
-    zone.run(get_commensurate_points(smat))
-    q_red = np.array([points[0] for points in zone.shortest_qpoints], dtype=float)
+    q_red = commensurate_points(pcell, smat)
     rows = rows if layout == "compact" else np.arange(len(positions))
     return np.asarray(positions, dtype=float), kind, rows, q_red, pcell
+
+
+def commensurate_points(cell, supercell_matrix) -> np.ndarray:
+    """The commensurate q of a supercell at phonopy's first-zone representatives, as `make_Gonze_nac_dataset` sums
+    them: FC_dd depends on the one chosen on a zone face at the level of its truncated sum, so every route to a
+    periodic supercell's dipole terms takes these (DenseSampler and QSpaceSampler both). The q are exact rationals
+    (phonopy's `get_commensurate_points` to round-off, without its supercell trimming, which takes 20 s for 4000 q),
+    moved by phonopy's `BrillouinZone` (the first shortest).
+
+    Args:
+        cell (array_like): primitive lattice vectors (3, 3) Å as rows.
+        supercell_matrix (array_like): integer (3, 3), phonopy's: the supercell's lattice vectors as columns, in
+            `cell`'s.
+
+    Returns:
+        q (N_q, 3) in r.l.u. of `cell`, N_q = |det supercell_matrix|.
+    """
+    from phonopy.structure.brillouin_zone import BrillouinZone
+
+    m = np.array(supercell_matrix, dtype=np.int64).T  # q commensurate ⇔ m q integer
+    det = int(round(np.linalg.det(m)))
+    adjugate = np.rint(np.linalg.inv(m) * det).astype(np.int64)  # m⁻¹ = adjugate/det, integer cofactors
+    lower = m.copy()  # lower-triangular by unimodular column operations: q = m⁻¹ n, n in the box of its diagonal
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        while lower[i, j] != 0:
+            lower[:, i] -= lower[i, i] // lower[i, j] * lower[:, j]
+            lower[:, [i, j]] = lower[:, [j, i]]
+    box = np.stack(np.meshgrid(*(np.arange(abs(lower[i, i])) for i in range(3)), indexing="ij"), -1).reshape(-1, 3)
+    zone = BrillouinZone(np.linalg.inv(np.asarray(cell, dtype=float)))
+    zone.run(((box @ adjugate.T) % abs(det)) / abs(det))
+    return np.array([points[0] for points in zone.shortest_qpoints], dtype=float).reshape(-1, 3)
 
 
 def dipole_force_constants(supercell, primitive: Atoms, born: BornCharges, layout: str = "compact") -> torch.Tensor:

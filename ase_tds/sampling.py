@@ -10,6 +10,9 @@ covariance k_BT·M^{-1/2} D⁺ M^{-1/2}, D = M^{-1/2} H M^{-1/2} the mass-weight
 - QSpaceSampler: per commensurate q a square root of C̃(q) times the Fourier transform of z, then an
   inverse FFT: the same distribution in O(N log N), classical or quantum.
 
+With Born charges (`model.born`) both add the dipole–dipole force constants of the periodic supercell (phonopy's
+FC_dd, `ase_tds.dipole.dipole_force_constants`): DenseSampler to H, QSpaceSampler as their D(q) on its grid.
+
 u is a differentiable function of θ for fixed white noise z ~ N(0, 1) (the reparameterisation trick).
 A pair longer than half the supercell wraps around it (its images are summed), as in any periodic cell.
 """
@@ -337,7 +340,8 @@ class QSpaceSampler(_Sampler):
     Per q of the Γ-centred L1×L2×L3 grid of the unit cell's reciprocal lattice (half of it: real u),
     S(q) with S S† = M^{1/2} C̃(q) M^{1/2} in the cell-origin phase convention: √(k_BT) L⁻† for
     D(q) = LL† (classical) or the Cholesky factor of h(D) (quantum); at Γ the translations are lifted
-    and projected out.
+    and projected out. With Born charges D(q) carries the dipole–dipole term of this periodic supercell
+    (`unit_dipole_matrix`), DenseSampler's FC_dd: both samplers draw from one distribution.
 
     Args:
         model (ForceConstantModel): the force constants; their `unitcell` is repeated.
@@ -352,9 +356,6 @@ class QSpaceSampler(_Sampler):
     """
 
     def __init__(self, model, supercell, temperature: float, statistics: str = "classical", **kwargs):
-        if getattr(model, "born", None) is not None:
-            raise ValueError("QSpaceSampler does not carry the dipole–dipole term of Born charges; for a polar "
-                             "crystal use DenseSampler (classical; export: sampler='dense'), or the gaussian model")
         super().__init__(model, supercell, temperature, statistics, **kwargs)
         unit = model.unitcell
         n_unit = len(unit)
@@ -368,26 +369,126 @@ class QSpaceSampler(_Sampler):
         m = np.stack(np.meshgrid(np.arange(l1), np.arange(l2), np.arange(l3 // 2 + 1), indexing="ij"), -1).reshape(-1, 3)
         self._q_frac = m / np.array(self.supercell)  # (Q, 3) reduced, the rfftn half of the grid
         self._q_weight = np.where((m[:, 2] == 0) | (2 * m[:, 2] == l3), 1.0, 2.0)  # q and −q both stand for it
+        self._dipole_points = None  # the supercell's commensurate q' of the dipole term (`_dipole_geometry`)
+        self._dipole_cache = None  # (charges and ε∞, `unit_dipole_matrix`) for fixed Born charges
+
+    @property
+    def _polar(self) -> bool:
+        return getattr(self.model, "born", None) is not None
 
     def unit_dynamical_matrix(self, q_frac) -> torch.Tensor:
         """D(q) (B, 3n_unit, 3n_unit) complex, eV/Å²/amu, of the unit cell in the cell-origin convention.
 
         D_ab(q) = Σ_p Φ_p e^{iq·n_p·A}/√(m_a m_b), q_frac (B, 3) in r.l.u. of the unit cell: the
         phase-from-positions D(q) times e^{−iq·(r_b − r_a)}, periodic in the unit reciprocal lattice.
+        With Born charges plus the dipole–dipole term of this periodic supercell (`unit_dipole_matrix`),
+        defined on its grid only.
 
         Args:
-            q_frac (array_like): q (B, 3) in r.l.u. of the unit cell.
+            q_frac (array_like): q (B, 3) in r.l.u. of the unit cell (with Born charges: on the supercell's grid).
 
         Returns:
             D(q), (B, 3n_unit, 3n_unit) complex, eV/Å²/amu.
+
+        Raises:
+            ValueError: with Born charges, a q off the supercell's grid.
         """
-        q_frac = self._tensor(q_frac).reshape(-1, 3)
+        return self._unit_matrix(q_frac, self.unit_dipole_matrix() if self._polar else None)
+
+    def _unit_matrix(self, q_frac, dipole: torch.Tensor | None) -> torch.Tensor:
+        """D(q) (B, 3n_unit, 3n_unit) at q_frac (B, 3): the pairs' plus `dipole` (Q, …) on the half grid, or none."""
+        q_frac = np.asarray(q_frac, dtype=float).reshape(-1, 3)
         masses = self._unit_masses()
-        angle = 2 * np.pi * torch.einsum("ba,kma->bkm", q_frac, self._tensor(self._block_lattice))
+        angle = 2 * np.pi * torch.einsum("ba,kma->bkm", self._tensor(q_frac), self._tensor(self._block_lattice))
         rows, cols = (torch.as_tensor(x, device=masses.device) for x in (self._block_rows, self._block_cols))
         inv_sqrt_m = self._tensor(self._filled) / torch.sqrt(masses[rows] * masses[cols])
         weighted = self.model.pair_force_constants()[self._block_pairs] * inv_sqrt_m[..., None, None]
-        return assemble_dynamical_matrix(angle, weighted, len(masses))
+        dyn = assemble_dynamical_matrix(angle, weighted, len(masses))
+        if dipole is None:
+            return dyn
+        index, flip = self._half_index(q_frac)
+        part = dipole[torch.as_tensor(index, device=dipole.device)]
+        return dyn + torch.where(torch.as_tensor(flip, device=part.device)[:, None, None], part.conj(), part)
+
+    def _half_index(self, q_frac) -> tuple[np.ndarray, np.ndarray]:
+        """(row of the half grid `_q_frac` (B,), True where that row is −q: D(q) = D(−q)*) of grid q (B, 3).
+
+        Raises:
+            ValueError: a q off the supercell's grid (q·L not integer, to 1e-6).
+        """
+        size = np.array(self.supercell)
+        scaled = np.asarray(q_frac, dtype=float).reshape(-1, 3) * size
+        if np.abs(scaled - np.round(scaled)).max(initial=0.0) > 1e-6:
+            raise ValueError("with Born charges the unit cell's D(q) is that of the periodic supercell: q (r.l.u. of "
+                             f"the unit cell) must lie on its {'×'.join(map(str, self.supercell))} grid (q·L integer)")
+        k = np.round(scaled).astype(int) % size
+        flip = k[:, 2] > size[2] // 2
+        k = np.where(flip[:, None], -k % size, k)
+        return (k[:, 0] * size[1] + k[:, 1]) * (size[2] // 2 + 1) + k[:, 2], flip
+
+    def _dipole_geometry(self):
+        """The supercell's commensurate q' at phonopy's representatives (as `dipole_force_constants` sums them):
+        Cartesian (P, 3) Å⁻¹, `_half_index` of q' and of −q' (r.l.u. of the unit cell), and m, primitive cells per
+        unit cell."""
+        if self._dipole_points is None:
+            from .dipole import commensurate_points
+
+            pcell = np.array(self.model.primitive.cell[:], dtype=float)
+            smat = np.rint(self.cell @ np.linalg.inv(pcell)).astype(int).T  # as `dipole_force_constants` takes it
+            q_red = commensurate_points(pcell, smat)
+            hkl = q_red @ (self.unit_cell @ np.linalg.inv(pcell)).T
+            self._dipole_points = (2 * np.pi * q_red @ np.linalg.inv(pcell).T, self._half_index(hkl),
+                                   self._half_index(-hkl), len(q_red) // self.n_cells)
+        return self._dipole_points
+
+    def unit_dipole_matrix(self) -> torch.Tensor:
+        """D_dd(q) (Q, 3n_unit, 3n_unit) complex, eV/Å²/amu, on the half grid `_q_frac` in the cell-origin convention:
+        the Fourier transform D_ab(q) = Σ_n FC_dd(a0, bn) e^{iq·n·A}/√(m_a m_b) of this periodic supercell's
+        dipole–dipole force constants (`ase_tds.dipole.dipole_force_constants`, DenseSampler's).
+
+        FC_dd is the real part of the sum of C_dd(q') (phases from positions) over the supercell's commensurate q',
+        so D_ab(q) = ½[X_ab(q) + X_ab(−q)*], X_ab(q) = (1/m) Σ_{q' ≡ q} C_dd(q')_{κa κb} e^{iq'·(r_a − r_b)}/√(m_a m_b)
+        over the m q' = q + g (g of the unit cell's reciprocal lattice, modulo the primitive one) at phonopy's
+        first-zone representatives; κa the primitive site of unit-cell atom a. At Γ the non-analytic term is left
+        out (as in FC_dd). Differentiable in fitted charges; computed once for fixed ones.
+
+        Returns:
+            D_dd, (Q, 3n_unit, 3n_unit) complex, eV/Å²/amu.
+        """
+        from .dipole import _dipole_blocks
+
+        born = self.model.born_charges()
+        fixed = not (born.charges.requires_grad or born.epsilon.requires_grad)
+        key = (torch.cat([born.charges.detach().reshape(-1), born.epsilon.detach().reshape(-1)]).cpu(),
+               (born.factor, born.g_cutoff, born.ewald_lambda))
+        cached = self._dipole_cache
+        if fixed and cached is not None and cached[0][1] == key[1] and torch.equal(cached[0][0], key[0]):
+            return cached[1]
+        q, (index, flip), (minus_index, minus_flip), m = self._dipole_geometry()
+        n_unit, n = len(self.unit_sites), len(self.model.primitive)
+        sites = torch.as_tensor(self.unit_sites, device=born.charges.device)
+        masses = self._unit_masses()
+        weight = (0.5 / m / torch.sqrt(masses[:, None] * masses[None, :]))[:, None, :, None]  # (n_unit, 1, n_unit, 1)
+        positions = self._tensor(self.model.unitcell.positions)
+        out = torch.zeros(len(self._q_frac), n_unit, 3, n_unit, 3, dtype=born.charges.dtype.to_complex(),
+                          device=born.charges.device)
+        step = max(1, self.chunk // (9 * max(n_unit, n) ** 2))
+        for start in range(0, len(q), step):
+            part = slice(start, start + step)
+            qs = self._tensor(q[part])
+            blocks = _dipole_blocks(qs, self.model.primitive, born, reduce=False).reshape(-1, n, 3, n, 3)
+            phase = torch.polar(torch.ones(len(qs), n_unit, dtype=qs.dtype, device=qs.device), qs @ positions.T)
+            term = blocks[:, sites][:, :, :, sites] * weight * (phase[:, :, None, None, None]
+                                                                * phase.conj()[:, None, None, :, None])
+            # ½X(q') goes to q and ½X(q')* to −q, where the half grid holds them (elsewhere D(−q) = D(q)*)
+            for rows, other, value in ((index[part], flip[part], term),
+                                       (minus_index[part], minus_flip[part], term.conj())):
+                keep = torch.as_tensor(np.flatnonzero(~other), device=out.device)
+                out = out.index_add(0, torch.as_tensor(rows, device=out.device)[keep], value[keep])
+        out = out.reshape(len(self._q_frac), 3 * n_unit, 3 * n_unit)
+        if fixed:
+            self._dipole_cache = (key, out)
+        return out
 
     def _factor(self) -> torch.Tensor:
         """M^{-1/2} S(q) (Q, 3n_unit, 3n_unit) complex, Å·√amu per √amu: (M^{-1/2}S)(M^{-1/2}S)† = C̃(q)."""
@@ -395,14 +496,15 @@ class QSpaceSampler(_Sampler):
         proj = translation_projector(masses)
         inv_sqrt_m = (1.0 / torch.sqrt(masses)).repeat_interleave(3)
         step = max(1, self.chunk // max(self._filled.size, 9 * len(masses) ** 2))  # q per block
+        dipole = self.unit_dipole_matrix() if self._polar else None
         # the lift at Γ, in the graph: u(θ) depends on c, its distribution not
-        c = gamma_lift(self.unit_dynamical_matrix(np.zeros((1, 3))))
+        c = gamma_lift(self._unit_matrix(np.zeros((1, 3)), dipole))
         roots = []
         for start in range(0, len(self._q_frac), step):
             frac = self._q_frac[start:start + step]
             gamma = self._tensor(np.all(frac == 0, axis=1))[:, None, None]
             at_gamma = gamma * proj if gamma.any() else None  # P at Γ, zero elsewhere
-            dyn = self.unit_dynamical_matrix(frac)
+            dyn = self._unit_matrix(frac, dipole)
             root = self.covariance.square_root(dyn if at_gamma is None else dyn + c * at_gamma, at_gamma)
             roots.append(inv_sqrt_m[:, None] * root)
         return torch.cat(roots)

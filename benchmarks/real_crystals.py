@@ -79,9 +79,12 @@ def run_fit(structure_file: Path, data: Path, out: Path, extra) -> tuple[float, 
     command = [sys.executable, "-m", "ase_tds", "fit", str(structure_file), str(data), "--out", str(out),
                "--start", "springs", *extra]
     print("  $ " + " ".join(command[1:]), flush=True)
-    done = subprocess.run(command, capture_output=True, text=True)
-    print(done.stdout[-2500:], done.stderr[-2500:], flush=True)
-    return time.time() - t0, done.returncode, done.stdout + done.stderr
+    log = out.with_suffix(".log")  # the fit's own output, to follow while it runs
+    with open(log, "w") as stream:
+        code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, text=True).returncode
+    text = log.read_text()
+    print(text[-2500:], flush=True)
+    return time.time() - t0, code, text
 
 
 def frequencies(ph, reduced, directions=None) -> np.ndarray:
@@ -96,6 +99,8 @@ def judge(out: Path, truth_ph, seconds: float, code: int, text: str, expect: str
     record = json.loads((out / "fit.json").read_text()) if (out / "fit.json").exists() else {}
     result = {"seconds": seconds, "exit_code": code, "chi2_red": record.get("chi2_red"),
               "range": (record.get("settings") or {}).get("range"), "missing": record.get("missing_physics"),
+              "range_cost_over_final_fit": ((record.get("settings") or {}).get("range") or {}).get(
+                  "cost_over_final_fit"),
               "warnings": record.get("warnings")}
     if expect != "fit":
         named = {"dipole": "dipole", "range": "range"}[expect]

@@ -154,8 +154,8 @@ def test_the_calculator_carries_the_dipole_forces(polar_model, rng):
 
 def test_the_dense_sampler_draws_with_the_dipole_forces(polar_model):
     """DenseSampler's Hessian of a polar model is the calculator's (short range plus the supercell's dipole–dipole
-    force constants), so it draws from the Hessian of that periodic supercell; QSpaceSampler refuses a polar model
-    and names the way out."""
+    force constants), so it draws from the Hessian of that periodic supercell; QSpaceSampler draws the same ⟨u uᵀ⟩
+    (tests/test_sampling_polar.py checks it further)."""
     from ase import Atoms
 
     from ase_tds import DenseSampler, QSpaceSampler, TDSFitted
@@ -169,8 +169,10 @@ def test_the_dense_sampler_draws_with_the_dipole_forces(polar_model):
     with torch.no_grad():
         hessian = sampler.hessian().numpy()
     np.testing.assert_allclose(-hessian @ u.ravel(), atoms.get_forces().ravel(), atol=1e-10)
-    with pytest.raises(ValueError, match="DenseSampler"):
-        QSpaceSampler(polar_model, (2, 2, 2), 300.0)
+    with torch.no_grad():
+        msd = sampler.mean_square_displacement().numpy()
+        qspace = QSpaceSampler(polar_model, (2, 2, 2), 300.0).mean_square_displacement().numpy()
+    np.testing.assert_allclose(qspace, msd, atol=1e-12 * np.abs(msd).max())
 
 
 @pytest.mark.parametrize("statistics", ["classical", "quantum"])

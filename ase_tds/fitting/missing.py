@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 
-import dataclasses
-
 import numpy as np
 
 from ..covariance import UnstableError
@@ -66,16 +64,19 @@ def _next_cutoff(model: ForceConstantModel) -> float:
     return float(0.5 * (beyond[0] + beyond[1])) if len(beyond) > 1 else model.cutoff + 1.0
 
 
-def diagnose(model, data, result, fit_function, options: dict) -> dict:
-    """Refit each extension of the fitted `model` on up to SUBSET of the used points from the fitted θ, and name the
-    most likely missing physics (see the module docstring).
+def diagnose(model, data, result, options: dict) -> dict:
+    """Refit the fitted `model` and each of its extensions on up to SUBSET of the used points from the fitted θ, and
+    name the most likely missing physics (see the module docstring).
+
+    Each refit is the fit's loss minimised for ITERATIONS L-BFGS iterations on the forward model of the fit (its grid
+    as chosen, the data's weights): what the extension gains in χ², not a full fit with its 1σ.
 
     Args:
         model (ForceConstantModel): the fitted model (left unchanged).
         data (TDSData): the data fitted.
-        result (FitResult): its result.
-        fit_function (Callable): `ase_tds.fitting.fit`.
-        options: the fit's keyword arguments (method, statistics, scale, background, tds_options, ...).
+        result (FitResult): its result (its settings give the forward model).
+        options: the fit's keyword arguments (temperature, method, statistics, scale, background, compton, loss,
+            exposure, tds_options).
 
     Returns:
         dict: "extensions" (name, added_parameters, chi2_drop, threshold, significant per extension), "likely"
@@ -84,18 +85,19 @@ def diagnose(model, data, result, fit_function, options: dict) -> dict:
     used = np.nonzero(np.asarray(data.mask, dtype=bool))[0]
     pick = used[np.random.default_rng(0).permutation(len(used))[:SUBSET]]
     subset = data.select(np.sort(pick))
-    options = dict(options, progress=False, optimizer=_few_iterations(options.get("optimizer")))
-    baseline = copy.deepcopy(model)
-    records = []
+    tds_options = dict(options.get("tds_options") or {})
+    if "grid" in result.settings:  # the fit's crystal: no new choice of grid per refit
+        tds_options["grid"] = tuple(result.settings["grid"])
+    refit = lambda m: _refit_chi2(m, subset, dict(options, tds_options=tds_options))
     try:
-        chi2_base = fit_function(baseline, subset, explain_misfit=False, **dict(options, optimizer=_few_iterations(
-            options.get("optimizer"), 0))).chi2
+        chi2_base = refit(copy.deepcopy(model))
     except UnstableError:
         chi2_base = None
+    records = []
     for name, extended in _extensions(model).items():
         added = extended.n_params - model.n_params
         try:
-            chi2 = fit_function(extended, subset, explain_misfit=False, **options).chi2
+            chi2 = refit(extended)
         except (UnstableError, ValueError) as err:
             records.append(dict(name=name, added_parameters=added, error=str(err), significant=False))
             continue
@@ -107,14 +109,25 @@ def diagnose(model, data, result, fit_function, options: dict) -> dict:
     likely = max(significant, key=lambda r: r["chi2_drop"] / r["added_parameters"])["name"] if significant else None
     return dict(extensions=records, likely=likely, cure=CURES.get(likely, "none of the extensions tried explains the "
                                                                         "misfit: check the data's σ and the start"),
-                subset=len(pick))
+                subset=len(pick), iterations=ITERATIONS)
 
 
-def _few_iterations(optimizer, max_iter: int = ITERATIONS):
-    """The fit's optimiser settings with at most `max_iter` iterations and no first fit on a subset."""
-    from .optimizers import Optimizer
+def _refit_chi2(model, data, options: dict) -> float:
+    """The fit's loss of `model` on `data` after at most ITERATIONS L-BFGS iterations from its θ."""
+    from ..forward import tds_model
+    from .objective import Objective
+    from .optimizers import Optimizer, minimise
 
-    return dataclasses.replace(Optimizer.of(optimizer), max_iter=max_iter, first_fit_points=None)
+    tds = tds_model(model, options["temperature"], method=options.get("method", "gaussian"),
+                    statistics=options.get("statistics", "quantum"), **options["tds_options"])
+    objective = Objective(tds, data, options.get("scale") or ("fixed" if data.absolute else "free"),
+                          options.get("background", "free"), options.get("loss", "chi2"),
+                          options.get("compton", False), options.get("exposure"))
+    optimizer = Optimizer("lbfgs", max_iter=ITERATIONS)
+    theta = model.theta.detach().cpu().numpy().copy()
+    state = optimizer.strategy.start(theta, objective.whitening(theta), [objective.evaluate(theta)[0]], optimizer)
+    state, _ = minimise(objective, optimizer, state)
+    return float(objective.evaluate(state.theta)[0])
 
 
 def note(record: dict) -> str:

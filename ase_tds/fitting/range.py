@@ -12,6 +12,8 @@ from its training fit. Every candidate is recorded (`FitResult.settings["range"]
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -70,7 +72,7 @@ def _grown(previous: ForceConstantModel, shells: int) -> ForceConstantModel:
 
 def fit_range(structure, data: TDSData, fit_function, *, start: str = "springs", born=None, fit_born: bool = False,
               first_shells: int = 1, max_shells: int = MAX_SHELLS, progress: bool = True,
-              **options) -> tuple[ForceConstantModel, FitResult]:
+              explain_misfit: bool = True, **options) -> tuple[ForceConstantModel, FitResult]:
     """Fit with the range the data choose: see the module docstring.
 
     Args:
@@ -83,6 +85,7 @@ def fit_range(structure, data: TDSData, fit_function, *, start: str = "springs",
         first_shells: the smallest candidate.
         max_shells: the largest candidate.
         progress: progress bars and a line per candidate.
+        explain_misfit: as `fit`, for the chosen range's fit to all the points.
         **options (Any): keyword arguments of `fit` (method, statistics, scale, background, tds_options, ...).
 
     Returns:
@@ -107,11 +110,12 @@ def fit_range(structure, data: TDSData, fit_function, *, start: str = "springs",
             say(f"range: {shells} shells would have {model.n_params} parameters, more than a tenth of the "
                 f"{training.n_used} training points; stopping")
             break
+        began = time.perf_counter()
         result = fit_function(model, training, progress=progress, explain_misfit=False, **options)
         chi2 = held_out_chi2(model, held_out, result.settings, tds_options)
         record = dict(shells=shells, cutoff=model.cutoff, parameters=model.n_params,
                       chi2_red_training=result.chi2_red, held_out_chi2_per_point=chi2 / held_out.n_used,
-                      score=chi2 + 2 * model.n_params, status=result.status)
+                      score=chi2 + 2 * model.n_params, status=result.status, seconds=time.perf_counter() - began)
         candidates.append(record)
         models.append((model.theta.detach().clone(), model))
         say(f"range: {shells} shells, cutoff {model.cutoff:.3f} Å, {model.n_params} parameters: χ²_red "
@@ -123,10 +127,14 @@ def fit_range(structure, data: TDSData, fit_function, *, start: str = "springs",
     theta, chosen = models[best]
     with torch.no_grad():
         chosen.theta.copy_(theta)
-    result = fit_function(chosen, data, progress=progress, **options)
+    began = time.perf_counter()
+    result = fit_function(chosen, data, progress=progress, explain_misfit=explain_misfit, **options)
+    final = time.perf_counter() - began
     limit = best == len(candidates) - 1 and candidates[-1]["shells"] >= max_shells
     result.settings["range"] = dict(candidates=candidates, chosen=candidates[best], held_out=HELD_OUT,
-                                    rule="smallest held-out χ² + 2 per parameter", at_limit=bool(limit))
+                                    rule="smallest held-out χ² + 2 per parameter", at_limit=bool(limit),
+                                    final_fit_seconds=final,
+                                    cost_over_final_fit=(final + sum(c["seconds"] for c in candidates)) / final)
     say(f"range: chose {candidates[best]['shells']} shells (cutoff {chosen.cutoff:.3f} Å, {chosen.n_params} "
         "parameters)" + (" — the largest tried: the data may ask for more" if limit else ""))
     return chosen, result
