@@ -24,7 +24,7 @@ import torch
 
 from .chunks import map_chunks, matrix_chunk
 from .linalg import UnstableError  # noqa: F401 (the package's one instability error, imported from here too)
-from .linalg import ChunkSum, HermitianInverse, InverseForm, positive_cholesky
+from .linalg import ChunkConcat, ChunkSum, HermitianInverse, InverseForm, positive_cholesky
 from .quantum import HermitianFunction, _quantum_h, quantum_series, quantum_series_form, quantum_series_matrix
 from .source import ForceConstantSource
 from .structure import reciprocal_vectors, reduced_q
@@ -409,7 +409,7 @@ class ThermalCovariance:
         fine = self.mean_square_displacement((2 * mesh,) * 3)
         return 2 * fine - coarse
 
-    def real_space(self, grid=(15, 15, 15), chunk: int | None = None) -> RealSpaceCovariance:
+    def real_space(self, grid=(15, 15, 15), chunk: int | None = None, recompute: bool = False) -> RealSpaceCovariance:
         """C_{κ0,κ'l} on a periodic grid of L1×L2×L3 primitive cells, by FFT of C̃(q) on the commensurate q mesh.
 
         The exact covariance of a periodic L1×L2×L3 crystal with its centre of mass fixed; l in [−L/2, L/2)
@@ -418,6 +418,8 @@ class ThermalCovariance:
         Args:
             grid (tuple[int, int, int]): (L1, L2, L3) primitive cells of the periodic crystal.
             chunk: q per block of the parallel evaluation (`map_chunks`); None: `matrix_chunk`'s size.
+            recompute: keep no graph of C̃ but recompute it a chunk at a time in the backward (`ChunkConcat`):
+                memory of one chunk, for crystals of 10⁵–10⁶ cells (the fft model's).
 
         Returns:
             The separations (G, n, n, 3) Å and correlation C_{κ0,κ'l} (G, n, n, 3, 3) Å², G = L1·L2·L3.
@@ -437,7 +439,9 @@ class ThermalCovariance:
             shift = torch.exp(-1j * (qc @ pos.T))  # (b, n): e^{−iq·r_κ}
             return cov * shift.conj()[:, :, None, None, None] * shift[:, None, None, :, None]
 
-        cov = torch.cat(map_chunks(origin_convention, (q,), chunk or matrix_chunk(n, 4096))).reshape(*grid, n, 3, n, 3)
+        chunk = chunk or matrix_chunk(n, 4096)
+        cov = (ChunkConcat.apply(source.theta, source, origin_convention, q, chunk) if recompute
+               else torch.cat(map_chunks(origin_convention, (q,), chunk))).reshape(*grid, n, 3, n, 3)
         corr = torch.fft.fftn(cov, dim=(0, 1, 2)).real / len(q)
         index = np.stack(np.meshgrid(*[np.arange(m) for m in grid], indexing="ij"), -1).reshape(-1, 3)
         index = index - np.array(grid) * (index >= (np.array(grid) + 1) // 2)

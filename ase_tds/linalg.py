@@ -156,6 +156,34 @@ class ChunkSum(torch.autograd.Function):
         return total, None, None, None, None
 
 
+class ChunkConcat(torch.autograd.Function):
+    """torch.cat of func(chunk) over the chunks of q, a function of the source's θ, with a backward that recomputes one
+    chunk at a time (as `ChunkSum`): memory of one chunk's graph, for a value over many q (a large crystal's C̃ on
+    its whole mesh). Used as ChunkConcat.apply(source.theta, source, func, q, chunk).
+    """
+
+    @staticmethod
+    def forward(ctx, theta, source, func, q, chunk):
+        ctx.theta, ctx.source, ctx.func, ctx.q, ctx.chunk = theta, source, func, q, chunk
+        return torch.cat(map_chunks(func, (q,), chunk))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        def every_chunk(q):  # called with the forward's θ in the source
+            theta = ctx.source.theta
+
+            def gradient(qc, gc):
+                (part,) = torch.autograd.grad(ctx.func(qc), theta, gc, allow_unused=True)
+                return torch.zeros_like(theta) if part is None else part
+
+            return sum(map_chunks(gradient, (q, grad), ctx.chunk))
+
+        with torch.enable_grad():
+            total = torch.func.functional_call(_Bound(ctx.source, every_chunk), {"source.theta": ctx.theta}, (ctx.q,))
+        return total, None, None, None, None
+
+
 class _Bound(torch.nn.Module):
     """`func(q)` as a module holding the source, so that functional_call can bind the source's θ around it."""
 

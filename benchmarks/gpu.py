@@ -7,6 +7,8 @@ Each figure is the best of 3 wall times (after a warm-up, CUDA synchronised), fl
 - gaussian (all orders) at the converged default, Ni, 10⁵ Q;
 - QSpaceSampler, quantum, one sample of 10⁶ atoms (63³ conventional Ni cells);
 - the fit's profiled χ² and its gradient at 10⁶ points (Ni, chunks of CHUNK_POINTS);
+- the same on a volume of 10⁶ voxels by the FFT route (Ni, hkl from 0.5 in steps of 0.02 r.l.u.: the model "fft" on
+  its 100³ crystal; `--quick`: 46³ voxels in steps of 0.05, a 40³ crystal);
 
 and the largest relative difference of the GPU results from the CPU ones (the CUDA = CPU check of
 tests/test_cuda.py, at full size; not for the sampler, whose random streams differ between devices). Without CUDA only the CPU column is filled. `--quick`: 10× fewer points.
@@ -84,9 +86,33 @@ def cases(n: int):
         theta = ni.theta.detach().numpy()
         return lambda: objective.evaluate(theta)[1]
 
+    side = round(n ** (1 / 3))
     return {f"one-phonon Ni, {n} Q": one_phonon(ni, n), f"one-phonon Ni31Cu, {n // 100} Q": one_phonon(ni31cu, n // 100),
             f"gaussian Ni, {n // 10} Q": gaussian, f"QSpaceSampler quantum, {n} atoms": sampler,
-            f"loss + gradient Ni, {n} points": loss_gradient}
+            f"loss + gradient Ni, {n} points": loss_gradient,
+            f"loss + gradient Ni volume, fft route, {side}³ voxels": fft_volume(ni, side)}
+
+
+def fft_volume(model, side: int):
+    """builder(device) → the loss + gradient of a Ni volume of side³ voxels by the FFT route (the model "fft")."""
+    from ase_tds import TDSData, tds_model
+
+    fit_module = importlib.import_module("ase_tds.fitting.objective")
+    step = 0.02 if side >= 100 else 0.05  # the voxels' own crystal: 100³ and 40³ primitive cells
+    axis = 0.5 + step * np.arange(side)
+    hkl = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    data = TDSData.from_hkl(hkl, np.ones(len(hkl)), model.unitcell.cell[:], sigma=np.full(len(hkl), 0.01),
+                            temperature=T_ROOM, units="e.u./atom").mask_bragg(0.1, model.primitive.cell[:])
+    q = data.q[data.mask]
+
+    def build(device):
+        on_device = copy.deepcopy(model).to(device)
+        tds = tds_model(on_device, T_ROOM, q_max=float(np.linalg.norm(q, axis=1).max()), voxels=q)
+        assert tds.name == "fft", "the volume's voxels must take the FFT route"
+        objective = fit_module.Objective(tds, data, "fixed", "free", "chi2")
+        theta = model.theta.detach().numpy()
+        return lambda: objective.evaluate(theta)[1]
+    return build
 
 
 def as_array(value) -> np.ndarray:

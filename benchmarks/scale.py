@@ -15,7 +15,16 @@ comes from its own subprocess, so that its peak resident memory (ru_maxrss) is i
   `python -m ase_tds fit ... --start springs` (defaults otherwise): wall time, peak memory, iterations, worst
   |Δθ|/|1XX| and the largest pull.
 
-    python benchmarks/scale.py [--quick] [--parts throughput,volume]
+- fft (issue 22): one evaluation of the loss and its gradient on a whole volume of voxels, by the FFT route (the
+  model "fft" that `fit` picks for points on a grid) against the per-point gaussian route (its converged default,
+  near-Bragg crystals included), each in its own process at the same θ (the truth), after one warm-up evaluation.
+  The FFT route is timed on every voxel; the per-point route on a random subset of PER_POINT_SUBSET voxels, its
+  time scaled by the number of voxels (its cost is linear in them); peak resident memory of each process. Volumes:
+  Ni, conventional cell, hkl from 0.5 in steps of 0.02 (the volume part's cube; 100³ = 10⁶ voxels at full size);
+  MgB₂ (hexagonal cell, pairs to 4.8 Å), hkl from (−2.5, −2.5, −1.25) in steps (0.05, 0.05, 0.025). Bragg
+  neighbourhoods (0.1 r.l.u.) masked.
+
+    python benchmarks/scale.py [--quick] [--parts throughput,volume,fft] [--fft-side 100]
 """
 
 from __future__ import annotations
@@ -165,14 +174,91 @@ def volume(quick: bool) -> dict:
     return out
 
 
+PER_POINT_SUBSET = 2000  # voxels the per-point route is timed on
+
+
+def fft_volume(name: str, side: int):
+    """(truth, hkl (side³, 3) of the volume in r.l.u. of `cell`, cell (3, 3) Å): the fft part's voxels."""
+    truth, atoms = crystal(name)
+    origin, step = ((0.5, 0.5, 0.5), (0.02, 0.02, 0.02)) if name == "Ni" else ((-2.5, -2.5, -1.25), (0.05, 0.05, 0.025))
+    axes = [np.round(o + d * np.arange(side), 6) for o, d in zip(origin, step)]
+    hkl = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    return truth, hkl, atoms.cell[:]
+
+
+def fft_worker(name: str, side: int, route: str) -> None:
+    """Loss + gradient of the volume by `route` ("fft": every voxel; "per-point": PER_POINT_SUBSET of them), its time,
+    the time scaled to every voxel, and this process's peak memory, as JSON on stdout."""
+    import importlib
+
+    import torch
+
+    from ase_tds import TDSData, tds_model
+
+    objective_module = importlib.import_module("ase_tds.fitting.objective")
+    truth, hkl, cell = fft_volume(name, side)
+    data = TDSData.from_hkl(hkl, np.ones(len(hkl)), cell, sigma=np.full(len(hkl), 0.01), temperature=T,
+                            units="e.u./atom").mask_bragg(0.1, truth.primitive.cell[:])
+    used = np.flatnonzero(data.mask)
+    q = data.q[used]
+    q_max = float(np.linalg.norm(q, axis=1).max())
+    t0 = time.perf_counter()
+    if route == "fft":
+        tds = tds_model(truth, T, q_max=q_max, voxels=q)
+        assert tds.name == "fft"
+    else:
+        tds = tds_model(truth, T, q_max=q_max)
+        used = np.sort(np.random.default_rng(0).choice(used, min(PER_POINT_SUBSET, len(used)), replace=False))
+        data = data.select(used)
+    built = time.perf_counter() - t0
+    objective = objective_module.Objective(tds, data, "fixed", "free", "chi2")
+    theta = truth.theta.detach().numpy()
+    objective.evaluate(theta)  # warm-up: the model's caches
+    t0 = time.perf_counter()
+    objective.evaluate(theta)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"crystal": name, "route": route, "voxels": side**3, "used_voxels": int(data.mask.sum()),
+                      "timed_points": objective.n_total, "grid": list(tds.grid), "settings": tds.settings(),
+                      "model_seconds": built, "seconds": seconds,
+                      "seconds_all_voxels": seconds * (len(q) / objective.n_total),
+                      "peak_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      "threads": torch.get_num_threads()}, default=str))
+
+
+def fft_versus_per_point(side: int) -> list:
+    """Each crystal's volume by both routes, each in its own process; the ratio of their times for every voxel."""
+    out = []
+    for name in ("Ni", "MgB2"):
+        runs = {}
+        for route in ("fft", "per-point"):
+            command = [sys.executable, str(Path(__file__).resolve()), "--fft-worker", name, str(side), route]
+            done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
+            if done.returncode:
+                raise RuntimeError(done.stderr[-3000:])
+            runs[route] = json.loads(done.stdout.strip().splitlines()[-1])
+        ratio = runs["per-point"]["seconds_all_voxels"] / runs["fft"]["seconds_all_voxels"]
+        out.append({"crystal": name, "voxels": runs["fft"]["voxels"], "fft": runs["fft"],
+                    "per_point": runs["per-point"], "per_point_over_fft": ratio})
+        print(f"  {name} {runs['fft']['voxels']} voxels: fft {runs['fft']['seconds']:.1f} s on "
+              f"{runs['fft']['grid']} (peak {runs['fft']['peak_GiB']:.2f} GiB), per-point "
+              f"{runs['per-point']['seconds_all_voxels']:.0f} s scaled from {runs['per-point']['timed_points']} voxels "
+              f"(peak {runs['per-point']['peak_GiB']:.2f} GiB): ratio {ratio:.0f}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--parts", default="throughput,volume")
+    parser.add_argument("--parts", default="throughput,volume,fft")
+    parser.add_argument("--fft-side", type=int, default=None, help="voxels per edge of the fft part's volumes "
+                        "(default 100: 10⁶ voxels; --quick 40)")
     parser.add_argument("--worker", nargs=2, metavar=("CRYSTAL", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--fft-worker", nargs=3, metavar=("CRYSTAL", "SIDE", "ROUTE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker[0], int(args.worker[1]))
+    if args.fft_worker:
+        return fft_worker(args.fft_worker[0], int(args.fft_worker[1]), args.fft_worker[2])
     sizes = {"Ni": (10**4, 10**5, 10**6), "MgB2": (10**4, 10**5)}  # MgB₂ at 10⁶: ~15 min per evaluation here
     if args.quick:
         sizes = {name: (10**4,) for name in sizes}
@@ -183,6 +269,8 @@ def main() -> None:
                                  for ranks in (1, 2)]
     if "volume" in args.parts:
         records["volume"] = volume(args.quick)
+    if "fft" in args.parts:
+        records["fft"] = fft_versus_per_point(args.fft_side or (40 if args.quick else 100))
     write_json(result_file, records)
 
 

@@ -29,7 +29,7 @@ def nickel():
 
 def small(name, model):
     """Each model with a cheap discretisation."""
-    options = {"one-phonon": dict(dw_mesh=3), "gaussian": dict(grid=(4, 4, 4)),
+    options = {"one-phonon": dict(dw_mesh=3), "gaussian": dict(grid=(4, 4, 4)), "fft": dict(grid=(4, 4, 4)),
                "sampling": dict(sampler=QSpaceSampler(model, (2, 2, 2), T, "classical", n_samples=4, seed=1,
                                                       progress=False))}
     return tds_model(model, T, method=name, statistics="classical", **options.get(name, {}))

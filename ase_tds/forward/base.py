@@ -95,6 +95,7 @@ class ForwardModel(torch.nn.Module):
             yield
             pairs = [(v, leaf.grad) for value, leaves in self._shared.values() for v, leaf in zip(value, leaves)
                      if leaf.grad is not None]
+            self._shared = None  # the leaves are not needed in the backward (the fft model's are large)
             if pairs:
                 torch.autograd.backward([v for v, _ in pairs], [g for _, g in pairs])
         finally:

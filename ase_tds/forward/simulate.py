@@ -41,7 +41,8 @@ def simulate(model: ForceConstantSource, hkl, temperature: float, method: str = 
 
     hkl in r.l.u. of `cell` (default the model's unit cell); counts: Poisson noise with the mean
     intensity at that many counts (σ written alongside), None for noise-free data.
-    A model with a grid chooses it for the largest |Q| (`GaussianModel`, `converged_grid`); `provenance` records
+    A model with a grid chooses it for the largest |Q| (`GaussianModel`, `converged_grid`); hkl on a regular grid take
+    the FFT route of the all-order model ("fft", `tds_model`); `provenance` records
     the model's settings and its own error estimate (`ForwardModel.discretisation_error`: median and largest
     relative). A Monte-Carlo model (method "sampling", give tds_options=dict(sampler=...)): σ holds the standard
     error of the sampled mean (floored at 1e-9 of the largest |I|, for Q where every sample scatters alike, e.g.
@@ -73,6 +74,7 @@ def simulate(model: ForceConstantSource, hkl, temperature: float, method: str = 
     q = reciprocal_q(hkl, cell)
     options = dict(tds_options or {})
     options.setdefault("q_max", float(np.linalg.norm(q, axis=1).max()))
+    options.setdefault("voxels", q)  # on a regular grid: the fft route (`tds_model`)
     tds = tds_model(model, temperature, method=method, statistics=statistics, **options)
     with torch.no_grad():
         intensity, stderr = (None if x is None else x.cpu().numpy() for x in tds.intensity(q))

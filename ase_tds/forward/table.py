@@ -6,16 +6,20 @@ Adding a forward model is one new file (a `ForwardModel` subclass) and one entry
 from __future__ import annotations
 
 import inspect
+import logging
 
 from .base import ForwardModel
+from .fft import FFTModel
 from .gaussian import GaussianModel
 from .one_phonon import OnePhononModel
 from .sampled import SampledModel
+from .voxels import volume_grid
 
 MODELS: dict[str, type[ForwardModel]] = {
     "one-phonon": OnePhononModel,
     "gaussian": GaussianModel,
     "sampling": SampledModel,
+    "fft": FFTModel,
 }
 
 
@@ -37,11 +41,16 @@ def tds_model(force_constants, temperature: float, method: str = "gaussian", sta
     Args:
         force_constants (ForceConstantSource): a ForceConstantModel (θ trainable) or PhonopyForceConstants.
         temperature: K (> 0, or 0 with quantum statistics).
-        method: a name in `MODELS`: "gaussian" (all orders, converged by default), "one-phonon" or "sampling".
+        method: a name in `MODELS`: "gaussian" (all orders, converged by default), "one-phonon", "sampling" or "fft"
+            (all orders at points on a regular grid).
         statistics: "classical" | "quantum".
         **options (Any): the model's own keyword arguments (form_factors, chunk; grid, refine, accuracy, q_max for
-            "gaussian"; dw_mesh (and grid) for "one-phonon"; sampler for "sampling"). Options that only other models
-            take are ignored, so that one set of discretisation options serves several models.
+            "gaussian"; dw_mesh (and grid) for "one-phonon"; sampler for "sampling"; voxels, tail for "fft"). Options
+            that only other models take are ignored, so that one set of discretisation options serves several models.
+            "gaussian" with `voxels` (the Cartesian Q of the data, as `fit` and `simulate` give them) that lie on a
+            regular hkl grid (`voxels.volume_grid`), and no `grid` of its own, takes the FFT route: the model "fft",
+            the same crystal's exact all-order intensity at every voxel at once (a log line says so; its settings
+            record it).
 
     Returns:
         The model.
@@ -55,6 +64,13 @@ def tds_model(force_constants, temperature: float, method: str = "gaussian", sta
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"no forward model takes {', '.join(unknown)}; the options are {', '.join(sorted(known))}")
+    if method == "gaussian" and options.get("grid") is None and options.get("voxels") is not None:
+        grid = volume_grid(options["voxels"], force_constants.primitive.cell[:])
+        if grid is not None:
+            cls, options = FFTModel, dict(options, voxel_grid=grid)
+            logging.getLogger(__name__).info("the %d points lie on a regular grid (the reciprocal lattice of a %s "
+                                             "crystal): the all-order model takes the fft route",
+                                             len(options["voxels"]), "×".join(map(str, grid)))
     own = _keywords(cls)
     return cls(force_constants, temperature, statistics=statistics,
                **{key: value for key, value in options.items() if key in own})
