@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +19,12 @@ import h5py
 import numpy as np
 from ase.geometry import cell_to_cellpar
 
+from . import bragg
 from .atomic import atomic_paths
 from .covariance import check_temperature
 from .io.base import TDSError
 from .io.readers import reader_for
-from .structure import StructureError, integer_matrix, reciprocal_q
+from .structure import StructureError, find_primitive, on_bragg_peaks, reciprocal_q
 
 ABSOLUTE_UNITS = "e.u./atom"
 CELL_LENGTH_RTOL = 1e-3
@@ -255,39 +257,63 @@ class TDSData:
         return dataclasses.replace(self, q=self.q[points], intensity=self.intensity[points], hkl=take(self.hkl),
                                    sigma=take(self.sigma), mask=self.mask[points])
 
-    def mask_bragg(self, radius: float = 0.1, primitive_cell=None) -> TDSData:
-        """A copy with the points within `radius` r.l.u. (Euclidean in hkl) of a Bragg peak masked out.
+    def mask_bragg(self, radius: float = 0.1, primitive_cell=None, structure=None, units: str = "rlu") -> TDSData:
+        """A copy with the points within `radius` of a Bragg peak masked out; a warning names peaks left in.
 
-        Bragg peaks lie on the reciprocal lattice of `primitive_cell` (3, 3) Å, in the same Cartesian
-        frame as `cell` (ase.Atoms accepted); None = Bragg at every integer hkl of `cell`. For a conventional
-        fcc cell pass the primitive cell, so that only all-even / all-odd hkl count as peaks.
+        The peaks: with `structure` (the crystal as ase.Atoms, in the Cartesian frame of `cell`, e.g. the structure
+        the data were read with) its allowed reflections, whose structure factor with the X-ray form factors is not
+        zero (ase_tds.bragg), and, for radius > 0, every point on a reciprocal-lattice vector of its primitive cell
+        (where the diffuse model is not defined, extinct reflections too); with `primitive_cell` (3, 3) Å in the
+        same frame (ase.Atoms accepted for its cell) every point of its reciprocal lattice; with neither, every
+        integer hkl of `cell`. For a conventional fcc cell the structure or its primitive cell leaves only
+        all-even / all-odd hkl as peaks; for diamond the structure also drops (2 0 0), which has no peak.
+
+        Reflections whose nearest used points still hold intensities far above their surroundings (a radius too
+        small for the peaks, or 0; `bragg.peaks_left`) are named in a UserWarning.
 
         Args:
-            radius: r.l.u. of `cell`, Euclidean in hkl.
-            primitive_cell (array_like | Atoms | None): lattice vectors (3, 3) Å (rows) or ase.Atoms; None = every
-                integer hkl is a peak.
+            radius: in `units`, Euclidean in hkl ("rlu", r.l.u. of `cell`) or in Q ("invA", Å⁻¹); 0 masks nothing.
+            primitive_cell (array_like | Atoms | None): lattice vectors (3, 3) Å (rows) or ase.Atoms; None = see above.
+            structure (Atoms | None): the crystal, for its allowed reflections; not with `primitive_cell`.
+            units: "rlu" or "invA".
 
         Returns:
             A copy with the points near a Bragg peak masked out (still held, mask False).
 
         Raises:
-            TDSError: Q-only data (no hkl), or `primitive_cell` does not span the lattice of `cell`.
+            TDSError: Q-only data (no hkl), a radius that is not a number ≥ 0, other units, both `structure` and
+                `primitive_cell`, or a crystal (cell) that does not span the lattice of `cell`.
         """
         hkl = self._require_hkl("mask_bragg")
-        # a primitive reciprocal-lattice vector with integer coordinates m sits at hkl = m·Mᵀ, M = cell·inv(P)
+        if not (np.isscalar(radius) and np.isfinite(radius) and radius >= 0):
+            raise self._error("radius", f"is {radius!r}", "give a radius ≥ 0 (0 masks nothing), e.g. 0.1 r.l.u.")
+        if units not in bragg.UNITS:
+            raise self._error("units", f"is {units!r}", f"give one of {bragg.UNITS} (r.l.u. or Å⁻¹)")
+        if structure is not None and primitive_cell is not None:
+            raise self._error("primitive_cell", "is given with a structure",
+                              "give the structure (allowed reflections) or a primitive cell (every lattice point)")
+        lattice = None if primitive_cell is None else _as_cell(primitive_cell)
+        reach = np.maximum(bragg.reach(radius, units, self.cell), bragg.SHELL[1])
         try:
-            lattice = np.eye(3) if primitive_cell is None else integer_matrix(self.cell, _as_cell(primitive_cell), "")
+            reflections = bragg.reflections_near(hkl, self.cell, reach, structure=structure, lattice=lattice)
         except StructureError as err:
-            raise self._error(
-                "primitive_cell", f"does not span the lattice of cell ({err})",
-                "give the primitive cell of the same crystal in the same Cartesian frame (e.g. from "
-                "ase_tds.structure.find_primitive)") from None
-        lattice_t = lattice.T
-        m_nearest = np.round(hkl @ np.linalg.inv(lattice_t))
-        offsets = np.array(np.meshgrid(*3 * [[-1, 0, 1]], indexing="ij")).reshape(3, -1).T
-        candidates = (m_nearest[:, None, :] + offsets[None, :, :]) @ lattice_t  # (N, 27, 3) Bragg hkl
-        distance = np.linalg.norm(candidates - hkl[:, None, :], axis=2).min(axis=1)
-        return self.with_mask(distance > radius)
+            raise self._error("structure" if structure is not None else "primitive_cell",
+                              f"does not span the lattice of cell ({err})",
+                              "give the crystal (or its primitive cell) of the same data in the same Cartesian "
+                              "frame (e.g. from ase_tds.structure.find_primitive)") from None
+        peak = bragg.near(hkl, self.cell, reflections, radius, units)
+        if structure is not None and radius > 0:
+            peak |= on_bragg_peaks(self.q, find_primitive(structure)[0].cell[:])
+        masked = self.with_mask(~peak)
+        left = bragg.peaks_left(hkl[masked.mask], self.intensity[masked.mask], reflections)
+        if left:
+            named = ", ".join(" ".join(f"{x:g}" for x in g) for g, _ in left[:3]) + (", ..." if len(left) > 3 else "")
+            warnings.warn(f"{self.source}: used points next to {len(left)} Bragg reflection"
+                          f"{'s' if len(left) > 1 else ''} ({named}) are up to {left[0][1]:.3g}× above their "
+                          f"surroundings (intensity × distance²): Bragg peaks left in the data, which the diffuse "
+                          f"model cannot fit; mask them with a larger radius: ase-tds fit --mask-bragg R (r.l.u., "
+                          f"or e.g. 0.05invA), or TDSData.mask_bragg(R, structure=atoms)", UserWarning, stacklevel=2)
+        return masked
 
     def mask_window(self, q_min=None, q_max=None, hkl_min=None, hkl_max=None) -> TDSData:
         """A copy with the points outside a detector-like window masked out.

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MPLBACKEND=Agg
-for name in 00_quickstart 01_nickel_benchmark 02_slice 03_using_the_result 04_forward_models 05_any_crystal; do
+for name in 00_quickstart 01_nickel_benchmark 02_slice 03_using_the_result 04_forward_models 05_any_crystal \
+        06_beamline_volume; do
     mkdir -p "docs/outputs/$name"
     echo "running examples/$name.py" >&2
     python "examples/$name.py" > "docs/outputs/$name/stdout.txt"

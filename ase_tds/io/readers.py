@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import hdf5, hkl_text, nexus, npz
+from . import hdf5, hkl_text, nexus, npz, nxrefine
 from .base import Reader, TDSError
 
 READERS: list[Reader] = [
     npz.READER,  # a zip archive
     hdf5.HKL_LIST,  # HDF5 with `hkl` and no `intensity`: points only
     hdf5.POINT_LIST,  # HDF5 with `hkl` or `intensity` at the root
+    nxrefine.READER,  # HDF5 with an NXentry holding NXRefine's transform or masked_transform
     nexus.READER,  # any other HDF5: its NXdata volume
     hkl_text.READER,  # anything else: a text table of points (last: it takes every other file)
 ]
