@@ -6,7 +6,8 @@
 Displacements u (Å) are drawn by the Cholesky samplers of `ase_tds.sampling` (the exact harmonic
 distribution of the periodic supercell, centre of mass fixed, classical or quantum); energies
 E = ½ uᵀΦu (eV, zero at the ideal lattice) and forces F = −Φu (eV/Å) come from TDSFitted. No stress:
-the harmonic model has a fixed cell.
+the harmonic model has a fixed cell. Given the covariance Σ of a fit's θ, each frame's force constants are drawn
+from N(θ̂, Σ) (info["theta"]), so that the training data carry the fit's uncertainty.
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ from .sampling import DenseSampler, QSpaceSampler
 DENSE_MAX_ATOMS = 500
 METADATA_KEYS = ("temperature", "statistics", "supercell", "source", "ase_tds_version")
 # names extxyz uses itself, and the metadata: not available as energy or forces keys
-RESERVED_KEYS = METADATA_KEYS + ("positions", "numbers", "species", "pos", "Z", "Lattice", "Properties", "pbc",
-                                 "masses", "momenta")
+ENSEMBLE_KEY = "theta"  # info key of each frame's θ (n_params,) eV/Å² when drawn from N(θ̂, Σ)
+MAX_REDRAWS = 100  # draws of θ with imaginary modes in a row before an ensemble export gives up
+RESERVED_KEYS = METADATA_KEYS + (ENSEMBLE_KEY, "positions", "numbers", "species", "pos", "Z", "Lattice", "Properties",
+                                 "pbc", "masses", "momenta")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def thermal_configurations(model: ForceConstantModel, supercell, temperature: float, n_samples: int,
                            statistics: str = "classical", seed: int | None = None, sampler: str = "auto",
                            energy_key: str = "REF_energy", forces_key: str = "REF_forces", also_plain: bool = True,
-                           source: str | None = None, progress: bool = True):
+                           source: str | None = None, progress: bool = True, covariance=None):
     """An iterator over `n_samples` ase.Atoms: the L1×L2×L3 supercell of `model.unitcell` with thermal displacements.
 
     Any supercell size works: in one shorter than twice the cutoff each pair's images are summed (the Hessian of
@@ -64,13 +67,17 @@ def thermal_configurations(model: ForceConstantModel, supercell, temperature: fl
             `get_forces`).
         source: the name written to info["source"]; None = repr(model).
         progress: show a tqdm progress bar.
+        covariance (array_like | None): Σ (n_params, n_params) (eV/Å²)² of θ: each frame then has its own θ drawn
+            from N(θ̂, Σ) (θ̂ = the model's θ; draws with imaginary modes are drawn again), in info["theta"]
+            (n_params,) eV/Å²; None = every frame from the model's θ.
 
     Returns:
         (Iterator[Atoms]): a generator of n_samples ase.Atoms (N = L1·L2·L3 × atoms of the unit cell), drawn lazily.
 
     Raises:
-        ValueError: a bad supercell, temperature, n_samples, statistics, sampler or key name.
-        UnstableError: force constants that are not dynamically stable.
+        ValueError: a bad supercell, temperature, n_samples, statistics, sampler, key name or covariance.
+        UnstableError: force constants that are not dynamically stable (or, with a covariance, MAX_REDRAWS draws in a
+            row that are not).
     """
     supercell, n_samples = _check_arguments(supercell, temperature, n_samples, statistics, energy_key, forces_key)
     if sampler not in ("auto", "dense", "qspace"):
@@ -78,6 +85,7 @@ def thermal_configurations(model: ForceConstantModel, supercell, temperature: fl
     n_atoms = int(np.prod(supercell)) * len(model.unitcell)
     dense = sampler == "dense" or (sampler == "auto" and statistics == "classical" and n_atoms <= DENSE_MAX_ATOMS)
     kind = DenseSampler if dense else QSpaceSampler
+    factor = None if covariance is None else _covariance_factor(model, covariance)
     draw = kind(model, supercell, temperature, statistics, progress=False)
     ideal = Atoms(draw.symbols, positions=draw.positions, cell=draw.cell, pbc=True)
 
@@ -90,10 +98,61 @@ def thermal_configurations(model: ForceConstantModel, supercell, temperature: fl
         generator.seed()
     else:
         generator.manual_seed(int(seed))
-    return _frames(draw, TDSFitted(model), ideal, info, generator, n_samples, energy_key, forces_key, also_plain, progress)
+    keys = (energy_key, forces_key, also_plain)
+    if factor is not None:
+        members = _members(model, factor, kind, supercell, temperature, statistics, generator)
+        return _ensemble_frames(members, ideal, info, generator, n_samples, keys, progress)
+    return _frames(draw, TDSFitted(model), ideal, info, generator, n_samples, keys, progress)
 
 
-def _frames(draw, calc, ideal, info, generator, n_samples, energy_key, forces_key, also_plain, progress):
+def _covariance_factor(model, covariance) -> torch.Tensor:
+    """L (n, n) with L Lᵀ = Σ, on the model's device, refused unless Σ is (n_params, n_params), finite and PSD."""
+    from .properties import covariance_factor
+
+    covariance = np.asarray(covariance, dtype=float)
+    if covariance.shape != (model.n_params, model.n_params):
+        raise ValueError(f"covariance must be ({model.n_params}, {model.n_params}) for the model's {model.n_params} "
+                         f"parameters ({', '.join(model.labels)}), got shape {covariance.shape}")
+    return torch.as_tensor(covariance_factor(covariance, model.labels), dtype=model.dtype, device=model.device)
+
+
+def _members(model, factor, kind, supercell, temperature, statistics, generator):
+    """Endless (θ (n,) numpy, sampler, TDSFitted) of θ = θ̂ + L z, z ~ N(0, I) from `generator`; θ with imaginary
+    modes (`covariance.lowest_frequency`, or the supercell's own Hessian) drawn again, MAX_REDRAWS in a row at most."""
+    from .covariance import UnstableError, lowest_frequency, unstable_modes
+
+    center = model.theta.detach()
+    member = copy.deepcopy(model)
+    while True:
+        for _ in range(MAX_REDRAWS):
+            z = torch.randn(len(center), generator=generator, dtype=center.dtype, device=center.device)
+            member.set_parameters((center + factor @ z).cpu().numpy())
+            if unstable_modes(lowest_frequency(member)):
+                continue
+            try:
+                draw = kind(member, supercell, temperature, statistics, progress=False)
+            except UnstableError:
+                continue
+            yield member.theta.detach().cpu().numpy().copy(), draw, TDSFitted(member)
+            break
+        else:
+            raise UnstableError(f"{MAX_REDRAWS} force constants in a row drawn from N(θ̂, Σ) have imaginary modes: "
+                                "Σ reaches far into unstable force constants; export without the ensemble")
+
+
+def _ensemble_frames(members, ideal, info, generator, n_samples, keys, progress):
+    """The generator behind `thermal_configurations` with a covariance: one θ of `members` and one draw per frame."""
+    with tqdm(total=n_samples, desc="thermal configurations (θ ensemble)", disable=not progress) as bar:
+        for _, (theta, draw, calc) in zip(range(n_samples), members):
+            with torch.no_grad():
+                u = draw.sample(1, generator).cpu().numpy()[0]
+            atoms = _frame(ideal, u, calc, info, *keys)
+            atoms.info[ENSEMBLE_KEY] = theta
+            bar.update()
+            yield atoms
+
+
+def _frames(draw, calc, ideal, info, generator, n_samples, keys, progress):
     """The generator behind `thermal_configurations`, drawing u in batches of ≤ 2²² numbers."""
     batch = max(1, 2**22 // (3 * len(ideal)))
     with tqdm(total=n_samples, desc="thermal configurations", disable=not progress) as bar:
@@ -101,29 +160,34 @@ def _frames(draw, calc, ideal, info, generator, n_samples, energy_key, forces_ke
             with torch.no_grad():
                 u = draw.sample(min(batch, n_samples - start), generator).cpu().numpy()
             for one in u:
-                atoms = ideal.copy()
-                atoms.positions += one
-                energy, forces = calc.get_potential_energy(atoms), calc.get_forces(atoms)
-                atoms.info.update(info)
-                if energy_key != "energy":
-                    atoms.info[energy_key] = energy
-                if forces_key != "forces":
-                    atoms.arrays[forces_key] = forces
-                plain = {}
-                if also_plain or energy_key == "energy":
-                    plain["energy"] = energy
-                if also_plain or forces_key == "forces":
-                    plain["forces"] = forces
-                if plain:
-                    atoms.calc = SinglePointCalculator(atoms, **plain)
                 bar.update()
-                yield atoms
+                yield _frame(ideal, one, calc, info, *keys)
+
+
+def _frame(ideal, u, calc, info, energy_key, forces_key, also_plain) -> Atoms:
+    """The frame of displacements u (N, 3) Å from `ideal`, with E (eV) and F (N, 3) eV/Å of `calc` and `info`."""
+    atoms = ideal.copy()
+    atoms.positions += u
+    energy, forces = calc.get_potential_energy(atoms), calc.get_forces(atoms)
+    atoms.info.update(info)
+    if energy_key != "energy":
+        atoms.info[energy_key] = energy
+    if forces_key != "forces":
+        atoms.arrays[forces_key] = forces
+    plain = {}
+    if also_plain or energy_key == "energy":
+        plain["energy"] = energy
+    if also_plain or forces_key == "forces":
+        plain["forces"] = forces
+    if plain:
+        atoms.calc = SinglePointCalculator(atoms, **plain)
+    return atoms
 
 
 def write_training_data(source, path, supercell, temperature: float, n_samples: int,
                         statistics: str = "classical", seed: int | None = None,
                         energy_key: str = "REF_energy", forces_key: str = "REF_forces", also_plain: bool = True,
-                        sampler: str = "auto", device=None, progress: bool = True) -> Path:
+                        sampler: str = "auto", device=None, progress: bool = True, covariance=None) -> Path:
     """Write `n_samples` thermal configurations as extxyz at `path` (what MACE and NequIP read); returns the path.
 
     The file is written under a temporary name beside `path` and renamed when complete: an error or
@@ -145,6 +209,9 @@ def write_training_data(source, path, supercell, temperature: float, n_samples: 
         device (str | torch.device | None): torch device to draw on; None = the model's (a given model is copied there,
             not moved).
         progress: show a tqdm progress bar.
+        covariance (array_like | None): Σ (n_params, n_params) (eV/Å²)² of θ, e.g. a fit's
+            (`ase_tds.properties.read_fit_folder(folder).covariance`): each frame's θ drawn from N(θ̂, Σ), as in
+            `thermal_configurations`; None = every frame from θ̂.
 
     Returns:
         `path`, as a Path.
@@ -153,7 +220,7 @@ def write_training_data(source, path, supercell, temperature: float, n_samples: 
         IsADirectoryError: `path` is a folder.
         FileNotFoundError: the folder of `path` does not exist.
         PermissionError: the folder is not writable.
-        ValueError: a bad supercell, temperature, n_samples, statistics, sampler or key name.
+        ValueError: a bad supercell, temperature, n_samples, statistics, sampler, key name or covariance.
     """
     path = Path(path)
     if path.is_dir():
@@ -175,7 +242,7 @@ def write_training_data(source, path, supercell, temperature: float, n_samples: 
             raise PermissionError(f"cannot write in {path.parent} ({err.strerror}); choose a writable location") from None
         with out:
             frames = thermal_configurations(model, supercell, temperature, n_samples, statistics, seed, sampler,
-                                            energy_key, forces_key, also_plain, name, progress)
+                                            energy_key, forces_key, also_plain, name, progress, covariance)
             write_extxyz(out, frames)
     return path
 
