@@ -1,0 +1,78 @@
+"""CHGNet (Deng et al., Nat. Mach. Intell. 5, 1031 (2023)) as a Potential: pretrained or a saved file.
+
+CHGNet computes in float32; its energies and forces are cast to float64 here. Its forward always keeps the graph of
+the forces (it autodifferentiates the energy with create_graph=True), so one call gives forces that are
+differentiable in the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import torch
+from ase import Atoms
+
+from . import Potential, missing_package
+
+
+class CHGNetPotential(Potential):
+    """CHGNet's weights as a Potential.
+
+    Default refined layers: `mlp`, the readout (atom features → site energy, 12 545 weights of 412 525): the last
+    layers, whose change moves force constants and energies without relearning the message passing (docs/refine.md).
+
+    Args:
+        source: None (the pretrained 0.3.0), a pretrained name ("0.3.0", "0.2.0", "r2scan"), or a file written by
+            `save` (or by CHGNet's trainer).
+    """
+
+    name = "chgnet"
+    default_layers = ("mlp",)
+
+    def __init__(self, source: str | None = None):
+        try:
+            from chgnet.model import CHGNet
+        except ImportError as err:
+            raise missing_package("chgnet", err) from err
+        with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints its size and device
+            if source is None or source in ("0.3.0", "0.2.0", "r2scan"):
+                self._model = CHGNet.load(model_name=source or "0.3.0", use_device="cpu", verbose=False)
+            else:
+                self._model = CHGNet.from_file(str(source))
+        self._model.eval()
+        self._graphs = {}  # the crystal graphs of configurations seen, by their geometry (they never change)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._model
+
+    def _graph(self, atoms: Atoms):
+        key = (atoms.numbers.tobytes(), atoms.positions.tobytes(), atoms.cell[:].tobytes())
+        if key not in self._graphs:
+            from pymatgen.io.ase import AseAtomsAdaptor
+
+            self._graphs[key] = self._model.graph_converter(AseAtomsAdaptor.get_structure(atoms))
+        return self._graphs[key]
+
+    def energy_forces(self, configurations: list[Atoms], create_graph: bool = False):
+        graphs = [self._graph(atoms).to(self.device) for atoms in configurations]
+        with torch.enable_grad():
+            prediction = self._model(graphs, task="ef")
+        n_atoms = torch.tensor([len(atoms) for atoms in configurations], dtype=torch.float64)
+        energies = prediction["e"].to("cpu", torch.float64) * n_atoms  # CHGNet's energy is per atom
+        forces = [f.to("cpu", torch.float64) for f in prediction["f"]]
+        if not create_graph:
+            return energies.detach(), [f.detach() for f in forces]
+        return energies, forces
+
+    def save(self, path) -> None:
+        torch.save({"model": self._model.as_dict()}, path)  # what CHGNet.from_file reads
+
+    def calculator(self, path=None):
+        from chgnet.model import CHGNet
+        from chgnet.model.dynamics import CHGNetCalculator
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = self._model if path is None else CHGNet.from_file(str(path))
+            return CHGNetCalculator(model=model, use_device=str(self.device))

@@ -1,0 +1,286 @@
+"""The refinement of a potential's own weights w against TDS: θ(w) = M·F(w) (`projection`), the fit's profiled χ²
+of θ (`fitting.objective`) plus the anchor (`anchor`), minimised over w by L-BFGS.
+
+Each evaluation: the forces F of the displaced supercells with their graph kept, θ = M·F, the loss and its gradient
+g = ∂χ²/∂θ as in `fit` (the nuisance scale and background profiled), then back into the weights by one
+vector–Jacobian product, ∂χ²/∂w = gᵀ·M·∂F/∂w, and the anchor's own gradient added.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+from tqdm.auto import tqdm
+
+from ..covariance import UnstableError
+from ..data import TDSData
+from ..fitting.covariance import fitted_result
+from ..fitting.fit import checked_options
+from ..fitting.objective import Objective, fingerprint, set_theta
+from ..fitting.result import FitResult
+from ..forward import tds_model
+from ..model import ForceConstantModel
+from .anchor import Anchor
+from .drift import equation_of_state
+from .potentials import Potential, check_potential, load_potential
+from .projection import DisplacementProjection
+
+SAVED_NAMES = {"chgnet": "refined_chgnet.pth.tar", "sevenn": "refined_sevenn.pth"}  # else refined_potential.pt
+
+
+@dataclass
+class RefineResult:
+    """A refinement: the data's fit of θ(w) at the refined weights and what moved.
+
+    Attributes:
+        fit: the FitResult of θ at the refined weights on the data (1σ of θ through the data's Gauss–Newton matrix,
+            as if θ were free: what the data say about the force constants the potential now has).
+        theta_start: θ (n_params,) eV/Å² of the pretrained weights.
+        phonons: {point: {"q_frac": fractional q of the primitive cell, "start": THz, "refined": THz}} at the
+            primitive lattice's special points.
+        chi2_start: χ² of the data at the start.
+        anchor_drift: `Anchor.drift` at the refined weights.
+        equation_of_state: {"start": ..., "refined": ...} (`drift.equation_of_state`): lattice scale, B.
+        weights: {"layers", "n_weights", "relative_change"}: what was refined and by how much (‖w − w⁰‖/‖w⁰‖).
+        settings: potential, shells, supercell, displacement, anchor sigmas, iterations.
+        status: {"converged", "reason"} of the optimiser.
+        seconds: wall time of the refinement.
+        history: the loss after each iteration.
+        start_model: the ForceConstantModel of the pretrained weights (drawn in dispersion.png).
+    """
+
+    fit: FitResult
+    theta_start: np.ndarray
+    phonons: dict
+    chi2_start: float
+    anchor_drift: dict
+    equation_of_state: dict
+    weights: dict
+    settings: dict
+    status: dict
+    seconds: float
+    history: list = field(default_factory=list)
+    start_model: ForceConstantModel | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        """fit.json: the fit's record (`FitResult.to_dict`) with a "refine" section."""
+        record = self.fit.to_dict()
+        record["refine"] = {
+            "theta_start": dict(zip(self.fit.labels, map(float, self.theta_start))),
+            "chi2_start": self.chi2_start, "chi2": self.fit.chi2, "phonons_THz": self.phonons,
+            "anchor_drift": self.anchor_drift, "equation_of_state": self.equation_of_state, "weights": self.weights,
+            "settings": self.settings, "status": self.status, "seconds": self.seconds, "history": self.history}
+        return record
+
+    def write_json(self, path) -> None:
+        """Write `to_dict()` as JSON atomically (`atomic.write_atomic`).
+
+        Args:
+            path (str | Path): the file.
+        """
+        from ..atomic import write_atomic
+
+        write_atomic(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
+
+    def table(self) -> str:
+        """Plain text: the phonons before and after, χ², the lattice and bulk modulus, the anchor drift."""
+        lines = [f"{'point':<6}{'start (THz)':>30}{'refined (THz)':>30}"]
+        for name, record in self.phonons.items():
+            lines.append(f"{name:<6}{np.array2string(np.array(record['start']), precision=3):>30}"
+                         f"{np.array2string(np.array(record['refined']), precision=3):>30}")
+        eos = self.equation_of_state
+        drift = self.anchor_drift
+        lines += [f"χ² {self.chi2_start:.6g} → {self.fit.chi2:.6g} (χ²_red {self.fit.chi2_red:.4g} on "
+                  f"{self.fit.n_points} points), {self.weights['n_weights']} weights of {self.weights['layers']}, "
+                  f"relative change {self.weights['relative_change']:.3g}",
+                  f"lattice constant moved {100 * (eos['refined']['lattice_scale'] / eos['start']['lattice_scale'] - 1):+.3f} %, "
+                  f"bulk modulus {eos['start']['bulk_modulus_GPa']:.1f} → {eos['refined']['bulk_modulus_GPa']:.1f} GPa",
+                  f"anchor drift: energies {drift['energy_rms_meV_per_atom']:.2f} meV/atom rms, forces "
+                  f"{drift['force_rms_meV_per_A']:.1f} meV/Å rms (largest {drift['force_max_meV_per_A']:.1f})",
+                  f"{'converged' if self.status['converged'] else 'NOT converged'}: {self.status['reason']}"]
+        return "\n".join(lines)
+
+    def save(self, folder, potential: Potential, model: ForceConstantModel, data: TDSData) -> Path:
+        """Write the refined potential (its own format) and the fit folder: phonopy files of θ, fit.json, data.h5,
+        dispersion.png (start and refined), tds_fit.png; all or nothing. Returns the potential's file."""
+        from ..atomic import write_files
+        from ..io.phonopy import phonopy_writers
+        from ..plot import plot_dispersion
+        from ..report import draw_tds_fit
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        curves = {"refined": model} if self.start_model is None else {"refined": model, "start": self.start_model}
+        name = SAVED_NAMES.get(potential.name, "refined_potential.pt")
+        writers = dict(phonopy_writers(model), **{
+            name: potential.save,
+            "fit.json": self.write_json,
+            "data.h5": data.write,
+            "dispersion.png": lambda path: plot_dispersion(curves, path, covariance=self.fit.covariance),
+            "tds_fit.png": lambda path: draw_tds_fit(model, self.fit, data, path),
+        })
+        write_files(out, writers)
+        return out / name
+
+
+def special_points(model: ForceConstantModel) -> dict:
+    """{name: fractional q (3,) of the primitive cell} of its lattice's special points (ASE's), Γ left out."""
+    points = model.primitive.cell.bandpath(npoints=0).special_points
+    return {name: np.asarray(q, dtype=float) for name, q in points.items() if name != "G"}
+
+
+def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutoff: float | None = None,
+           layers=None, temperature: float | None = None, method: str = "gaussian", statistics: str = "quantum",
+           scale: str | None = None, background: str = "free", energy_sigma: float | None = None,
+           force_sigma: float | None = None, weight_sigma: float | None = None, n_snapshots: int = 3,
+           max_iter: int = 50, supercell_matrix=None, displacement: float = 0.01, tds_options: dict | None = None,
+           device="cpu", progress: bool = True) -> tuple[RefineResult, ForceConstantModel]:
+    """Refine `potential`'s weights (in place) so that its force constants fit `data`, anchored to its pretrained self.
+
+    Args:
+        potential (Potential | str | torch.nn.Module): what `load_potential` takes ("chgnet", "sevenn",
+            "module:Class", a Potential or an nn.Module of forward(positions, atoms) → energy).
+        structure (ase.Atoms): the crystal the data's hkl index (e.g. its conventional cell).
+        data: the TDSData (its mask: the points used).
+        shells: neighbour shells of the force-constant model θ (or `cutoff`, Å).
+        layers (list[str] | str | None): name prefixes of the weights refined, "all", or None (the potential's
+            `default_layers`: its readout, docs/refine.md).
+        temperature: K (None: the data's).
+        method, statistics, scale, background: the data's model, as in `fit`.
+        energy_sigma: σ_E of the anchor's energies, eV/atom (None: `anchor.ENERGY_SIGMA`).
+        force_sigma: σ_F of the anchor's forces, eV/Å (None: `anchor.FORCE_SIGMA`); 0 or less: forces not anchored.
+        weight_sigma: σ_w of an L2 pull to the pretrained weights (None: none).
+        n_snapshots: thermal snapshots among the anchor's configurations.
+        max_iter: L-BFGS iterations over the weights.
+        supercell_matrix (array_like | None): of the displaced supercells (None: `projection.compact_supercell`).
+        displacement: Å, the finite displacement.
+        tds_options: forward-model options, as in `fit`.
+        device (torch.device | str): where the potential and the data's model compute ("cpu", "cuda", "cuda:N");
+            the potential is left there.
+        progress: progress bars.
+
+    Returns:
+        (RefineResult, ForceConstantModel at the refined θ, on the CPU).
+
+    Raises:
+        UnstableError: the pretrained potential's force constants are unstable on this model.
+        ValueError: bad options, or a potential that breaks the protocol.
+    """
+    from . import anchor as anchor_defaults
+
+    t0 = time.time()
+    potential = load_potential(potential).to(device)
+    model = ForceConstantModel(structure, shells=None if cutoff is not None else shells, cutoff=cutoff)
+    scale = checked_options(model, data, method, scale, "chi2", None, tds_options)
+    temperature = data.require_temperature(temperature)
+    check_potential(potential, model.unitcell)
+    parameters = potential.parameters(layers)
+    for name, weight in potential.module.named_parameters():
+        weight.requires_grad_(name in parameters)
+    projection = DisplacementProjection(model, supercell_matrix, displacement, progress=progress)
+    theta_start = projection.theta_of(potential).detach().numpy()
+    set_theta(model, theta_start)
+    start_model = copy.deepcopy(model)
+    model.to(device)
+    force_sigma = anchor_defaults.FORCE_SIGMA if force_sigma is None else force_sigma
+    anchor = Anchor.build(potential, start_model, temperature, parameters, n_snapshots=n_snapshots,
+                          energy_sigma=energy_sigma or anchor_defaults.ENERGY_SIGMA,
+                          force_sigma=force_sigma if force_sigma > 0 else None, weight_sigma=weight_sigma)
+    eos_start = equation_of_state(potential, model.unitcell)
+    options = dict(tds_options or {})
+    options.setdefault("q_max", float(data.q_norm[np.asarray(data.mask, dtype=bool)].max()))
+    tds = tds_model(model, temperature, method=method, statistics=statistics, **options)
+    objective = Objective(tds, data, scale, background, "chi2", theta=theta_start, progress=progress)
+    chi2_start = objective.evaluate(theta_start)[0]
+
+    loss = _WeightLoss(potential, parameters, projection, objective, anchor)
+    x0 = loss.vector()
+    history, bar = [], tqdm(total=max_iter, desc="refine (L-BFGS over weights)", disable=not progress)
+
+    def tick(x):
+        history.append(loss.last)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.last:.6g}", chi2=f"{loss.last_chi2:.6g}")
+
+    res = minimize(loss, x0, jac=True, method="L-BFGS-B", callback=tick,
+                   options=dict(maxiter=max_iter, maxcor=20, ftol=1e-10, gtol=1e-8))
+    bar.close()
+    loss.write(loss.best_x)
+    status = {"converged": bool(res.status == 0), "reason": str(res.message)}
+
+    theta = projection.theta_of(potential).detach().numpy()
+    settings = dict(tds.settings(), scale=scale, background=background, compton=False, loss="chi2",
+                    optimizer="lbfgs (weights)", prior_sigma=None, data=fingerprint(data))
+    fit = fitted_result(objective, theta, len(history), history, status, settings, False)
+    model.cpu()
+    points = special_points(model)
+    q = np.array(list(points.values())) @ (2 * np.pi * np.linalg.inv(model.primitive.cell[:]).T)
+    refined_nu = model.frequencies(q)
+    start_nu = start_model.frequencies(q)
+    phonons = {name: {"q_frac": points[name].tolist(), "start": start_nu[i].tolist(), "refined": refined_nu[i].tolist()}
+               for i, name in enumerate(points)}
+    change = np.sqrt(sum(float(((p.detach().cpu() - anchor.weights0[n]) ** 2).sum()) for n, p in parameters.items()))
+    norm = np.sqrt(sum(float((w**2).sum()) for w in anchor.weights0.values()))
+    result = RefineResult(
+        fit=fit, theta_start=theta_start, phonons=phonons, chi2_start=float(chi2_start),
+        anchor_drift=anchor.drift(potential),
+        equation_of_state={"start": eos_start, "refined": equation_of_state(potential, model.unitcell)},
+        weights={"layers": sorted({n.split(".")[0] for n in parameters}), "n_weights": int(x0.size),
+                 "relative_change": change / max(norm, 1e-300)},
+        settings={"potential": potential.name, "shells": shells, "cutoff": model.cutoff,
+                  "supercell_matrix": projection.supercell_matrix.tolist(), "displaced_supercells": len(projection.supercells),
+                  "supercell_atoms": projection.n_atoms, "displacement": displacement,
+                  "energy_sigma": anchor.energy_sigma, "force_sigma": anchor.force_sigma, "weight_sigma": weight_sigma,
+                  "anchor_configurations": len(anchor.configurations), "max_iter": max_iter,
+                  "evaluations": loss.evaluations, "dtype": str(next(iter(parameters.values())).dtype)},
+        status=status, seconds=time.time() - t0, history=[float(h) for h in history], start_model=start_model)
+    return result, model
+
+
+class _WeightLoss:
+    """The loss of the refined weights as a flat float64 vector (for SciPy): χ²(θ(w)) + anchor(w), its gradient, and
+    the lowest loss evaluated. A weight vector whose crystal is unstable gets a large loss (the line search backs off)."""
+
+    def __init__(self, potential, parameters: dict, projection, objective, anchor):
+        self.potential, self.parameters = potential, list(parameters.values())
+        self.named = parameters
+        self.projection, self.objective, self.anchor = projection, objective, anchor
+        self.last = self.last_chi2 = np.inf
+        self.best, self.best_x, self.evaluations = np.inf, None, 0
+
+    def vector(self) -> np.ndarray:
+        return torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in self.parameters]).numpy()
+
+    @torch.no_grad()
+    def write(self, x) -> None:
+        offset = 0
+        for p in self.parameters:
+            p.copy_(torch.as_tensor(x[offset:offset + p.numel()]).reshape(p.shape).to(p.device, p.dtype))
+            offset += p.numel()
+
+    def __call__(self, x):
+        self.evaluations += 1
+        self.write(x)
+        _, forces = self.potential.energy_forces(self.projection.supercells, create_graph=True)
+        theta = self.projection.theta(forces)
+        try:
+            chi2, grad_theta, _ = self.objective.evaluate(theta.detach().numpy())
+        except UnstableError:
+            return 1e6 * (abs(self.last) + 1.0), np.zeros_like(x)
+        surrogate = theta @ torch.as_tensor(grad_theta, dtype=theta.dtype)  # its gradient: gᵀ·∂θ/∂w
+        penalty = self.anchor.penalty(self.potential, self.named)
+        grads = torch.autograd.grad(surrogate + penalty, self.parameters, allow_unused=True)
+        grad = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).to("cpu", torch.float64)
+                          for g, p in zip(grads, self.parameters)]).numpy()
+        self.last_chi2 = float(chi2)
+        self.last = float(chi2) + float(penalty.detach())
+        if self.last < self.best:
+            self.best, self.best_x = self.last, x.copy()
+        return self.last, grad
