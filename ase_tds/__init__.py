@@ -7,14 +7,16 @@ import importlib
 _PUBLIC = {"TDSFitted": "calculator", "ThermalCovariance": "covariance", "UnstableError": "covariance",
            "TDSData": "data", "TDSError": "data", "write_training_data": "export", "MODELS": "forward",
            "ForwardModel": "forward", "simulate": "forward", "tds_model": "forward", "FitResult": "fitting",
-           "Optimizer": "fitting", "fit": "fitting", "ForceConstantModel": "model",
+           "Optimizer": "fitting", "fit": "fitting", "fit_series": "fitting", "SeriesResult": "fitting",
+           "ForceConstantModel": "model",
            "PhonopyForceConstants": "phonopy_source", "DenseSampler": "sampling", "QSpaceSampler": "sampling",
            "ForceConstantSource": "source", "StructureError": "structure"}
 
 __version__ = "0.1.0"
 __all__ = ["DenseSampler", "FitResult", "ForceConstantModel", "ForceConstantSource", "Optimizer", "PhonopyForceConstants",
-           "QSpaceSampler", "StructureError", "TDSData", "TDSError", "TDSFitted", "ForwardModel", "MODELS",
-           "ThermalCovariance", "UnstableError", "fit", "simulate", "tds_model", "write_training_data", "__version__"]
+           "QSpaceSampler", "SeriesResult", "StructureError", "TDSData", "TDSError", "TDSFitted", "ForwardModel",
+           "MODELS", "ThermalCovariance", "UnstableError", "fit", "fit_series", "simulate", "tds_model",
+           "write_training_data", "__version__"]
 
 
 def __getattr__(name: str):

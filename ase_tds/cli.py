@@ -71,8 +71,8 @@ def _run(args) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     """The argument parser, each command's `run` one of this module's functions."""
-    return build_parser({"demo": _run_demo, "fit": _run_fit, "simulate": _run_simulate, "export": _run_export,
-                         "plot": _run_plot})
+    return build_parser({"demo": _run_demo, "fit": _run_fit, "refine": _run_refine, "simulate": _run_simulate,
+                         "export": _run_export, "plot": _run_plot, "properties": _run_properties})
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -236,10 +236,23 @@ def _check_numbers(args) -> None:
         value = getattr(args, name, None)
         if value is not None and not 0 < value < np.inf:
             raise ValueError(f"--{name.replace('_', '-')} {value:g}: give a positive, finite number")
-    if getattr(args, "bragg_radius", 0) is not None and not 0 <= getattr(args, "bragg_radius", 0) < np.inf:
-        raise ValueError(f"--bragg-radius {args.bragg_radius:g}: give a radius ≥ 0 in r.l.u., e.g. 0.1")
+    if hasattr(args, "mask_bragg"):
+        _bragg_radius(args.mask_bragg)
     if hasattr(args, "accuracy"):
         _accuracy_options(args)
+
+
+def _bragg_radius(text: str) -> tuple[float, str]:
+    """(radius, units) of --mask-bragg: "0.1" or "0.1rlu" r.l.u., "0.05invA" Å⁻¹ (TDSData.mask_bragg's units)."""
+    suffix = next((units for units in ("rlu", "invA") if text.endswith(units)), "")
+    try:
+        radius = float(text[: len(text) - len(suffix)])
+    except ValueError:
+        radius = None
+    if radius is None or not 0 <= radius < np.inf:
+        raise ValueError(f"--mask-bragg {text}: give a radius ≥ 0 in r.l.u. (e.g. 0.1), or in Å⁻¹ with the suffix "
+                         "invA (e.g. 0.05invA); 0 masks nothing")
+    return radius, suffix or "rlu"
 
 
 def _run_demo(args) -> int:
@@ -320,6 +333,10 @@ def _fit_command(args) -> int:
     from .model import ForceConstantModel
     from .phonopy_source import PhonopyForceConstants
 
+    if args.more_data or args.series or args.smoothness is not None:  # a temperature series
+        from .cli_series import series_command
+
+        return series_command(args)
     _check_sampling_arguments(args, seed_is_sampling=True)
     shells, cutoff = _range_arguments(args)
     if shells is None and cutoff is None and (args.model == "sampling" or args.checkpoint):
@@ -340,7 +357,8 @@ def _fit_command(args) -> int:
     born = _born(args, fresh)
     if born is not None:
         fresh.set_born(born, fit=args.fit_born)
-    data = data.mask_bragg(args.bragg_radius, fresh.primitive.cell[:])
+    radius, units = _bragg_radius(args.mask_bragg)
+    data = data.mask_bragg(radius, structure=structure, units=units)
     if args.loss == "poisson":  # what fit() would refuse, before the (EMT) start
         if data.sigma is None:
             raise ValueError(f"--loss poisson needs the counts: {args.data} has no sigma, from which the exposure "
@@ -359,29 +377,32 @@ def _fit_command(args) -> int:
                    background=args.background, compton=args.compton, loss=args.loss, optimizer=optimizer,
                    prior_sigma=args.prior_sigma)
     if shells is None and cutoff is None:  # the range the data choose
+        options["tds_options"] = _accuracy_options(args)
         model, result = fit_range(structure, data, fit, start=args.start, born=born, fit_born=args.fit_born,
-                                  tds_options=_accuracy_options(args), **options)
+                                  explain_misfit=False, **options)
         start = None
     else:
         start = set_start(fresh, args.start, StartContext(data, temperature, args.statistics,
                                                           args.debye_temperature, say=print))
         model = copy.deepcopy(start).to(_device(args.device))
-        tds_options = {"sampler": _sampler(model, **sampling)} if args.model == "sampling" else _accuracy_options(args)
-        result = fit(model, data, checkpoint=checkpoint, tds_options=tds_options, **options)
-    return _report_fit(args, model.cpu(), result, data, start, reference)
+        options["tds_options"] = ({"sampler": _sampler(model, **sampling)} if args.model == "sampling" else
+                                  _accuracy_options(args))
+        result = fit(model, data, checkpoint=checkpoint, explain_misfit=False, **options)
+    return _report_fit(args, model, result, data, start, reference, options)
 
 
-def _report_fit(args, model, result, data, start, reference) -> int:
-    """Print and write the fit's result; its exit code (0, NOT_CONVERGED or NOT_TRUSTED)."""
+def _report_fit(args, model, result, data, start, reference, options: dict) -> int:
+    """Print and write the fit's result (a misfit's diagnosis after the folder is written, which it then updates);
+    its exit code (0, NOT_CONVERGED or NOT_TRUSTED)."""
     from . import distributed
+    from .fitting.fit import explain
 
     print(result.table())
-    try:
-        if distributed.is_main():
-            result.save(args.out, model, data, start=start, reference=reference)
-    finally:  # every rank waits for rank 0's files: an exit code 3 or 4 must not stop rank 0 mid-save
-        distributed.barrier()
-    print(f"wrote {args.out}/")
+    _save_fit(args, model, result, data, start, reference)
+    if not result.trusted and not result.undetermined:
+        explain(model, data, result, options, progress=distributed.is_main())
+        if result.missing_physics:
+            _save_fit(args, model, result, data, start, reference)
     if not result.trusted and result.undetermined:
         print("ase-tds: the data do not determine the force constants (some 1σ are not finite or absurdly large): "
               "they are not error bars; check --temperature, the |Q| range and the data's units", file=sys.stderr)
@@ -397,6 +418,18 @@ def _report_fit(args, model, result, data, start, reference) -> int:
               "says so. Resume with --checkpoint and a larger --max-iter, or check the start", file=sys.stderr)
         return NOT_CONVERGED
     return 0
+
+
+def _save_fit(args, model, result, data, start, reference) -> None:
+    """Write the fit folder (rank 0 under torchrun; every rank waits for it), the model left on its device."""
+    from . import distributed
+
+    try:
+        if distributed.is_main():
+            result.save(args.out, copy.deepcopy(model).cpu(), data, start=start, reference=reference)
+    finally:  # every rank waits for rank 0's files: an exit code 3 or 4 must not stop rank 0 mid-save
+        distributed.barrier()
+    print(f"wrote {args.out}/")
 
 
 def _range_arguments(args) -> tuple[int | None, float | None]:
@@ -440,6 +473,34 @@ def _checkpoint_path(args) -> Path | None:
     return checkpoint
 
 
+def _run_refine(args) -> int:
+    """The refine command: `ase_tds.refine.refine`, its table, the refined potential and the fit folder."""
+    from .data import TDSData
+    from .refine import load_potential, refine
+    from .structure import find_primitive
+
+    for name in ("energy_sigma", "weight_sigma"):
+        value = getattr(args, name)
+        if value is not None and not 0 < value < np.inf:
+            raise ValueError(f"--{name.replace('_', '-')} {value:g}: give a positive width")
+    if args.force_sigma is not None and not 0 <= args.force_sigma < np.inf:
+        raise ValueError(f"--force-sigma {args.force_sigma:g}: give a width ≥ 0 in eV/Å (0: forces not anchored)")
+    structure = _read_structure(args.structure)
+    data = TDSData.read(args.data, structure=structure, temperature=args.temperature)
+    data = data.mask_bragg(args.bragg_radius, find_primitive(structure)[0].cell[:])
+    potential = load_potential(args.potential)
+    layers = None if args.layers is None else ("all" if args.layers == ["all"] else args.layers)
+    result, model = refine(potential, structure, data, shells=args.shells, layers=layers,
+                           temperature=args.temperature, method=args.model, statistics=args.statistics,
+                           scale=args.scale, background=args.background, energy_sigma=args.energy_sigma,
+                           force_sigma=args.force_sigma, weight_sigma=args.weight_sigma, max_iter=args.max_iter,
+                           device=_device(args.device))
+    print(result.table())
+    saved = result.save(args.out, potential, model, data)
+    print(f"wrote {args.out}/ (the refined potential: {saved.name})")
+    return 0
+
+
 def _run_simulate(args) -> int:
     from .covariance import UnstableError
     from .forward import simulate
@@ -467,7 +528,8 @@ def _run_simulate(args) -> int:
                             f"{args.fc}`") from err
     data.write(args.out)
     error = ", σ = Monte-Carlo standard error" if args.model == "sampling" else ""
-    print(f"wrote {len(data)} points ({args.model}, {args.statistics}, {args.temperature:g} K{error}) to {args.out}")
+    route = data.provenance["model"]["method"]  # "fft" where the hkl lie on a regular grid
+    print(f"wrote {len(data)} points ({route}, {args.statistics}, {args.temperature:g} K{error}) to {args.out}")
     return 0
 
 
@@ -528,14 +590,65 @@ def _read_hkl(path: Path, structure) -> np.ndarray:
 
 def _run_export(args) -> int:
     from .export import write_training_data
+    from .properties import read_fit_folder
 
+    covariance = read_fit_folder(args.source).covariance if args.ensemble else None
     path = write_training_data(args.source, args.out, args.supercell, args.temperature, args.samples,
                                statistics=args.statistics, seed=args.seed, energy_key=args.energy_key,
                                forces_key=args.forces_key, also_plain=not args.no_plain,
-                               device=_device(args.device))
+                               device=_device(args.device), covariance=covariance)
+    drawn = ", each with θ drawn from the fit's N(θ̂, Σ)" if args.ensemble else ""
     print(f"wrote {args.samples} configurations of the {'×'.join(map(str, args.supercell))} supercell at "
-          f"{args.temperature:g} K ({args.statistics}) to {path}")
+          f"{args.temperature:g} K ({args.statistics}){drawn} to {path}")
     return 0
+
+
+def _run_properties(args) -> int:
+    from .properties import sigma_text, write_properties
+
+    mesh = args.mesh if args.mesh == "auto" else _positive_int("--mesh", args.mesh, "auto or e.g. --mesh 32")
+    props = write_properties(args.fitdir, _temperatures(args.temperatures), mesh=mesh, ensemble=args.ensemble,
+                             seed=args.seed, device=_device(args.device))
+    values, sigma = props.values, props.sigma
+    how = f"{props.ensemble['stable']}-member ensemble" if props.ensemble else "linear propagation"
+    print(f"phonon properties ±1σ ({how}); thermal properties on the {'×'.join(map(str, props.mesh['mesh']))} mesh")
+    for symbol, u, e in zip(props.symbols, values["adp_iso"], sigma["adp_iso"]):
+        print(f"U_iso({symbol}) at {props.adp_temperature:g} K: {sigma_text(u, e)} Å²")
+    for t in (300.0, float(props.temperatures[-1])):
+        i = int(np.argmin(np.abs(props.temperatures - t)))
+        print(f"C_v({props.temperatures[i]:g} K) = {sigma_text(values['heat_capacity'][i], sigma['heat_capacity'][i])} "
+              "J/K/mol")
+    if props.agreement:
+        worst = {k: v for k, v in props.agreement.items() if k != "dos"}
+        print("linear and ensemble 1σ differ by at most " + ", ".join(f"{k} {100 * v:.1f} %"
+                                                                     for k, v in worst.items()))
+    print(f"wrote {Path(args.fitdir) / 'properties.json'} and properties.png")
+    return 0
+
+
+def _temperatures(text: str) -> np.ndarray:
+    """The K of --temperatures: START:STOP:STEP (STOP included) or a comma-separated list."""
+    example = "give START:STOP:STEP in K (e.g. 10:1000:10) or a comma-separated list (e.g. 100,300)"
+    try:
+        if ":" in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if not step > 0 or stop < start:
+                raise ValueError
+            return np.arange(start, stop + step / 2, step)
+        return np.array([float(x) for x in text.split(",")])
+    except ValueError:
+        raise ValueError(f"--temperatures {text}: {example}") from None
+
+
+def _positive_int(option: str, text: str, example: str) -> int:
+    """The positive integer of `option`, or a one-line error with `example`."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{option} {text}: give {example}")
+    return value
 
 
 def _run_plot(args) -> int:
@@ -544,16 +657,22 @@ def _run_plot(args) -> int:
     from .model import ForceConstantModel
     from .phonopy_source import PhonopyForceConstants
     from .atomic import write_files
+    from .maps import best_planes, draw_plane_maps, parse_plane
     from .plot import plot_dispersion, plot_identifiability
     from .report import draw_tds_fit
 
+    first = Path(args.sources[0])
+    fit_folder = first.is_dir() and (first / "fit.json").is_file() and (first / "data.h5").is_file()
+    planes = [parse_plane(text, "--plane") for text in args.plane or []]
+    if planes and not fit_folder:
+        raise ValueError(f"--plane maps a fit's data and model: give the folder `ase-tds fit` wrote (fit.json, "
+                         f"data.h5) as the first SOURCE, not {first}")
     labels = args.label or args.sources
     if len(labels) != len(args.sources):
         raise ValueError(f"{len(labels)} --label for {len(args.sources)} SOURCE; give one per SOURCE, in order "
                          f"(--label {' '.join(f'NAME{i + 1}' for i in range(len(args.sources)))}), or none")
     if len(set(labels)) < len(labels):
         raise ValueError(f"the legend names {labels} repeat; give each SOURCE its own --label")
-    first = Path(args.sources[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else Path("."))
     device = _device(args.device)
     models = {label: PhonopyForceConstants(source).to(device) for label, source in zip(labels, args.sources)}
@@ -561,7 +680,7 @@ def _run_plot(args) -> int:
         _check_same_lattice(models[labels[0]].unitcell, args.sources[0], model, source)
     covariance = None
     drawings = {"dispersion.png": lambda path: plot_dispersion(models, path, covariance=covariance)}
-    if first.is_dir() and (first / "fit.json").is_file() and (first / "data.h5").is_file():
+    if fit_folder:
         fitted = models[labels[0]]
         result = FitResult.from_dict(json.loads((first / "fit.json").read_text()),
                                      symbols=fitted.primitive.get_chemical_symbols())
@@ -574,6 +693,11 @@ def _run_plot(args) -> int:
         drawings["tds_fit.png"] = lambda path: draw_tds_fit(fitted, result, data, path)
         if result.combinations:
             drawings["identifiability.png"] = lambda path: plot_identifiability(result.combinations, path)
+        for plane in planes:
+            drawings[f"tds_plane_{plane.label.replace(' ', '_')}.png"] = \
+                lambda path, plane=plane: draw_plane_maps(fitted, result, data, path, [plane])
+        if not planes and best_planes(data.hkl[data.mask]):
+            drawings["tds_maps.png"] = lambda path: draw_plane_maps(fitted, result, data, path)
     out.mkdir(parents=True, exist_ok=True)
     write_files(out, drawings)  # all drawn, or none written
     for name in drawings:

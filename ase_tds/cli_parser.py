@@ -16,7 +16,8 @@ def build_parser(runs: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ase-tds", description="Fit force constants to X-ray thermal diffuse scattering.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(title="commands")
-    for add in (_add_demo_parser, _add_fit_parser, _add_simulate_parser, _add_export_parser, _add_plot_parser):
+    for add in (_add_demo_parser, _add_fit_parser, _add_refine_parser, _add_simulate_parser, _add_export_parser,
+                _add_plot_parser, _add_properties_parser):
         command = add(sub, runs)
         # --debug after the subcommand too; SUPPRESS keeps the main parser's value where it is not given here
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
@@ -48,6 +49,9 @@ def _add_fit_parser(sub, runs) -> argparse.ArgumentParser:
                                      "input; 130: interrupted.")
     fit.add_argument("structure", help="structure file (any format ase.io.read reads) that the data's hkl index")
     fit.add_argument("data", help="HDF5 point list, NeXus NXdata volume or .npz")
+    fit.add_argument("more_data", nargs="*", metavar="MORE_DATA",
+                     help="further data files, each at its own temperature (read from the file): all the files are "
+                          "fitted jointly as a temperature series (--series)")
     fit.add_argument("--out", required=True, help="output folder")
     _add_overwrite_argument(fit, "folder")
     group = fit.add_mutually_exclusive_group()
@@ -66,6 +70,7 @@ def _add_fit_parser(sub, runs) -> argparse.ArgumentParser:
                           "sampling (Monte Carlo on a periodic supercell, fitted by Adam unless --optimizer lbfgs; "
                           "see --samples) (default: %(default)s)")
     _add_fit_options(fit)
+    _add_fit_series(fit)
     _add_fit_start(fit)
     _add_fit_run(fit)
     _add_device_argument(fit)
@@ -101,6 +106,19 @@ def _add_fit_options(fit) -> None:
                           "need intensities ≥ 0 and σ = √n/t (default: %(default)s)")
 
 
+def _add_fit_series(fit) -> None:
+    """A temperature series (several data files): --series, --smoothness."""
+    from .fitting.series import SERIES, SMOOTHNESS
+
+    fit.add_argument("--series", choices=list(SERIES),
+                     help="several data files: linear (force constants θ(T) = θ₀ + (T − T₀)·θ′, T₀ the mean "
+                          "temperature) or independent (one θ per temperature, tied by --smoothness) (default: linear)")
+    fit.add_argument("--smoothness", type=float, metavar="EV_PER_A2_PER_K",
+                     help=f"--series independent: the width of the prior on the slope (θ_(i+1) − θ_i)/ΔT between "
+                          f"neighbouring temperatures, in eV/Å² per K; smaller ties them closer (default: "
+                          f"{SMOOTHNESS:g})")
+
+
 def _add_fit_start(fit) -> None:
     """Where the fit starts from and what holds it there: --checkpoint, --start, --debye-temperature, --prior-sigma."""
     fit.add_argument("--checkpoint", metavar="FILE",
@@ -122,20 +140,63 @@ def _add_fit_start(fit) -> None:
 
 
 def _add_fit_run(fit) -> None:
-    """Which points and how long: --bin, --reference, --bragg-radius, --max-iter, --first-fit-points."""
+    """Which points and how long: --bin, --reference, --mask-bragg, --max-iter, --first-fit-points."""
     fit.add_argument("--bin", type=int, default=1, metavar="K",
                      help="NeXus volumes: average K×K×K voxels into one point (σ propagated), for a look at the data: "
                           "the model is evaluated at the block's mean hkl, which near Bragg peaks is far from the "
                           "block's mean intensity, so a binned fit is biased (default: %(default)s, every measured "
                           "voxel)")
     fit.add_argument("--reference", help="phonopy file drawn (as it is) in dispersion.png for comparison")
-    fit.add_argument("--bragg-radius", type=float, default=0.1,
-                     help="r.l.u. masked around Bragg peaks (default: %(default)s)")
+    fit.add_argument("--mask-bragg", "--bragg-radius", default="0.1", metavar="R",
+                     help="mask the points within R of the structure's allowed Bragg reflections (nonzero structure "
+                          "factor) and those on any reciprocal-lattice vector: R in r.l.u. (0.1), or in Å⁻¹ with the "
+                          "suffix invA (0.05invA); 0 masks nothing (default: %(default)s)")
     fit.add_argument("--max-iter", type=int, default=200, help="iterations of the optimiser (default: %(default)s)")
     fit.add_argument("--first-fit-points", type=int, default=100_000, metavar="N",
                      help="data of more than 2N points are first fitted on a random subset of N, then on all of "
                           "them from there (the result is the fit of all the points); 0: all points from the start "
                           "(default: %(default)s)")
+
+
+def _add_refine_parser(sub, runs) -> argparse.ArgumentParser:
+    from .forward import MODELS
+
+    refine = sub.add_parser("refine", help="refine a machine-learned potential's own weights against TDS data",
+                            description="Refine a machine-learned potential's own weights (by default its readout "
+                                        "layers) so that its force constants fit TDS data, anchored to its pretrained "
+                                        "energies and forces (docs/refine.md). Writes the refined potential in its "
+                                        "own format and the fit folder. Exit code 0: done; 2: bad input; 130: "
+                                        "interrupted.")
+    refine.add_argument("structure", help="structure file (any format ase.io.read reads) that the data's hkl index")
+    refine.add_argument("data", help="HDF5 point list, NeXus NXdata volume or .npz")
+    refine.add_argument("--potential", required=True,
+                        help="chgnet | sevenn (pretrained; chgnet:FILE, sevenn:FILE a saved one) | module:Class (an "
+                             "importable torch.nn.Module built with no arguments, forward(positions, atoms) → eV)")
+    refine.add_argument("--out", required=True, help="output folder")
+    _add_overwrite_argument(refine, "folder")
+    refine.add_argument("--layers", nargs="+", metavar="PREFIX",
+                        help="name prefixes of the weights refined, or all (default: the potential's readout)")
+    refine.add_argument("--shells", type=int, default=5, help="neighbour shells of the force constants fitted "
+                                                              "(default: %(default)s)")
+    refine.add_argument("--temperature", type=float, help="K (overrides the file's)")
+    refine.add_argument("--model", default="gaussian", choices=list(MODELS), help="forward model (default: %(default)s)")
+    _add_statistics_argument(refine)
+    refine.add_argument("--scale", choices=["free", "fixed"],
+                        help="intensity scale (default: fixed for data in e.u./atom, else free)")
+    refine.add_argument("--background", default="free", choices=["free", "none"],
+                        help="a constant background (default: %(default)s)")
+    refine.add_argument("--bragg-radius", type=float, default=0.1,
+                        help="r.l.u. masked around Bragg peaks (default: %(default)s)")
+    refine.add_argument("--energy-sigma", type=float, metavar="EV_PER_ATOM",
+                        help="anchor: tolerance of the reference energies, eV/atom (default: 0.002)")
+    refine.add_argument("--force-sigma", type=float, metavar="EV_PER_A",
+                        help="anchor: tolerance of the reference forces, eV/Å; 0: forces not anchored (default: 0.1)")
+    refine.add_argument("--weight-sigma", type=float,
+                        help="an L2 pull of the refined weights to the pretrained ones, of this width (default: none)")
+    refine.add_argument("--max-iter", type=int, default=50, help="L-BFGS iterations (default: %(default)s)")
+    _add_device_argument(refine)
+    refine.set_defaults(run=runs["refine"], out_kind="folder")
+    return refine
 
 
 def _add_simulate_parser(sub, runs) -> argparse.ArgumentParser:
@@ -182,6 +243,10 @@ def _add_export_parser(sub, runs) -> argparse.ArgumentParser:
     export.add_argument("--energy-key", default="REF_energy", help="info key of the energy (default: %(default)s)")
     export.add_argument("--forces-key", default="REF_forces", help="array key of the forces (default: %(default)s)")
     export.add_argument("--no-plain", action="store_true", help="do not also write plain energy/forces")
+    export.add_argument("--ensemble", action="store_true",
+                        help="draw each configuration's force constants θ from N(θ̂, Σ) of the fit (SOURCE must be a "
+                             "fit folder), recorded in the frame's info['theta'] (eV/Å², in fit.json's order), so "
+                             "that the training data carry the fit's uncertainty")
     _add_device_argument(export)
     export.set_defaults(run=runs["export"], out_kind="file")
     return export
@@ -192,7 +257,9 @@ def _add_plot_parser(sub, runs) -> argparse.ArgumentParser:
                           description="Draw the phonon dispersions of one or more force-constant sources (as they are) "
                                       "on the standard path of the first, into OUT/dispersion.png; when the first is an "
                                       "`ase-tds fit`/`demo` folder, also redraw OUT/tds_fit.png and OUT/identifiability.png from its data.h5 "
-                                      "and fit.json, and shade the fit's ±1σ band of frequencies.")
+                                      "and fit.json, shade the fit's ±1σ band of frequencies, and map data, model and "
+                                      "(data − model)/σ in reciprocal-space planes: OUT/tds_maps.png (the data's "
+                                      "best-populated planes) or, with --plane, OUT/tds_plane_<plane>.png.")
     plot.add_argument("sources", nargs="+", metavar="SOURCE",
                       help="output folder of `ase-tds fit`/`demo`, or a phonopy.load-able file")
     plot.add_argument("--label", nargs="+", action="extend",
@@ -200,9 +267,39 @@ def _add_plot_parser(sub, runs) -> argparse.ArgumentParser:
                            "(default: the SOURCE as typed)")
     plot.add_argument("--out", help="output folder, made if missing (default: the first SOURCE if a folder, else "
                                     "the current folder)")
+    plot.add_argument("--plane", action="append", metavar="'h k 0.5'",
+                      help="a plane of the fit folder's data to map (data, model, (data − model)/σ) into "
+                           "OUT/tds_plane_h_k_0.5.png: two free letters and one number in their places, e.g. "
+                           "'h k 0.5', 'h 0 l' or '0.5 k l'; the voxels of the nearest layer of a volume, or the "
+                           "points within 0.05 r.l.u. of a point list; repeat for more planes (default: the data's "
+                           "best-populated planes, into OUT/tds_maps.png)")
     _add_device_argument(plot)
     plot.set_defaults(run=runs["plot"], out_kind="folder", overwrite=True)  # plot redraws its pictures, by design
     return plot
+
+
+def _add_properties_parser(sub, runs) -> argparse.ArgumentParser:
+    props = sub.add_parser("properties", help="phonon DOS, heat capacity, entropy, free energy and ADPs with 1σ",
+                           description="Phonon properties of a fit with their 1σ from θ ~ N(θ̂, Σ): phonopy's DOS, "
+                                       "C_v(T), S(T) and F(T) of the fitted force constants, and the atomic "
+                                       "displacement parameters U_ij at the fit's temperature; written into FITDIR as "
+                                       "properties.json and properties.png. The q meshes are doubled until the values "
+                                       "change by less than 1e-3.")
+    props.add_argument("fitdir", metavar="FITDIR", help="output folder of `ase-tds fit`/`demo` (fit.json and "
+                                                        "phonopy_params.yaml)")
+    props.add_argument("--temperatures", default="10:1000:10", metavar="START:STOP:STEP",
+                       help="K of the thermal properties: START:STOP:STEP (STOP included) or a comma-separated list "
+                            "(default: %(default)s)")
+    props.add_argument("--ensemble", type=int, default=0, metavar="N",
+                       help="also propagate by N members drawn from N(θ̂, Σ), e.g. 1000, and compare with the linear "
+                            "propagation (default: linear only)")
+    props.add_argument("--mesh", default="auto",
+                       help="auto (converged to 1e-3) or q points along the longest reciprocal axis (default: "
+                            "%(default)s)")
+    props.add_argument("--seed", type=int, default=0, help="seed of the ensemble (default: %(default)s)")
+    _add_device_argument(props)
+    props.set_defaults(run=runs["properties"], out=None)  # written into FITDIR, its own outputs replaced
+    return props
 
 
 def _add_device_argument(parser) -> None:

@@ -166,3 +166,42 @@ def _save(fig: Figure, path) -> None:
     """
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def plot_properties(props, path, title: str = "phonon properties ±1σ") -> None:
+    """The phonon DOS, C_v(T), S(T) and F(T) of `props` (`ase_tds.properties.PhononProperties`), each with its ±1σ
+    band (the ensemble's where there is one, else the linear one), the classical limit 3nR drawn with C_v and the
+    ADPs U_iso ± 1σ in the title; the 1σ itself is drawn dashed on each panel's right axis. Written as an image to
+    `path`.
+
+    Args:
+        props (PhononProperties): values and 1σ at θ̂.
+        path (str | Path): the image file; its suffix sets the format (.png, .svg, .pdf, ...).
+        title: the figure's title, before the ADPs.
+    """
+    from .properties import GAS_CONSTANT, sigma_text
+
+    values, sigma, t = props.values, props.sigma, props.temperatures
+    fig = Figure(figsize=(10, 7.5))
+    axes = fig.subplots(2, 2)
+    panels = ((axes[0, 0], "dos", props.frequency_points, "frequency (THz)", "DOS (states/THz per primitive cell)"),
+              (axes[0, 1], "heat_capacity", t, "T (K)", "C_v (J/K/mol)"),
+              (axes[1, 0], "entropy", t, "T (K)", "S (J/K/mol)"),
+              (axes[1, 1], "free_energy", t, "T (K)", "F (kJ/mol)"))
+    for ax, name, x, xlabel, ylabel in panels:
+        ax.fill_between(x, values[name] - sigma[name], values[name] + sigma[name], color="C0", alpha=0.35, lw=0,
+                        label="±1σ")
+        ax.plot(x, values[name], color="C0", lw=1.2, label="fit")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        right = ax.twinx()  # the 1σ itself: a band of a well-determined fit is thinner than the line
+        right.plot(x, sigma[name], color="C3", ls="--", lw=0.9)
+        right.set_ylabel("1σ (dashed, same unit)", color="C3")
+        right.tick_params(axis="y", colors="C3")
+    axes[0, 1].axhline(3 * props.n_atoms * GAS_CONSTANT, color="k", ls="--", lw=0.8, label="3nR (classical)")
+    axes[0, 1].legend(loc="lower right", fontsize=8)
+    how = f"{props.ensemble['stable']}-member ensemble" if props.ensemble else "linear propagation"
+    adps = ", ".join(f"{s}: {sigma_text(u, e)} Å²" for s, u, e in zip(props.symbols, values["adp_iso"],
+                                                                       sigma["adp_iso"]))
+    fig.suptitle(f"{title} ({how})\nU_iso at {props.adp_temperature:g} K ({props.statistics}): {adps}", fontsize=10)
+    _save(fig, path)

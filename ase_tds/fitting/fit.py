@@ -43,7 +43,10 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
     Args:
         model (ForceConstantModel): the model to fit; its θ is the start (unless `start` names another) and holds
             the fitted values afterwards.
-        data: the TDSData; its mask selects the points used.
+        data (TDSData | Sequence[TDSData]): the TDSData; its mask selects the points used. A list of them at
+            different temperatures is a temperature series, fitted jointly by `fitting.series.fit_series` (the
+            linear series; its result a `SeriesResult`; temperature, prior_sigma, checkpoint and explain_misfit are
+            single-file options).
         temperature: K; None = the data's own temperature (`TDSData.temperature`).
         method: the forward model, "gaussian" (all orders, converged by default) | "one-phonon" | "sampling".
         statistics: "quantum" | "classical".
@@ -85,15 +88,27 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
 
     Returns:
         FitResult: θ, 1σ (Gauss–Newton sandwich, the model's own error and misfit included), correlations, what
-        the data determine, χ² and the settings; `model.theta` holds the fitted values.
+        the data determine, χ² and the settings; `model.theta` holds the fitted values (a SeriesResult for a list of
+        data).
 
     Raises:
         UnstableError: the start is dynamically unstable.
         ValueError: an unknown option, too few points for the parameters, a checkpoint of another fit, or data
             that cannot take the options (e.g. scale="fixed" on data in arbitrary units).
     """
+    if isinstance(data, (list, tuple)):  # several files at their own temperatures: a temperature series
+        from .series import fit_series
+
+        single = [name for name, value in (("temperature", temperature), ("prior_sigma", prior_sigma),
+                                           ("checkpoint", checkpoint)) if value is not None]
+        if single:
+            raise ValueError(f"{', '.join(single)}: not for a temperature series (each file is fitted at its own "
+                             "temperature); fit one file at a time for that, or leave it out")
+        return fit_series(model, data, method=method, statistics=statistics, scale=scale, background=background,
+                          compton=compton, loss=loss, exposure=exposure, optimizer=optimizer, tds_options=tds_options,
+                          progress=progress, start=start)
     optimizer = Optimizer.of(optimizer).for_method(method)
-    scale = _checked_options(model, data, method, scale, loss, prior_sigma, tds_options)
+    scale = checked_options(model, data, method, scale, loss, prior_sigma, tds_options)
     temperature = data.require_temperature(temperature)
     progress = progress and distributed.is_main()
     if start is not None:
@@ -102,10 +117,13 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
     original = model.theta.detach().cpu().numpy().copy()
     options = dict(tds_options or {})
     options.setdefault("q_max", float(data.q_norm[np.asarray(data.mask, dtype=bool)].max()))
+    options.setdefault("voxels", data.q[np.asarray(data.mask, dtype=bool)])  # on a regular grid: the fft route
     try:  # the gaussian model chooses its grid at the start θ
         tds = tds_model(model, temperature, method=method, statistics=statistics, **options)
     except UnstableError as err:
         raise unstable_start(model, original, original, err, "") from err
+    if progress and tds.name != method:
+        tqdm.write(f"forward model: {tds.settings()['route']}")
     settings = _settings(tds, data, scale, background, compton, loss, optimizer, prior_sigma)
     saver = Checkpoint(checkpoint, model.labels, settings) if checkpoint is not None else None
     state = saver.load(optimizer.strategy.State) if saver is not None else None
@@ -128,28 +146,46 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
     settings = dict(settings, first_fit=first) if first else settings  # for the record, not the checkpoint
     with fixed_noise(tds):
         result = fitted_result(objective, state.theta, state.iterations, state.history, status, settings, compton)
-    if explain_misfit and not result.trusted and not tds.monte_carlo:
-        _explain(model, data, result, dict(temperature=temperature, method=method, statistics=statistics, scale=scale,
-                                           background=background, compton=compton, loss=loss, exposure=exposure,
-                                           optimizer=optimizer, tds_options=tds_options), progress)
+    if explain_misfit:
+        explain(model, data, result, dict(temperature=temperature, method=method, statistics=statistics, scale=scale,
+                                          background=background, compton=compton, loss=loss, exposure=exposure,
+                                          optimizer=optimizer, tds_options=tds_options), progress)
     return result
 
 
-def _explain(model, data: TDSData, result: FitResult, options: dict, progress: bool) -> None:
-    """Name what the misfitting model most likely lacks (`missing.diagnose`), into the result and a warning."""
+def explain(model, data: TDSData, result: FitResult, options: dict, progress: bool = True) -> None:
+    """Where the fitted model misses the data (`result.trusted` False) and is deterministic, name what it most likely
+    lacks (`missing.diagnose`): into `result.missing_physics`, its warnings and a Python warning. Nothing otherwise.
+
+    Args:
+        model (ForceConstantModel): the fitted model (its θ is left as fitted).
+        data: the data fitted.
+        result: the fit's result (updated in place).
+        options: the fit's keyword arguments (temperature, method, statistics, scale, background, compton, loss,
+            exposure, optimizer, tds_options).
+        progress: say what is being done.
+    """
+    if result.trusted or model_class(options.get("method", "gaussian")).monte_carlo:
+        return
     if progress:
         tqdm.write("the model misses the data: refitting it with more range and with dipole forces to see which helps")
     theta = model.theta.detach().clone()
-    result.missing_physics = missing.diagnose(model, data, result, fit, options)
+    result.missing_physics = missing.diagnose(model, data, result, options)
     set_theta(model, theta)
     text = missing.note(result.missing_physics)
     result.warnings.append(text)
     warnings.warn(text, stacklevel=3)
 
 
-def _checked_options(model, data: TDSData, method: str, scale, loss: str, prior_sigma, tds_options) -> str:
+def checked_options(model, data: TDSData, method: str, scale, loss: str, prior_sigma, tds_options) -> str:
     """Refuse options the fit cannot take, before any work; returns the scale ("fixed" for absolute data when
-    None)."""
+    None). Public: `fit`, `fit_series` and `refine.refine` check their options with it.
+
+    Raises:
+        TypeError: data that are not a TDSData.
+        ValueError: no used point, used points on Bragg peaks, an unknown loss or scale, a bad prior_sigma, a fixed
+            scale on relative data, a cell that differs from the model's, an unseeded sampler under torchrun.
+    """
     if not isinstance(data, TDSData):
         raise TypeError(f"data must be a TDSData (e.g. TDSData.read(path)), got {type(data).__name__}")
     used = np.asarray(data.mask, dtype=bool)
