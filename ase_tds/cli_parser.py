@@ -185,8 +185,9 @@ def _add_refine_parser(sub, runs) -> argparse.ArgumentParser:
                         help="intensity scale (default: fixed for data in e.u./atom, else free)")
     refine.add_argument("--background", default="free", choices=["free", "none"],
                         help="a constant background (default: %(default)s)")
-    refine.add_argument("--bragg-radius", type=float, default=0.1,
-                        help="r.l.u. masked around Bragg peaks (default: %(default)s)")
+    refine.add_argument("--mask-bragg", "--bragg-radius", default="0.1", metavar="R",
+                        help="as fit's: mask the points within R of the allowed Bragg reflections, R in r.l.u. or "
+                             "with the suffix invA in Å⁻¹ (default: %(default)s)")
     refine.add_argument("--energy-sigma", type=float, metavar="EV_PER_ATOM",
                         help="anchor: tolerance of the reference energies, eV/atom (default: 0.002)")
     refine.add_argument("--force-sigma", type=float, metavar="EV_PER_A",

@@ -21,6 +21,17 @@ SAVED_KEYS = ("parameters", "correlation", "scale", "background", "compton", "ch
               "trusted", "missing_physics")
 
 
+def versions() -> dict:
+    """The versions of ase_tds and what it computes with, for a record (fit.json)."""
+    import ase
+    import phonopy
+
+    from .. import __version__
+
+    return {"ase_tds": __version__, "torch": torch.__version__, "ase": ase.__version__, "phonopy": phonopy.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
 @dataclass
 class FitResult:
     """Fitted θ with labels, 1σ (Gauss–Newton), correlation, χ² and the settings used; `save` writes them all.
@@ -175,11 +186,6 @@ class FitResult:
 
     def to_dict(self) -> dict:
         """What fit.json holds: parameters (label, value, 1σ, unit), correlation, nuisances, χ², settings, versions."""
-        import ase
-        import phonopy
-
-        from .. import __version__
-
         return {
             "parameters": [{"label": k, "value": float(v), "sigma": float(s), "unit": unit_of(k)}
                            for k, v, s in zip(self.labels, self.theta, self.sigma)],
@@ -191,8 +197,7 @@ class FitResult:
             "combinations": self.combinations,
             "warnings": self.warnings,
             "trusted": self.trusted, "missing_physics": self.missing_physics,
-            "versions": {"ase_tds": __version__, "torch": torch.__version__, "ase": ase.__version__,
-                         "phonopy": phonopy.__version__, "numpy": np.__version__, "python": platform.python_version()},
+            "versions": versions(),
         }
 
     def write_json(self, path) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..atomic import write_atomic
 from ..born import unit_of
+from .result import versions
 
 
 def series_labels(labels, series: str, temperatures) -> list[str]:
@@ -159,12 +159,6 @@ class SeriesResult:
         """What fit.json holds: the series, T₀, the joint parameters (label, value, 1σ, unit) and their correlation,
         one record per temperature (θ with 1σ, its phonopy file, χ², nuisance values, settings), χ², settings,
         versions."""
-        import ase
-        import phonopy
-        import torch
-
-        from .. import __version__
-
         return {
             "series": self.series, "reference_temperature": self.reference_temperature,
             "temperatures": self.temperatures.tolist(), "smoothness": self.smoothness,
@@ -176,8 +170,7 @@ class SeriesResult:
                                 for record in self.files],
             "chi2": self.chi2, "chi2_red": self.chi2_red, "n_points": self.n_points, "iterations": self.iterations,
             "status": self.status, "settings": self.settings, "warnings": self.warnings, "trusted": self.trusted,
-            "versions": {"ase_tds": __version__, "torch": torch.__version__, "ase": ase.__version__,
-                         "phonopy": phonopy.__version__, "numpy": np.__version__, "python": platform.python_version()},
+            "versions": versions(),
         }
 
     def write_json(self, path) -> None:
