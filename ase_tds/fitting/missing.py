@@ -75,8 +75,8 @@ def diagnose(model, data, result, options: dict) -> dict:
         model (ForceConstantModel): the fitted model (left unchanged).
         data (TDSData): the data fitted.
         result (FitResult): its result (its settings give the forward model).
-        options: the fit's keyword arguments (temperature, method, statistics, scale, background, compton, loss,
-            exposure, tds_options).
+        options: the fit's keyword arguments (scale, background, compton, loss, exposure; form_factors and chunk of
+            tds_options).
 
     Returns:
         dict: "extensions" (name, added_parameters, chi2_drop, threshold, significant per extension), "likely"
@@ -85,10 +85,7 @@ def diagnose(model, data, result, options: dict) -> dict:
     used = np.nonzero(np.asarray(data.mask, dtype=bool))[0]
     pick = used[np.random.default_rng(0).permutation(len(used))[:SUBSET]]
     subset = data.select(np.sort(pick))
-    tds_options = dict(options.get("tds_options") or {})
-    if "grid" in result.settings:  # the fit's crystal: no new choice of grid per refit
-        tds_options["grid"] = tuple(result.settings["grid"])
-    refit = lambda m: _refit_chi2(m, subset, dict(options, tds_options=tds_options))
+    refit = lambda m: _refit_chi2(m, subset, result.settings, options)
     try:
         chi2_base = refit(copy.deepcopy(model))
     except UnstableError:
@@ -112,14 +109,15 @@ def diagnose(model, data, result, options: dict) -> dict:
                 subset=len(pick), iterations=ITERATIONS)
 
 
-def _refit_chi2(model, data, options: dict) -> float:
-    """The fit's loss of `model` on `data` after at most ITERATIONS L-BFGS iterations from its θ."""
-    from ..forward import tds_model
+def _refit_chi2(model, data, settings: dict, options: dict) -> float:
+    """The fit's loss of `model` on `data` after at most ITERATIONS L-BFGS iterations from its θ, with the fit's own
+    forward model (`settings`: its method and crystal, no new choice of grid)."""
+    from ..forward import from_settings
     from .objective import Objective
     from .optimizers import Optimizer, minimise
 
-    tds = tds_model(model, options["temperature"], method=options.get("method", "gaussian"),
-                    statistics=options.get("statistics", "quantum"), **options["tds_options"])
+    own = {k: v for k, v in (options.get("tds_options") or {}).items() if k in ("form_factors", "chunk")}
+    tds = from_settings(model, settings, **own)
     objective = Objective(tds, data, options.get("scale") or ("fixed" if data.absolute else "free"),
                           options.get("background", "free"), options.get("loss", "chi2"),
                           options.get("compton", False), options.get("exposure"))
