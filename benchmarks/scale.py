@@ -24,7 +24,10 @@ comes from its own subprocess, so that its peak resident memory (ru_maxrss) is i
   MgB₂ (hexagonal cell, pairs to 4.8 Å), hkl from (−2.5, −2.5, −1.25) in steps (0.05, 0.05, 0.025). Bragg
   neighbourhoods (0.1 r.l.u.) masked.
 
-    python benchmarks/scale.py [--quick] [--parts throughput,volume,fft] [--fft-side 100]
+  Each crystal's record reaches results/scale.json as soon as it is measured (a failed run is recorded with its
+  error; `--fft-crystals` runs some of them, keeping the others' earlier records), with the load average.
+
+    python benchmarks/scale.py [--quick] [--parts throughput,volume,fft] [--fft-side 100] [--fft-crystals Ni,MgB2]
 """
 
 from __future__ import annotations
@@ -222,20 +225,29 @@ def fft_worker(name: str, side: int, route: str) -> None:
                       "model_seconds": built, "seconds": seconds,
                       "seconds_all_voxels": seconds * (len(q) / objective.n_total),
                       "peak_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                      "threads": torch.get_num_threads()}, default=str))
+                      "threads": torch.get_num_threads(), "load_average": os.getloadavg()}, default=str))
 
 
-def fft_versus_per_point(side: int) -> list:
-    """Each crystal's volume by both routes, each in its own process; the ratio of their times for every voxel."""
+def fft_versus_per_point(side: int, crystals=("Ni", "MgB2"), save=None) -> list:
+    """Each crystal's volume by both routes, each in its own process; the ratio of their times for every voxel.
+    `save(out)` after each crystal (the records so far reach the JSON even if a later one fails); a failed run is
+    recorded with its error."""
     out = []
-    for name in ("Ni", "MgB2"):
+    for name in crystals:
         runs = {}
         for route in ("fft", "per-point"):
             command = [sys.executable, str(Path(__file__).resolve()), "--fft-worker", name, str(side), route]
             done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
             if done.returncode:
-                raise RuntimeError(done.stderr[-3000:])
+                runs[route] = {"error": done.stderr[-3000:]}
+                print(f"  {name} {route}: failed\n{done.stderr[-3000:]}", flush=True)
+                break
             runs[route] = json.loads(done.stdout.strip().splitlines()[-1])
+        if any("error" in r for r in runs.values()):
+            out.append({"crystal": name, "voxels": side**3, **runs})
+            if save:
+                save(out)
+            continue
         ratio = runs["per-point"]["seconds_all_voxels"] / runs["fft"]["seconds_all_voxels"]
         out.append({"crystal": name, "voxels": runs["fft"]["voxels"], "fft": runs["fft"],
                     "per_point": runs["per-point"], "per_point_over_fft": ratio})
@@ -243,6 +255,8 @@ def fft_versus_per_point(side: int) -> list:
               f"{runs['fft']['grid']} (peak {runs['fft']['peak_GiB']:.2f} GiB), per-point "
               f"{runs['per-point']['seconds_all_voxels']:.0f} s scaled from {runs['per-point']['timed_points']} voxels "
               f"(peak {runs['per-point']['peak_GiB']:.2f} GiB): ratio {ratio:.0f}", flush=True)
+        if save:
+            save(out)
     return out
 
 
@@ -251,7 +265,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--parts", default="throughput,volume,fft")
     parser.add_argument("--fft-side", type=int, default=None, help="voxels per edge of the fft part's volumes "
-                        "(default 100: 10⁶ voxels; --quick 40)")
+                        "(default 100: 10⁶ voxels; --quick 60, the smallest Ni volume that takes the fft route)")
+    parser.add_argument("--fft-crystals", default="Ni,MgB2", help="the fft part's crystals (Ni, MgB2)")
     parser.add_argument("--worker", nargs=2, metavar=("CRYSTAL", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--fft-worker", nargs=3, metavar=("CRYSTAL", "SIDE", "ROUTE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -270,7 +285,16 @@ def main() -> None:
     if "volume" in args.parts:
         records["volume"] = volume(args.quick)
     if "fft" in args.parts:
-        records["fft"] = fft_versus_per_point(args.fft_side or (40 if args.quick else 100))
+        side = args.fft_side or (60 if args.quick else 100)
+        crystals = tuple(args.fft_crystals.split(","))
+        earlier = [r for r in records.get("fft") or [] if r.get("crystal") not in crystals]  # other crystals' runs
+
+        def save(out):
+            records["fft"] = earlier + out
+            records["fft_load_average"] = os.getloadavg()
+            write_json(result_file, records)
+
+        fft_versus_per_point(side, crystals, save)
     write_json(result_file, records)
 
 

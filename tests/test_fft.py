@@ -113,11 +113,11 @@ def test_the_order_bound_holds():
         orders_for(20.0, 1e-4)
 
 
-def test_gradient_equals_the_per_point_models():
+@pytest.mark.parametrize("grid", [(4, 4, 5), (4, 4, 4)])  # odd and even L3 (the adjoint's Nyquist plane)
+def test_gradient_equals_the_per_point_models(grid):
     """∂(Σ w I)/∂θ of MgB₂ equals the per-point model's on the same crystal, in one pass and in chunks inside
-    covariance_once (the table's gradient collected in place)."""
+    covariance_once (the chunks' ∂/∂S going back through the table's blocks once)."""
     model = springs("MgB2")
-    grid = (4, 4, 5)
     q = on_mesh(model, grid, 24, 4.0)
     w = torch.as_tensor(np.random.default_rng(2).normal(size=len(q)))
     fft = FFTModel(model, T, grid=grid, voxels=q, tail=1e-10)
@@ -139,7 +139,8 @@ def test_gradient_equals_the_per_point_models():
 
 
 def test_a_table_too_large_is_built_in_blocks(monkeypatch):
-    """Without a gradient, a table beyond TABLE_BYTES is built a few columns at a time: the same intensities."""
+    """A table beyond TABLE_BYTES is built a few columns at a time (each block applied to every voxel): the same
+    intensities."""
     import ase_tds.forward.fft as fft_module
 
     model = springs("NaCl")
@@ -150,6 +151,48 @@ def test_a_table_too_large_is_built_in_blocks(monkeypatch):
         monkeypatch.setattr(fft_module, "TABLE_BYTES", 2**18)
         blocks = FFTModel(model, T, grid=grid, voxels=q)(q).numpy()
     np.testing.assert_allclose(blocks, whole, rtol=1e-12)
+
+
+def test_the_blockwise_gradient_equals_the_one_shot_gradient(monkeypatch):
+    """MgB₂: ∂(Σ w I)/∂θ with the table in many blocks of columns (forward and backward), one-shot and in chunks inside
+    covariance_once (the chunks' ∂/∂S going back through the blocks once), equals the gradient with the table in one
+    block; the intensities too."""
+    import ase_tds.forward.fft as fft_module
+
+    model = springs("MgB2")
+    grid = (4, 4, 5)
+    q = on_mesh(model, grid, 40, 4.0, seed=3)
+    w = torch.as_tensor(np.random.default_rng(4).normal(size=len(q)))
+    model.theta.requires_grad_(True)
+
+    def gradient(chunks=0):
+        tds = FFTModel(model, T, grid=grid, voxels=q, tail=1e-10)
+        model.theta.grad = None
+        if not chunks:
+            intensity = tds(q)
+            (intensity * w).sum().backward()
+        else:
+            with tds.covariance_once():
+                for part in np.array_split(np.arange(len(q)), chunks):
+                    (tds(q[part]) * w[part]).sum().backward()
+            with torch.no_grad():
+                intensity = tds(q)
+        return intensity.detach().numpy(), model.theta.grad.clone().numpy(), len(tds._blocks(
+            tds.orders(tds.tables(grid)[0]), grid))
+
+    one_intensity, one_shot, blocks = gradient()
+    assert blocks == 1
+    tds = FFTModel(model, T, grid=grid, voxels=q, tail=1e-10)
+    columns = tds.monomials(tds.orders(tds.tables(grid)[0])).columns
+    column_bytes = 6 * 4 * 4 * 3 * 2 * 8  # pairs × half-spectrum entries × (re, im) × float64
+    monkeypatch.setattr(fft_module, "TABLE_BYTES", column_bytes * (columns // 7))  # 8 blocks
+    scale = np.abs(one_shot).max()
+    for chunks in (0, 3):
+        intensity, blockwise, blocks = gradient(chunks)
+        assert blocks > 5
+        np.testing.assert_allclose(intensity, one_intensity, rtol=1e-12)
+        assert np.abs(blockwise - one_shot).max() <= 1e-10 * scale
+    model.theta.requires_grad_(False)
 
 
 def test_the_grid_of_a_volume_with_any_steps_and_gaps(rng):

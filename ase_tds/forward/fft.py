@@ -16,6 +16,7 @@ smallest order whose tail is below `tail` relative to every term (|X| ≤ max_κ
 
 from __future__ import annotations
 
+import contextlib
 from math import ceil, exp, factorial
 from typing import ClassVar
 
@@ -28,11 +29,11 @@ from ..structure import on_bragg_peaks
 from .base import ForwardModel
 from .gaussian import GaussianModel
 from .grid import ACCURACY, Q_MAX, check_grid, larger
-from .voxels import commensurate_grid, mesh_index
+from .voxels import commensurate_grid, lattice_index, mesh_index
 
 TAIL = 1e-4  # the truncated orders' largest share of any term e^X − 1 (the default of `tail`)
 MAX_ORDERS = 16  # beyond this many orders (2W ≳ 3) the per-point model is the better route
-TABLE_BYTES = 2**30  # a crystal's FFT tables above this are built in blocks of columns, without a gradient
+TABLE_BYTES = 2**28  # bytes of one block of columns of the FFT table, the only part of it that lives at a time
 BLOCK_ENTRIES = 2**22  # float64 entries of a voxel block's gathered table, and of a cell block's coefficients
 
 
@@ -92,13 +93,13 @@ class Monomials:
         """M, the number of monomials."""
         return len(self.all_exponents)
 
-    def values(self, q: torch.Tensor) -> torch.Tensor:
-        """Q^α (B, M) for Cartesian q (B, 3) Å⁻¹."""
+    def values(self, q: torch.Tensor, columns: slice = slice(None)) -> torch.Tensor:
+        """Q^α (B, M) for Cartesian q (B, 3) Å⁻¹ (those of `columns` alone: (B, len(columns)))."""
         powers = [torch.ones_like(q)]
         for _ in range(2 * self.orders):
             powers.append(powers[-1] * q)
         powers = torch.stack(powers, dim=-1)  # (B, 3, 2N + 1): Q_i^k
-        e = torch.as_tensor(self.all_exponents, device=q.device)
+        e = torch.as_tensor(self.all_exponents[columns], device=q.device)
         return (powers[:, 0].index_select(1, e[:, 0]) * powers[:, 1].index_select(1, e[:, 1])
                 * powers[:, 2].index_select(1, e[:, 2]))
 
@@ -171,49 +172,27 @@ class _Powers(torch.autograd.Function):
         return grad_first + grads[0]
 
 
-def voxel_sums(table: torch.Tensor, index: torch.Tensor, sign: torch.Tensor, monomials: torch.Tensor,
-               chunk: int) -> torch.Tensor:
-    """S (B, P, 2): Σ_α Q^α T[α, p, k] as (real, imaginary), the imaginary part × `sign` (conjugate half-spectrum).
-
-    Args:
-        table: T (M, P, K, 2), the half-spectrum of the coefficients as (real, imaginary).
-        index: k (B,), each voxel's entry of T.
-        sign: ±1 (B,): −1 where the voxel's q is −q of its entry (its value the complex conjugate).
-        monomials: Q^α (B, M).
-        chunk: voxels per block.
-
-    Returns:
-        S, (B, P, 2).
-    """
-    parts = [torch.einsum("apbc,ba->bpc", table.index_select(2, k), m)  # (M, P, b, 2) → (b, P, 2)
-             for k, m in zip(index.split(chunk), monomials.split(chunk))]
-    sums = torch.cat(parts) if parts else table.new_zeros((0, table.shape[1], 2))
-    return torch.stack([sums[..., 0], sums[..., 1] * sign[:, None]], dim=-1)
-
-
-class _VoxelSums(torch.autograd.Function):
-    """`voxel_sums`, differentiable in the table. Where the table is a leaf (a fit's chunks inside
-    `covariance_once`), the backward adds its gradient into the leaf's .grad in place: each chunk touches only the
-    entries of its own voxels, and a full-size gradient per chunk would cost more than the chunk itself."""
+class _Sums(torch.autograd.Function):
+    """The FFT sums S (B, P, 2) of voxels q (B, 3), differentiable in the pairs' C_{κ0,κ'l} (3, 3, P, G): the forward
+    is `compute()` (no graph: the table is built a block of columns at a time and dropped); the backward goes back
+    block by block too (`FFTModel._pairs_gradient`), so that only one block of the table and of its gradient lives at
+    a time. Inside `covariance_once` (`pending` a list) the backward only keeps (q, ∂/∂S) of its voxels: the blocks
+    go back once for every chunk together, as the context closes."""
 
     @staticmethod
-    def forward(ctx, table, index, sign, monomials, chunk):
-        ctx.save_for_backward(index, sign, monomials)
-        ctx.table, ctx.chunk = table, chunk
-        return voxel_sums(table, index, sign, monomials, chunk)
+    def forward(ctx, pairs, q, compute, model, grid, orders, pending):
+        ctx.save_for_backward(pairs, q)
+        ctx.model, ctx.grid, ctx.orders, ctx.pending = model, grid, orders, pending
+        return compute()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
-        index, sign, monomials = ctx.saved_tensors
-        table = ctx.table
-        leaf = table.is_leaf
-        if leaf and table.grad is None:
-            table.grad = torch.zeros_like(table)
-        out = table.grad if leaf else torch.zeros_like(table)
-        grad = torch.stack([grad[..., 0], grad[..., 1] * sign[:, None]], dim=-1)  # (B, P, 2)
-        for k, g, m in zip(index.split(ctx.chunk), grad.split(ctx.chunk), monomials.split(ctx.chunk)):
-            out.index_add_(2, k, torch.einsum("bpc,ba->apbc", g, m))
-        return None if leaf else out, None, None, None, None
+        pairs, q = ctx.saved_tensors
+        if ctx.pending is not None:
+            ctx.pending.append((ctx.grid, q, grad.contiguous()))
+            return (None,) * 7
+        return ctx.model._pairs_gradient(pairs, ctx.grid, ctx.orders, q, grad), None, None, None, None, None, None
 
 
 class FFTModel(ForwardModel):
@@ -276,6 +255,11 @@ class FFTModel(ForwardModel):
         n = force_constants.n_atoms
         self._first, self._second = (torch.as_tensor(x) for x in np.triu_indices(n))  # pairs κ ≤ κ'
         self._monomials = {}
+        # the voxels the model is for: their sums come from one pass of the table's blocks over all of them, at each θ
+        self._voxels = None if voxels is None else self.as_q(voxels)
+        self._registry = None  # (sorted keys, their voxels' positions, lowest n, extents) on `grid`, built once
+        self._voxel_sums = (None, None)  # (θ, S (V, P, 2) of every voxel) at the last θ
+        self._pending = None  # inside covariance_once: [(q, ∂/∂S)] of every chunk, for one backward of the blocks
 
     def _commensurate_default(self, voxels: np.ndarray) -> tuple[int, int, int]:
         """The smallest multiple of `voxel_grid` at least the per-point model's converged grid × the near-Bragg
@@ -318,24 +302,35 @@ class FFTModel(ForwardModel):
         return torch.view_as_real(spectrum).reshape(columns, pairs, -1, 2)
 
     def tables(self, grid) -> tuple[torch.Tensor, torch.Tensor]:
-        """(C_{κ0,κ0} (n, 3, 3) Å², the half-spectrum T (M, P, K, 2) of the coefficients of X^n/n!) of the crystal
-        `grid`, in θ's graph where a gradient is wanted; without one, where T would exceed TABLE_BYTES, the pairs'
-        C_{κ0,κ'l} (3, 3, P, L1, L2, L3) Å² in its place (`_blocked_sums` builds T from it in blocks of columns).
+        """(C_{κ0,κ0} (n, 3, 3) Å², the pairs' C_{κ0,κ'l} (3, 3, P, G) Å²) of the crystal `grid`, in θ's graph where a
+        gradient is wanted (cached at fixed θ otherwise): the FFT table is built from them a block of columns at a
+        time (`_blocks`), never whole.
 
         Raises:
             UnstableError: D(q) is not positive definite at some q of the crystal's mesh.
         """
         def compute():
             pairs, self_covariance = self._pair_correlation(grid)
-            monomials = self.monomials(self.orders(self_covariance))
-            if not torch.is_grad_enabled() and self._table_bytes(grid, monomials) > TABLE_BYTES:
-                return self_covariance, pairs.reshape(*pairs.shape[:3], *grid)
-            return self_covariance, self._spectrum(monomials.coefficients(pairs), grid)
+            return self_covariance, pairs
 
-        name = f"fft{tuple(grid)}"
-        if torch.is_grad_enabled() and self.force_constants.theta.requires_grad:
-            self._cache.pop(name, None)  # a table in θ's graph replaces the one cached without: half the memory
-        return self._at_fixed_theta(name, compute)
+        return self._at_fixed_theta(f"fft{tuple(grid)}", compute)
+
+    def _blocks(self, orders: int, grid) -> list[tuple[int, int]]:
+        """The table's blocks of columns [start, stop), each of at most TABLE_BYTES of half-spectrum."""
+        entries = len(self._first) * grid[0] * grid[1] * (grid[2] // 2 + 1) * 2 * 8  # bytes of one column
+        columns = self.monomials(orders).columns
+        width = max(TABLE_BYTES // entries, 1)
+        return [(start, min(start + width, columns)) for start in range(0, columns, width)]
+
+    def _block_spectrum(self, pairs: torch.Tensor, grid, orders: int, start: int, stop: int) -> torch.Tensor:
+        """The half-spectrum (stop − start, P, K, 2) of the columns [start, stop) of the coefficients, from the pairs'
+        C_{κ0,κ'l} (3, 3, P, G): the powers up to the block's highest order only, a block of cells at a time."""
+        needed = next(n for n in range(1, orders + 1) if self.monomials(n).columns >= stop)
+        monomials = self.monomials(needed)  # its columns are the first of `orders`' (by order)
+        cells = max(BLOCK_ENTRIES // (len(self._first) * monomials.columns), 1)
+        coefficients = torch.cat([monomials.coefficients(part)[start:stop] for part in pairs.split(cells, dim=-1)],
+                                 dim=-1)
+        return self._spectrum(coefficients, grid)
 
     def _index(self, q: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
         """(k (B,) the half-spectrum entry of each voxel's q, sign (B,) −1 where it holds −q (the conjugate))."""
@@ -348,35 +343,152 @@ class FFTModel(ForwardModel):
     def _chunk_for(self, columns: int) -> int:
         return self._chunk or max(BLOCK_ENTRIES // (2 * len(self._first) * columns), 1)
 
-    def _sums(self, q: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
-        """(S (B, P, 2), C_{κ0,κ0} (n, 3, 3) Å²): the FFT sums of each voxel, from the crystal's whole table
-        (cached at fixed θ, in θ's graph otherwise) or in blocks of columns (`tables`)."""
-        index, sign = self._index(q, grid)
-        self_covariance, table = self.tables(grid)
-        if table.dim() == 6:  # the pairs' correlation: too large a table, built in blocks
-            pairs = table.reshape(*table.shape[:3], -1)
-            return self._blocked_sums(q, grid, pairs, self_covariance, index, sign), self_covariance
-        columns = table.shape[0]
-        orders = next(n for n in range(1, MAX_ORDERS + 1) if self.monomials(n).columns == columns)
-        values = self.monomials(orders).values(q)
-        return _VoxelSums.apply(table, index, sign, values, self._chunk_for(columns)), self_covariance
-
     @torch.no_grad()
-    def _blocked_sums(self, q, grid, pairs, self_covariance, index, sign) -> torch.Tensor:
-        """The FFT sums (B, P, 2) without a gradient, the table built a block of columns at a time from the pairs'
-        C_{κ0,κ'l} (3, 3, P, G) (its coefficients a block of cells at a time)."""
-        monomials = self.monomials(self.orders(self_covariance))
-        cells = max(BLOCK_ENTRIES // (len(self._first) * monomials.columns), 1)
-        block = max(TABLE_BYTES // (2 * int(np.prod(grid)) * len(self._first) * 8), 1)
-        values = monomials.values(q)
+    def _sums_by_blocks(self, pairs: torch.Tensor, grid, orders: int, q: torch.Tensor) -> torch.Tensor:
+        """S (B, P, 2): Σ_α Q^α T[α, p, k_v] as (real, imaginary) of voxels q (B, 3), each block of the table's
+        columns built once and applied to every voxel (a chunk of voxels at a time) before the next."""
+        index, sign = self._index(q, grid)
+        monomials = self.monomials(orders)
         sums = q.new_zeros((len(q), len(self._first), 2))
-        for start in range(0, monomials.columns, block):
-            columns = slice(start, start + block)
-            coefficients = torch.cat([monomials.coefficients(part)[columns] for part in pairs.split(cells, dim=-1)],
-                                     dim=-1)
-            table = self._spectrum(coefficients, grid)
-            sums += voxel_sums(table, index, sign, values[:, columns], self._chunk_for(table.shape[0]))
+        for start, stop in self._blocks(orders, grid):
+            # entries first (K, c, P, 2): each voxel gathers one contiguous row
+            table = self._block_spectrum(pairs, grid, orders, start, stop).permute(2, 0, 1, 3).contiguous()
+            chunk = self._chunk_for(stop - start)
+            for first in range(0, len(q), chunk):
+                part = slice(first, first + chunk)
+                values = monomials.values(q[part], slice(start, stop))  # (b, c)
+                sums[part] += torch.einsum("bapc,ba->bpc", table.index_select(0, index[part]), values)
+            del table
+        sums[..., 1] *= sign[:, None]  # the conjugate half-spectrum
         return sums
+
+    def _pairs_gradient(self, pairs: torch.Tensor, grid, orders: int, q: torch.Tensor,
+                        grad: torch.Tensor) -> torch.Tensor:
+        """∂/∂C_{κ0,κ'l} (3, 3, P, G) of Σ_v ∂L/∂S_v · S_v for voxels q (B, 3) and ∂L/∂S (B, P, 2), a block of
+        columns at a time: the voxels' weights ∂L/∂S_v Q_v^α scattered onto the block's half-spectrum entries, then
+        back through that block's FFT and powers (recomputed) by autograd."""
+        index, sign = self._index(q, grid)
+        grad = torch.stack([grad[..., 0], grad[..., 1] * sign[:, None]], dim=-1)
+        monomials = self.monomials(orders)
+        out = torch.zeros_like(pairs)
+        for start, stop in self._blocks(orders, grid):
+            chunk = self._chunk_for(stop - start)
+            weights = None
+            for first in range(0, len(q), chunk):
+                part = slice(first, first + chunk)
+                values = monomials.values(q[part], slice(start, stop))
+                scattered = torch.einsum("bpc,ba->bapc", grad[part], values)
+                if weights is None:  # entries first (K, c, P, 2): each voxel adds into one contiguous row
+                    k = grid[0] * grid[1] * (grid[2] // 2 + 1)
+                    weights = scattered.new_zeros((k, stop - start, len(self._first), 2))
+                weights.index_add_(0, index[part], scattered)
+            if weights is None:
+                continue
+            weights = torch.view_as_complex(weights.permute(1, 2, 0, 3).contiguous())  # (c, P, K)
+            adjoint = self._adjoint_spectrum(weights, grid)  # ∂/∂ the block's coefficients (c, P, G)
+            del weights
+            needed = next(n for n in range(1, orders + 1) if self.monomials(n).columns >= stop)
+            cells = max(BLOCK_ENTRIES // (len(self._first) * self.monomials(needed).columns), 1)
+            for part in range(0, pairs.shape[-1], cells):
+                with torch.enable_grad():  # back through the powers, a block of cells at a time
+                    leaf = pairs[..., part:part + cells].detach().requires_grad_(True)
+                    coefficients = self.monomials(needed).coefficients(leaf)[start:stop]
+                    out[..., part:part + cells] += torch.autograd.grad(coefficients, leaf,
+                                                                       adjoint[..., part:part + cells])[0]
+            del adjoint
+        return out
+
+    @staticmethod
+    def _adjoint_spectrum(weights: torch.Tensor, grid) -> torch.Tensor:
+        """The adjoint of `_spectrum`: ∂/∂x (c, P, G) of Σ_k Re(conj(W_k) T_k) for the half-spectrum T = rfftn(x) and
+        weights W (c, P, K) complex: Re Σ_{k in the half} W_k e^{+2πi k·l/L} = (G/2)·irfftn(W·s), s = 2 on the
+        planes k3 = 0 and k3 = L3/2 (those irfftn does not double) and 1 elsewhere. One inverse real FFT, no
+        full complex spectrum (as autograd's backward of rfftn would build)."""
+        planes = weights.reshape(*weights.shape[:2], grid[0], grid[1], grid[2] // 2 + 1)
+        planes[..., 0] *= 2
+        if grid[2] % 2 == 0:
+            planes[..., -1] *= 2
+        out = torch.fft.irfftn(planes, s=tuple(grid), dim=(-3, -2, -1))
+        out *= int(np.prod(grid)) / 2
+        return out.reshape(*weights.shape[:2], -1)
+
+    def _voxel_positions(self, q: torch.Tensor, grid) -> torch.Tensor | None:
+        """The positions of q (B, 3) among the model's voxels, or None where some are not among them (or `grid` is
+        not the model's own crystal)."""
+        if self._voxels is None or tuple(grid) != tuple(self.grid):
+            return None
+        cell = self.force_constants.primitive.cell[:]
+        if self._registry is None:
+            n = lattice_index(self._voxels, cell, grid)
+            low = n.min(0).values
+            extents = n.max(0).values - low + 1
+            keys = self._keys(n - low, extents)
+            order = torch.argsort(keys)
+            self._registry = (keys[order], order, low, extents)
+        keys, order, low, extents = self._registry
+        try:
+            n = lattice_index(q, cell, grid) - low
+        except ValueError:
+            return None
+        if ((n < 0) | (n >= extents)).any():
+            return None
+        wanted = self._keys(n, extents)
+        at = torch.searchsorted(keys, wanted).clamp(max=len(keys) - 1)
+        if not torch.equal(keys[at], wanted):
+            return None
+        return order[at]
+
+    @staticmethod
+    def _keys(n: torch.Tensor, extents: torch.Tensor) -> torch.Tensor:
+        return (n[:, 0] * extents[1] + n[:, 1]) * extents[2] + n[:, 2]
+
+    def _computed_sums(self, q: torch.Tensor, grid, pairs: torch.Tensor, orders: int) -> torch.Tensor:
+        """S (B, P, 2) of q without a graph: those of the model's own voxels, all computed together once per θ, else
+        q's own by blocks."""
+        positions = self._voxel_positions(q, grid)
+        if positions is None:
+            return self._sums_by_blocks(pairs.detach(), grid, orders, q)
+        theta = self.force_constants.theta
+        key, sums = self._voxel_sums
+        if key is None or key.device != theta.device or not torch.equal(key, theta):
+            self._voxel_sums = (None, None)  # the old sums are freed first
+            sums = self._sums_by_blocks(pairs.detach(), grid, orders, self._voxels)
+            self._voxel_sums = (theta.detach().clone(), sums)
+        return sums[positions]
+
+    def _sums(self, q: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S (B, P, 2), C_{κ0,κ0} (n, 3, 3) Å²): the FFT sums of each voxel, differentiable in θ where a gradient is
+        wanted (`_Sums`)."""
+        self_covariance, pairs = self.tables(grid)
+        orders = self.orders(self_covariance)
+        flat = pairs.reshape(*pairs.shape[:3], -1)
+
+        def compute():
+            return self._computed_sums(q, grid, flat, orders)
+
+        if torch.is_grad_enabled() and flat.requires_grad:
+            return _Sums.apply(flat, q, compute, self, tuple(grid), orders, self._pending), self_covariance
+        return compute(), self_covariance
+
+    @contextlib.contextmanager
+    def covariance_once(self):
+        """As `ForwardModel.covariance_once`; the chunks' ∂/∂S are kept (small: (B, P, 2)) and go back through the
+        table's blocks once, onto the pairs' C_{κ0,κ'l} leaf, as the context closes."""
+        with super().covariance_once():
+            self._pending = []
+            try:
+                yield
+                pending, self._pending = self._pending, None
+                for grid in dict.fromkeys(g for g, _, _ in pending):
+                    q = torch.cat([p for g, p, _ in pending if g == grid])
+                    grad = torch.cat([d for g, _, d in pending if g == grid])
+                    self_covariance, pairs = self._shared[f"fft{grid}"][1]
+                    gradient = self._pairs_gradient(pairs.detach().reshape(*pairs.shape[:3], -1), grid,
+                                                    self.orders(self_covariance), q, grad).reshape(pairs.shape)
+                    pairs.grad = gradient if pairs.grad is None else pairs.grad + gradient
+                del pending
+            finally:
+                self._pending = None
 
     # ------------------------------------------------------------------ the protocol
     def forward(self, q, levels=None) -> torch.Tensor:

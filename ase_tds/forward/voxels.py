@@ -83,6 +83,22 @@ def volume_grid(q, primitive_cell) -> tuple[int, int, int] | None:
     return grid
 
 
+def lattice_index(q: torch.Tensor, primitive_cell, grid, tolerance: float = GRID_TOLERANCE) -> torch.Tensor:
+    """n (B, 3) int64: Q = Σ n_i b_i / L_i, each Q's integer coordinates on the reciprocal lattice of the L1×L2×L3
+    crystal (b_i the primitive reciprocal vectors); `mesh_index` is n mod L. Arguments and errors as `mesh_index`."""
+    grid_t = torch.as_tensor(grid, dtype=q.dtype, device=q.device)
+    scaled = reduced_q(q, primitive_cell) * grid_t
+    nearest = torch.round(scaled)
+    off = ((scaled - nearest).abs() > tolerance * grid_t).any(dim=1)
+    if off.any():
+        first = int(torch.nonzero(off)[0, 0])
+        raise ValueError(f"Q = {q[first].tolist()} Å⁻¹ (point {first}) is not on the reciprocal lattice of the "
+                         f"{'×'.join(map(str, grid))} crystal of the fft model: its points must lie on the regular "
+                         "grid the model was built for (voxels=...); use the per-point 'gaussian' model for other "
+                         "points")
+    return nearest.to(torch.long)
+
+
 def mesh_index(q: torch.Tensor, primitive_cell, grid, tolerance: float = GRID_TOLERANCE) -> torch.Tensor:
     """m (B, 3) int64 in [0, L_i): the q-mesh point of each Q = G + q, q = Σ m_i b_i / L_i, of the L1×L2×L3 crystal.
 
@@ -98,14 +114,5 @@ def mesh_index(q: torch.Tensor, primitive_cell, grid, tolerance: float = GRID_TO
     Raises:
         ValueError: a Q that is not on the crystal's reciprocal lattice (the message names the first).
     """
-    grid_t = torch.as_tensor(grid, dtype=q.dtype, device=q.device)
-    scaled = reduced_q(q, primitive_cell) * grid_t
-    nearest = torch.round(scaled)
-    off = ((scaled - nearest).abs() > tolerance * grid_t).any(dim=1)
-    if off.any():
-        first = int(torch.nonzero(off)[0, 0])
-        raise ValueError(f"Q = {q[first].tolist()} Å⁻¹ (point {first}) is not on the reciprocal lattice of the "
-                         f"{'×'.join(map(str, grid))} crystal of the fft model: its points must lie on the regular "
-                         "grid the model was built for (voxels=...); use the per-point 'gaussian' model for other "
-                         "points")
-    return torch.remainder(nearest.to(torch.long), torch.as_tensor(grid, device=q.device))
+    n = lattice_index(q, primitive_cell, grid, tolerance)
+    return torch.remainder(n, torch.as_tensor(grid, device=q.device))
