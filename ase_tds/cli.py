@@ -330,8 +330,6 @@ def _fit_command(args) -> int:
     from .data import TDSData
     from .fitting import Optimizer, StartContext, fit, set_start
     from .fitting.range import fit_range
-    from .model import ForceConstantModel
-    from .phonopy_source import PhonopyForceConstants
 
     if args.more_data or args.series or args.smoothness is not None:  # a temperature series
         return _run_series(args)
@@ -346,15 +344,7 @@ def _fit_command(args) -> int:
     structure = _read_structure(args.structure)
     data = TDSData.read(args.data, structure=structure, temperature=args.temperature, bin=args.bin)
     temperature = data.require_temperature(args.temperature)
-    reference = PhonopyForceConstants(args.reference) if args.reference else None
-    if reference is not None:
-        _check_same_lattice(structure, args.structure, reference, f"--reference {args.reference}")
-    if Path(args.start).exists():  # a phonopy start: of this crystal, said before the data are read
-        _check_same_lattice(structure, args.structure, PhonopyForceConstants(args.start), f"--start {args.start}")
-    fresh = ForceConstantModel(structure, shells=None if cutoff is not None else shells or 1, cutoff=cutoff)
-    born = _born(args, fresh)
-    if born is not None:
-        fresh.set_born(born, fit=args.fit_born)
+    reference, fresh, born = _fit_models(args, structure, shells, cutoff)
     radius, units = _bragg_radius(args.mask_bragg)
     data = data.mask_bragg(radius, structure=structure, units=units)
     if args.loss == "poisson":  # what fit() would refuse, before the (EMT) start
@@ -406,8 +396,6 @@ def _run_series(args) -> int:
     from .fitting.range import fit_range
     from .fitting.series import fit_series, nearest_file, reference_temperature
     from .fitting.series_result import series_outputs
-    from .model import ForceConstantModel
-    from .phonopy_source import PhonopyForceConstants
 
     paths = [args.data, *args.more_data]
     if len(paths) < 2:
@@ -422,15 +410,7 @@ def _run_series(args) -> int:
     shells, cutoff = _range_arguments(args)
     structure = _read_structure(args.structure)
     data = [TDSData.read(path, structure=structure, bin=args.bin) for path in paths]
-    reference = PhonopyForceConstants(args.reference) if args.reference else None
-    if reference is not None:
-        _check_same_lattice(structure, args.structure, reference, f"--reference {args.reference}")
-    if Path(args.start).exists():
-        _check_same_lattice(structure, args.structure, PhonopyForceConstants(args.start), f"--start {args.start}")
-    fresh = ForceConstantModel(structure, shells=None if cutoff is not None else shells or 1, cutoff=cutoff)
-    born = _born(args, fresh)
-    if born is not None:
-        fresh.set_born(born, fit=args.fit_born)
+    reference, fresh, born = _fit_models(args, structure, shells, cutoff)
     radius, units = _bragg_radius(args.mask_bragg)
     data = [d.mask_bragg(radius, structure=structure, units=units) for d in data]
     missing = [d.source for d in data if d.temperature is None]
@@ -476,6 +456,24 @@ def _report_series(args, model, result, data, start, reference) -> int:
               "says so. Fit again with a larger --max-iter, or check the start", file=sys.stderr)
         return NOT_CONVERGED
     return 0
+
+
+def _fit_models(args, structure, shells, cutoff):
+    """(the --reference force constants or None, the fresh model of the range asked with the Born charges of --born /
+    --fit-born, those charges or None), a phonopy --reference or --start checked to be of `structure`'s crystal."""
+    from .model import ForceConstantModel
+    from .phonopy_source import PhonopyForceConstants
+
+    reference = PhonopyForceConstants(args.reference) if args.reference else None
+    if reference is not None:
+        _check_same_lattice(structure, args.structure, reference, f"--reference {args.reference}")
+    if Path(args.start).exists():  # a phonopy start: of this crystal, said before any fitting
+        _check_same_lattice(structure, args.structure, PhonopyForceConstants(args.start), f"--start {args.start}")
+    fresh = ForceConstantModel(structure, shells=None if cutoff is not None else shells or 1, cutoff=cutoff)
+    born = _born(args, fresh)
+    if born is not None:
+        fresh.set_born(born, fit=args.fit_born)
+    return reference, fresh, born
 
 
 def _report_fit(args, model, result, data, start, reference, options: dict) -> int:
