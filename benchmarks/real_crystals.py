@@ -87,7 +87,7 @@ def run_fit(structure_file: Path, data: Path, out: Path, extra) -> tuple[float, 
     return time.time() - t0, code, text
 
 
-def frequencies(ph, reduced, directions=None) -> np.ndarray:
+def frequencies(ph, reduced) -> np.ndarray:
     ph.run_qpoints(reduced)
     return ph.qpoints.frequencies
 
