@@ -366,7 +366,7 @@ def _fit_command(args) -> int:
                    prior_sigma=args.prior_sigma)
     if shells is None and cutoff is None:  # the range the data choose
         options["tds_options"] = _accuracy_options(args)
-        model, result = fit_range(structure, data, fit, start=args.start, born=born, fit_born=args.fit_born,
+        model, result = fit_range(structure, data, start=args.start, born=born, fit_born=args.fit_born,
                                   explain_misfit=False, **options)
         start = None
     else:
@@ -429,7 +429,7 @@ def _run_series(args) -> int:
     chosen, start = None, None
     if shells is None and cutoff is None:  # the range the data choose, on the file nearest the mean temperature
         print(f"choosing the range on {near.source} ({near.temperature:g} K)")
-        model, chosen = fit_range(structure, near, fit, start=args.start, born=born, fit_born=args.fit_born,
+        model, chosen = fit_range(structure, near, start=args.start, born=born, fit_born=args.fit_born,
                                   temperature=near.temperature, **options)
     else:
         start = set_start(fresh, args.start, StartContext(near, near.temperature, args.statistics,

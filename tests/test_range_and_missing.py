@@ -36,7 +36,7 @@ def test_the_range_the_data_choose(rng):
          "3XZ": 0.02})
     data = simulate(truth, _points(truth, 500), 300.0, method="one-phonon", statistics="classical", counts=1e6,
                     rng=1, tds_options=dict(dw_mesh=3))
-    model, result = fit_range(ni_conventional(), data, fit, start="springs", max_shells=6, **FAST)
+    model, result = fit_range(ni_conventional(), data, start="springs", max_shells=6, **FAST)
     record = result.settings["range"]
     assert [c["shells"] for c in record["candidates"]][:3] == [1, 2, 3]
     assert record["chosen"]["shells"] == 3 and model.n_params == truth.n_params

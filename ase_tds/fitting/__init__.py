@@ -8,6 +8,8 @@
 - `first_fit.py` — the first fit on a subset of large data; `model_error.py` — the forward model's own error;
 - `covariance.py` — the covariance of θ (sandwich, Birge scaling) and the final result; `diagnosis.py` — unstable
   starts, misfit, what the data do not determine; `result.py` — `FitResult` and its files;
+- `range.py` — the range the data choose (`fit_range`, `--cutoff auto`); `missing.py` — what a misfit lacks;
+  `lean.py` — the lean fits (the loss alone) both compare models with;
 - `series.py` — a temperature series, several files fitted jointly (`fit_series`); `series_result.py` —
   `SeriesResult` and its files.
 """

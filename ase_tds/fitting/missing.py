@@ -20,6 +20,7 @@ import numpy as np
 from ..covariance import UnstableError
 from ..model import ForceConstantModel
 from ..structure import diagonal_supercell_for, pair_distances
+from . import lean
 
 SUBSET = 1500  # points refitted per extension
 ITERATIONS = 20
@@ -68,8 +69,8 @@ def diagnose(model, data, result, options: dict) -> dict:
     """Refit the fitted `model` and each of its extensions on up to SUBSET of the used points from the fitted θ, and
     name the most likely missing physics (see the module docstring).
 
-    Each refit is the fit's loss minimised for ITERATIONS L-BFGS iterations on the forward model of the fit (its grid
-    as chosen, the data's weights): what the extension gains in χ², not a full fit with its 1σ.
+    Each refit is a lean fit (`lean.fit_loss`) of at most ITERATIONS L-BFGS iterations on the forward model of the
+    fit (its grid as chosen, the data's weights): what the extension gains in χ², not a full fit with its 1σ.
 
     Args:
         model (ForceConstantModel): the fitted model (left unchanged).
@@ -85,7 +86,7 @@ def diagnose(model, data, result, options: dict) -> dict:
     used = np.nonzero(np.asarray(data.mask, dtype=bool))[0]
     pick = used[np.random.default_rng(0).permutation(len(used))[:SUBSET]]
     subset = data.select(np.sort(pick))
-    refit = lambda m: _refit_chi2(m, subset, result.settings, options)
+    refit = lambda m: lean.fit_loss(m, subset, result.settings, options, ITERATIONS)[0]
     try:
         chi2_base = refit(copy.deepcopy(model))
     except UnstableError:
@@ -107,25 +108,6 @@ def diagnose(model, data, result, options: dict) -> dict:
     return dict(extensions=records, likely=likely, cure=CURES.get(likely, "none of the extensions tried explains the "
                                                                         "misfit: check the data's σ and the start"),
                 subset=len(pick), iterations=ITERATIONS)
-
-
-def _refit_chi2(model, data, settings: dict, options: dict) -> float:
-    """The fit's loss of `model` on `data` after at most ITERATIONS L-BFGS iterations from its θ, with the fit's own
-    forward model (`settings`: its method and crystal, no new choice of grid)."""
-    from ..forward import from_settings
-    from .objective import Objective
-    from .optimizers import Optimizer, minimise
-
-    own = {k: v for k, v in (options.get("tds_options") or {}).items() if k in ("form_factors", "chunk")}
-    tds = from_settings(model, settings, **own)
-    objective = Objective(tds, data, options.get("scale") or ("fixed" if data.absolute else "free"),
-                          options.get("background", "free"), options.get("loss", "chi2"),
-                          options.get("compton", False), options.get("exposure"))
-    optimizer = Optimizer("lbfgs", max_iter=ITERATIONS)
-    theta = model.theta.detach().cpu().numpy().copy()
-    state = optimizer.strategy.start(theta, objective.whitening(theta), [objective.evaluate(theta)[0]], optimizer)
-    state, _ = minimise(objective, optimizer, state)
-    return float(objective.evaluate(state.theta)[0])
 
 
 def note(record: dict) -> str:

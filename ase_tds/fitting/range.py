@@ -3,11 +3,12 @@
 
 The used points are split once (seed 0) into a training part (80 %) and held-out points (20 %). Each candidate, one
 more neighbour shell than the last, is fitted to the training points from the previous candidate's fitted force
-constants (projected on its basis, the new shell at zero), then judged by the χ² of the held-out points at its
+constants (projected on its basis, the new shell at zero) by a lean fit (`lean.fit_loss`: every candidate on the
+forward model chosen at the start, the data's σ alone, no 1σ), then judged by the χ² of the held-out points at its
 fitted θ (nuisance terms profiled there) plus 2 per parameter: AIC on points the fit did not see, so that a shell
 the data do not need costs more than it gains. Growth stops two shells after the best score, at `max_shells`, or
 where the parameters would exceed a tenth of the training points. The best candidate is then fitted to all points
-from its training fit. Every candidate is recorded (`FitResult.settings["range"]`).
+from its training fit by `fit` itself (its own grid and crystals, the model's error, 1σ). Every candidate is recorded (`FitResult.settings["range"]`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import TDSData
-from ..forward import tds_model
 from ..model import ForceConstantModel
 from ..structure import diagonal_supercell_for
-from .objective import Objective
+from . import lean
+from .fit import checked_options, fit
 from .result import FitResult
 from .starts import StartContext, set_start
 
@@ -49,17 +50,6 @@ def split(data: TDSData, fraction: float = HELD_OUT, seed: int = 0) -> tuple[TDS
     return data.with_mask(~held), data.with_mask(held)
 
 
-def held_out_chi2(model, data: TDSData, fit_settings: dict, tds_options: dict) -> float:
-    """χ² of the held-out `data` at the model's θ, nuisance terms profiled on them (the fit's loss and weights)."""
-    options = dict(tds_options, q_max=float(data.q_norm[np.asarray(data.mask, dtype=bool)].max()))
-    tds = tds_model(model, fit_settings["temperature"], method=fit_settings["method"],
-                    statistics=fit_settings["statistics"], **options)
-    theta = model.theta.detach().cpu().numpy()
-    objective = Objective(tds, data, fit_settings["scale"], fit_settings["background"], fit_settings["loss"],
-                          fit_settings["compton"] is True, theta=theta)
-    return float(objective.evaluate(theta)[0])
-
-
 def _grown(previous: ForceConstantModel, shells: int) -> ForceConstantModel:
     """A model of `shells` shells started at `previous`'s fitted constants (their Born charges carried along)."""
     model = ForceConstantModel(previous.unitcell, shells=shells, symprec=previous.symprec)
@@ -70,7 +60,7 @@ def _grown(previous: ForceConstantModel, shells: int) -> ForceConstantModel:
     return model.set_from_phonopy(previous.to_phonopy(matrix))
 
 
-def fit_range(structure, data: TDSData, fit_function, *, start: str = "springs", born=None, fit_born: bool = False,
+def fit_range(structure, data: TDSData, *, start: str = "springs", born=None, fit_born: bool = False,
               first_shells: int = 1, max_shells: int = MAX_SHELLS, progress: bool = True,
               explain_misfit: bool = True, **options) -> tuple[ForceConstantModel, FitResult]:
     """Fit with the range the data choose: see the module docstring.
@@ -78,7 +68,6 @@ def fit_range(structure, data: TDSData, fit_function, *, start: str = "springs",
     Args:
         structure (ase.Atoms): the crystal.
         data: the data; its mask selects the points used.
-        fit_function (Callable): `ase_tds.fitting.fit` (passed in: it calls this module's caller back).
         start: the first candidate's start (a name of `STARTS` or a phonopy file).
         born (BornCharges | None): Born charges of the crystal (fixed, or the start of fitted ones).
         fit_born: fit the Born charges and ε∞ too.
@@ -90,36 +79,39 @@ def fit_range(structure, data: TDSData, fit_function, *, start: str = "springs",
 
     Returns:
         The chosen range's model and its fit to all the points; the result's settings["range"] holds every
-            candidate (shells, cutoff Å, parameters, χ²_red of the training points, held-out χ² per point, score).
+            candidate (shells, cutoff Å, parameters, χ²_red of the training points, held-out χ² per point, score,
+            seconds).
     """
     training, held_out = split(data)
     say = tqdm.write if progress else (lambda text: None)
-    tds_options = dict(options.get("tds_options") or {})
+    model = ForceConstantModel(structure, shells=first_shells)
+    if born is not None:
+        model.set_born(born, fit=fit_born)
+    options = dict(options, scale=checked_options(model, data, options.get("method", "gaussian"), options.get("scale"),
+                                                  options.get("loss", "chi2"), None, options.get("tds_options")))
+    set_start(model, start, StartContext(training, options.get("temperature"), options.get("statistics", "quantum"),
+                                         progress=progress, say=say))
+    settings = lean.forward_settings(model, data, options)  # every candidate on this footing
     candidates, models, best = [], [], None
-    model = None
     for shells in range(first_shells, max_shells + 1):
-        if model is None:
-            model = ForceConstantModel(structure, shells=shells)
-            if born is not None:
-                model.set_born(born, fit=fit_born)
-            set_start(model, start, StartContext(training, options.get("temperature"),
-                                                 options.get("statistics", "quantum"), progress=progress, say=say))
-        else:
+        if shells > first_shells:
             model = _grown(model, shells)
         if model.n_params * POINTS_PER_PARAMETER > training.n_used:
             say(f"range: {shells} shells would have {model.n_params} parameters, more than a tenth of the "
                 f"{training.n_used} training points; stopping")
             break
         began = time.perf_counter()
-        result = fit_function(model, training, progress=progress, explain_misfit=False, **options)
-        chi2 = held_out_chi2(model, held_out, result.settings, tds_options)
+        loss, status = lean.fit_loss(model, training, settings, options)
+        chi2 = lean.objective(model, held_out, settings, options).evaluate(model.theta.detach().cpu().numpy())[0]
         record = dict(shells=shells, cutoff=model.cutoff, parameters=model.n_params,
-                      chi2_red_training=result.chi2_red, held_out_chi2_per_point=chi2 / held_out.n_used,
-                      score=chi2 + 2 * model.n_params, status=result.status, seconds=time.perf_counter() - began)
+                      chi2_red_training=loss / max(training.n_used - model.n_params, 1),
+                      held_out_chi2_per_point=chi2 / held_out.n_used, score=chi2 + 2 * model.n_params, status=status,
+                      seconds=time.perf_counter() - began)
         candidates.append(record)
         models.append((model.theta.detach().clone(), model))
         say(f"range: {shells} shells, cutoff {model.cutoff:.3f} Å, {model.n_params} parameters: χ²_red "
-            f"{result.chi2_red:.3f} (training), {record['held_out_chi2_per_point']:.3f} per held-out point")
+            f"{record['chi2_red_training']:.3f} (training), {record['held_out_chi2_per_point']:.3f} per held-out "
+            f"point ({record['seconds']:.0f} s)")
         if best is None or record["score"] < candidates[best]["score"]:
             best = len(candidates) - 1
         elif len(candidates) - 1 - best >= PATIENCE:
@@ -128,7 +120,7 @@ def fit_range(structure, data: TDSData, fit_function, *, start: str = "springs",
     with torch.no_grad():
         chosen.theta.copy_(theta)
     began = time.perf_counter()
-    result = fit_function(chosen, data, progress=progress, explain_misfit=explain_misfit, **options)
+    result = fit(chosen, data, progress=progress, explain_misfit=explain_misfit, **options)
     final = time.perf_counter() - began
     limit = best == len(candidates) - 1 and candidates[-1]["shells"] >= max_shells
     result.settings["range"] = dict(candidates=candidates, chosen=candidates[best], held_out=HELD_OUT,
