@@ -60,7 +60,7 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
         exposure (float | array_like | None): t (counts per unit of intensity, scalar or (N,)) for
             loss="poisson"; None infers t = I_obs/σ² per point, exact when σ is pure counting error √n/t (as
             `add_poisson_noise` writes), and t = 1/σ where I_obs = 0 (its σ = 1 count convention).
-        optimizer (Optimizer | str | None): an `Optimizer` (method, max_iter, rtol, gtol, learning_rate), its
+        optimizer (Optimizer | str | None): an `Optimizer` (method, max_iter, rtol, gtol, atol, learning_rate), its
             method alone (a name of `OPTIMIZERS`: "lbfgs" | "adam"), or None (L-BFGS, Adam for "sampling"; 200
             iterations).
         prior_sigma: eV/Å², a ridge towards the start θ₀: Σ_k ((θ_k − θ₀_k)/prior_sigma)² is added to the loss

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from ..data import TDSData
 from ..model import ForceConstantModel
-from ..structure import diagonal_supercell_for
+from ..covariance import UnstableError
+from ..structure import StructureError, diagonal_supercell_for
 from . import lean
 from .fit import checked_options, fit
 from .result import FitResult
@@ -48,6 +49,28 @@ def split(data: TDSData, fraction: float = HELD_OUT, seed: int = 0) -> tuple[TDS
     held = np.zeros(len(data), dtype=bool)
     held[np.random.default_rng(seed).choice(used, size=max(1, int(round(fraction * len(used)))), replace=False)] = True
     return data.with_mask(~held), data.with_mask(held)
+
+
+def _first(structure, training: TDSData, start: str, born, fit_born: bool, first_shells: int, max_shells: int,
+           options: dict, progress: bool, say) -> tuple[ForceConstantModel, int]:
+    """(the first candidate at its start, its shells): the smallest model from `first_shells` up whose start is
+    stable (central springs of the nearest neighbours alone leave diamond floppy, for one).
+
+    Raises:
+        StructureError: no start up to `max_shells` is stable.
+    """
+    for shells in range(first_shells, max_shells + 1):
+        model = ForceConstantModel(structure, shells=shells)
+        if born is not None:
+            model.set_born(born, fit=fit_born)
+        try:
+            set_start(model, start, StartContext(training, options.get("temperature"),
+                                                 options.get("statistics", "quantum"), progress=progress, say=say))
+            return model, shells
+        except (StructureError, UnstableError) as err:
+            say(f"range: the start with {shells} shells is unstable ({err}); one more shell")
+    raise StructureError(f"no start of up to {max_shells} shells is stable: start from a calculator or a phonopy file "
+                         "(--start)")
 
 
 def _grown(previous: ForceConstantModel, shells: int) -> ForceConstantModel:
@@ -84,13 +107,10 @@ def fit_range(structure, data: TDSData, *, start: str = "springs", born=None, fi
     """
     training, held_out = split(data)
     say = tqdm.write if progress else (lambda text: None)
-    model = ForceConstantModel(structure, shells=first_shells)
-    if born is not None:
-        model.set_born(born, fit=fit_born)
+    model, first_shells = _first(structure, training, start, born, fit_born, first_shells, max_shells, options,
+                                 progress, say)
     options = dict(options, scale=checked_options(model, data, options.get("method", "gaussian"), options.get("scale"),
                                                   options.get("loss", "chi2"), None, options.get("tds_options")))
-    set_start(model, start, StartContext(training, options.get("temperature"), options.get("statistics", "quantum"),
-                                         progress=progress, say=say))
     settings = lean.forward_settings(model, data, options)  # every candidate on this footing
     candidates, models, best = [], [], None
     for shells in range(first_shells, max_shells + 1):

@@ -82,6 +82,11 @@ class SeriesObjective:
             self.precision = slopes.T @ slopes  # the prior Σ(…)² = xᵀPx
 
     @property
+    def n_total(self) -> int:
+        """The points of all the files."""
+        return sum(objective.n_total for objective in self.objectives)
+
+    @property
     def n_params(self) -> int:
         """p, the length of the joint parameter vector x."""
         return self.maps[0].shape[1]

@@ -22,6 +22,7 @@ import torch
 from ..covariance import UnstableError
 from ..data import TDSData
 from ..forward import tds_model
+from ..structure import StructureError
 from .objective import Objective, set_theta
 
 if TYPE_CHECKING:
@@ -182,6 +183,10 @@ def debye_temperature_from_data(model, data: TDSData, temperature: float | None 
                 scores[debye] = float(objective.value(model_of_data))
         except UnstableError:
             continue
+    if not scores:
+        raise StructureError(f"central springs within the cutoff {model.cutoff:.3f} Å leave this crystal unstable at "
+                             f"every Debye temperature tried ({DEBYE_CANDIDATES[0]:.0f}–{DEBYE_CANDIDATES[-1]:.0f} K): "
+                             "use a larger cutoff (more shells), or start from a calculator or a phonopy file")
     best = min(scores, key=scores.get)
     set_theta(model, springs_theta * (1 + stiffness * ((best / lowest) ** 2 - 1)))
     return best

@@ -42,6 +42,10 @@ class Optimizer:
             any, has as many of its own).
         rtol: L-BFGS stops when the relative change of the loss falls below it.
         gtol: L-BFGS stops when the projected (whitened) gradient falls below it.
+        atol: L-BFGS stops when 3 iterations together lower the loss (a χ², or a Poisson deviance) by less than
+            atol·χ²_red (the loss per point): near the minimum the loss exceeds its least value by
+            χ²_red·Σ(Δθ/σ)² with σ scaled by √χ²_red, so θ is then within a few hundredths of its 1σ and further
+            iterations move it by less than the fit can tell.
         learning_rate: Adam's first step in whitened units (≈ standard deviations); None = a quarter of the first
             gradient's rms. Adam stops when its step or gradient falls below 1e-3 standard deviations.
         first_fit_points: data of more than twice this many points are first fitted on a random subset of this
@@ -60,6 +64,7 @@ class Optimizer:
     max_iter: int = 200
     rtol: float = 1e-9
     gtol: float = 1e-6
+    atol: float = 1e-3
     learning_rate: float | None = None
     first_fit_points: int | None = 100_000
 

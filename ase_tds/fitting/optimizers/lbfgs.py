@@ -22,6 +22,7 @@ from .state import OptimizerState
 # ROUND_ITERATIONS iterations with the whitening recomputed there
 RESTARTS = 10
 ROUND_ITERATIONS = 40
+STALL_ITERATIONS = 3  # iterations whose total drop of the loss is compared with Optimizer.atol·χ²_red
 
 
 @dataclass(kw_only=True)
@@ -36,6 +37,7 @@ class _Search:
         self.objective, self.state = objective, state
         self.unwhiten = np.linalg.inv(state.whitening)
         self.value = state.history[-1]  # the last loss evaluated
+        self.run_history = []  # the loss after each iteration of this run (state.history may hold a first fit's)
         self.best_value, self.best_theta, self.best_grad = np.inf, np.asarray(state.theta, dtype=float), None
 
     def loss(self, x):
@@ -51,12 +53,17 @@ class _Search:
             self.best_value, self.best_theta, self.best_grad = value, theta, grad
         return value, grad
 
-    def iterated(self, x, tick) -> None:
+    def iterated(self, x, tick, atol: float) -> None:
         state = self.state
         state.history.append(self.value)
+        self.run_history.append(self.value)
         state.iterations += 1
         state.theta = self.unwhiten @ x
         tick(loss=f"{self.value:.6g}")
+        recent = self.run_history[-STALL_ITERATIONS - 1:]
+        per_point = abs(self.value) / max(getattr(self.objective, "n_total", 1), 1)  # χ²_red, near enough
+        if len(recent) > STALL_ITERATIONS and recent[0] - recent[-1] < atol * per_point:
+            raise StopIteration  # scipy ends the run: status 99
 
     def rewhiten(self, whitening: np.ndarray) -> None:
         self.state.whitening = whitening
@@ -86,7 +93,7 @@ class LBFGS:
         for _ in range(RESTARTS + 1):
             before = search.best_value
             res = minimize(search.loss, state.whitening @ search.best_theta, jac=True, method="L-BFGS-B",
-                           callback=lambda x: search.iterated(x, tick),
+                           callback=lambda x: search.iterated(x, tick, settings.atol),
                            options=dict(maxiter=min(max_iter - state.iterations, ROUND_ITERATIONS),
                                         ftol=settings.rtol, gtol=settings.gtol, maxcor=20))
             status = lbfgs_status(res, search.best_grad, max_iter)
@@ -106,6 +113,9 @@ def lbfgs_status(res, grad, max_iter) -> dict:
     minimum in standard deviations: below 0.01 a stop of the line search is convergence, not a stall."""
     distance = np.inf if grad is None else float(np.abs(grad).max()) / 2
     message = str(res.message)
+    if res.status == 99:
+        return {"converged": True, "reason": f"{STALL_ITERATIONS} iterations lowered the loss by less than "
+                                             "atol·χ²_red"}
     if res.status == 0:
         which = "relative change of the loss" if "REL_REDUCTION" in message else "projected gradient"
         return {"converged": True, "reason": f"{which} below its tolerance"}
