@@ -71,3 +71,17 @@ def test_at_too_short_a_range_the_fit_names_the_range(polar_truth):
     with pytest.warns(UserWarning, match="most likely comes from missing range"):
         result = fit(model, data, start="springs", **FAST)
     assert not result.trusted and result.missing_physics["likely"] == "range"
+
+
+def test_a_floppy_first_start_grows_to_a_stable_one():
+    """Diamond's nearest-neighbour central springs leave it floppy: the range starts at the first stable model (two
+    shells) and says why, rather than failing on the start."""
+    si = bulk("Si", "diamond", a=5.43)
+    truth = ForceConstantModel(si, shells=2).set_from_springs(600.0)
+    data = simulate(truth, _points(truth, 200, seed=4), 300.0, method="one-phonon", statistics="classical",
+                    counts=1e6, rng=3, tds_options=dict(dw_mesh=3))
+    with pytest.raises(ValueError, match="unstable at every Debye temperature"):
+        fit(ForceConstantModel(si, shells=1), data, start="springs", **FAST)
+    model, result = fit_range(si, data, start="springs", max_shells=3, **FAST)
+    assert result.settings["range"]["candidates"][0]["shells"] == 2
+    assert result.settings["range"]["chosen"]["shells"] >= 2 and result.trusted
