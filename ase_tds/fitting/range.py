@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ..data import TDSData
@@ -105,14 +104,15 @@ def fit_range(structure, data: TDSData, *, start: str = "springs", born=None, fi
             candidate (shells, cutoff Å, parameters, χ²_red of the training points, held-out χ² per point, score,
             seconds).
     """
+    options = dict(options, scale=checked_options(ForceConstantModel(structure, shells=first_shells), data,
+                                                  options.get("method", "gaussian"), options.get("scale"),
+                                                  options.get("loss", "chi2"), None, options.get("tds_options")))
     training, held_out = split(data)
     say = tqdm.write if progress else (lambda text: None)
     model, first_shells = _first(structure, training, start, born, fit_born, first_shells, max_shells, options,
                                  progress, say)
-    options = dict(options, scale=checked_options(model, data, options.get("method", "gaussian"), options.get("scale"),
-                                                  options.get("loss", "chi2"), None, options.get("tds_options")))
     settings = lean.forward_settings(model, data, options)  # every candidate on this footing
-    candidates, models, best = [], [], None
+    candidates, best, chosen = [], None, None
     for shells in range(first_shells, max_shells + 1):
         if shells > first_shells:
             model = _grown(model, shells)
@@ -128,17 +128,13 @@ def fit_range(structure, data: TDSData, *, start: str = "springs", born=None, fi
                       held_out_chi2_per_point=chi2 / held_out.n_used, score=chi2 + 2 * model.n_params, status=status,
                       seconds=time.perf_counter() - began)
         candidates.append(record)
-        models.append((model.theta.detach().clone(), model))
         say(f"range: {shells} shells, cutoff {model.cutoff:.3f} Å, {model.n_params} parameters: χ²_red "
             f"{record['chi2_red_training']:.3f} (training), {record['held_out_chi2_per_point']:.3f} per held-out "
             f"point ({record['seconds']:.0f} s)")
         if best is None or record["score"] < candidates[best]["score"]:
-            best = len(candidates) - 1
+            best, chosen = len(candidates) - 1, model  # `_grown` leaves it as fitted
         elif len(candidates) - 1 - best >= PATIENCE:
             break
-    theta, chosen = models[best]
-    with torch.no_grad():
-        chosen.theta.copy_(theta)
     began = time.perf_counter()
     result = fit(chosen, data, progress=progress, explain_misfit=explain_misfit, **options)
     final = time.perf_counter() - began
