@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..covariance import UnstableError
 from ..data import TDSData
 from ..forward import from_settings, tds_model
+from .diagnosis import unstable_start
 from .objective import Objective
 from .optimizers import Optimizer, minimise
 
@@ -25,14 +27,21 @@ def forward_settings(model, data: TDSData, options: dict) -> dict:
 
     Returns:
         The forward model's settings (method, statistics, temperature, grid, ...).
+
+    Raises:
+        UnstableError: θ is dynamically unstable (naming its most imaginary mode).
     """
     tds_options = dict(options.get("tds_options") or {})
     used = np.asarray(data.mask, dtype=bool)
     tds_options.setdefault("q_max", float(data.q_norm[used].max()))
     tds_options.setdefault("voxels", data.q[used])
     temperature = data.require_temperature(options.get("temperature"))
-    return tds_model(model, temperature, method=options.get("method", "gaussian"),
-                     statistics=options.get("statistics", "quantum"), **tds_options).settings()
+    theta = model.theta.detach().cpu().numpy().copy()
+    try:
+        return tds_model(model, temperature, method=options.get("method", "gaussian"),
+                         statistics=options.get("statistics", "quantum"), **tds_options).settings()
+    except UnstableError as err:
+        raise unstable_start(model, theta, theta, err, "") from err
 
 
 def objective(model, data: TDSData, settings: dict, options: dict) -> Objective:
@@ -68,11 +77,14 @@ def fit_loss(model, data: TDSData, settings: dict, options: dict, max_iter: int 
         (the loss at the minimum, the optimiser's status {"converged", "reason"}).
 
     Raises:
-        UnstableError: the start θ is dynamically unstable.
+        UnstableError: the start θ is dynamically unstable (naming its most imaginary mode).
     """
     loss = objective(model, data, settings, options)
     optimizer = Optimizer("lbfgs", max_iter=max_iter)
     theta = model.theta.detach().cpu().numpy().copy()
-    state = optimizer.strategy.start(theta, loss.whitening(theta), [loss.evaluate(theta)[0]], optimizer)
+    try:  # the optimiser refuses unstable steps: only the start can be
+        state = optimizer.strategy.start(theta, loss.whitening(theta), [loss.evaluate(theta)[0]], optimizer)
+    except UnstableError as err:
+        raise unstable_start(model, theta, theta, err, "") from err
     state, status = minimise(loss, optimizer, state, rewhiten=loss.whitening)
     return float(loss.evaluate(state.theta)[0]), status

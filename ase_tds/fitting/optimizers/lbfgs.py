@@ -115,7 +115,7 @@ def lbfgs_status(res, grad, max_iter) -> dict:
     message = str(res.message)
     if res.status == 99:
         return {"converged": True, "reason": f"{STALL_ITERATIONS} iterations lowered the loss by less than "
-                                             "atol·χ²_red"}
+                                             "atol times the loss per point"}
     if res.status == 0:
         which = "relative change of the loss" if "REL_REDUCTION" in message else "projected gradient"
         return {"converged": True, "reason": f"{which} below its tolerance"}
