@@ -15,6 +15,10 @@ from .diagnosis import unstable_start
 from .objective import Objective
 from .optimizers import Optimizer, minimise
 
+# a lean fit stops when 3 L-BFGS iterations lower its loss by less than this many χ²_red: its loss is then within
+# about that of its least value, twenty times below the 2 per parameter by which the range's candidates differ
+LEAN_ATOL = 0.1
+
 
 def forward_settings(model, data: TDSData, options: dict) -> dict:
     """The settings (`ForwardModel.settings`) of the forward model `fit` would build for `model` on `data` at its
@@ -64,7 +68,8 @@ def objective(model, data: TDSData, settings: dict, options: dict) -> Objective:
 
 
 def fit_loss(model, data: TDSData, settings: dict, options: dict, max_iter: int = 200) -> tuple[float, dict]:
-    """Minimise the loss of `model` on `data` (L-BFGS, at most `max_iter` iterations) from its θ, in place.
+    """Minimise the loss of `model` on `data` (L-BFGS, at most `max_iter` iterations, stopped at `LEAN_ATOL`)
+    from its θ, in place.
 
     Args:
         model (ForceConstantModel): the model, its θ the start (the minimum afterwards).
@@ -80,7 +85,7 @@ def fit_loss(model, data: TDSData, settings: dict, options: dict, max_iter: int 
         UnstableError: the start θ is dynamically unstable (naming its most imaginary mode).
     """
     loss = objective(model, data, settings, options)
-    optimizer = Optimizer("lbfgs", max_iter=max_iter)
+    optimizer = Optimizer("lbfgs", max_iter=max_iter, atol=LEAN_ATOL)
     theta = model.theta.detach().cpu().numpy().copy()
     try:  # the optimiser refuses unstable steps: only the start can be
         state = optimizer.strategy.start(theta, loss.whitening(theta), [loss.evaluate(theta)[0]], optimizer)
