@@ -487,7 +487,7 @@ def _report_fit(args, model, result, data, start, reference, options: dict) -> i
     if not result.trusted and not result.undetermined:
         explain(model, data, result, options, progress=distributed.is_main())
         if result.missing_physics:
-            _save_fit(args, model, result, data, start, reference)
+            _save_fit(args, model, result, data, start, reference, verb="updated (the misfit's diagnosis)")
     if not result.trusted and result.undetermined:
         print("ase-tds: the data do not determine the force constants (some 1σ are not finite or absurdly large): "
               "they are not error bars; check --temperature, the |Q| range and the data's units", file=sys.stderr)
@@ -505,7 +505,7 @@ def _report_fit(args, model, result, data, start, reference, options: dict) -> i
     return 0
 
 
-def _save_fit(args, model, result, data, start, reference) -> None:
+def _save_fit(args, model, result, data, start, reference, verb: str = "wrote") -> None:
     """Write the fit folder (rank 0 under torchrun; every rank waits for it), the model left on its device."""
     from . import distributed
 
@@ -514,7 +514,7 @@ def _save_fit(args, model, result, data, start, reference) -> None:
             result.save(args.out, copy.deepcopy(model).cpu(), data, start=start, reference=reference)
     finally:  # every rank waits for rank 0's files: an exit code 3 or 4 must not stop rank 0 mid-save
         distributed.barrier()
-    print(f"wrote {args.out}/")
+    print(f"{verb} {args.out}/")
 
 
 def _range_arguments(args) -> tuple[int | None, float | None]:
