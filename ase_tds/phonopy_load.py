@@ -64,11 +64,10 @@ def load_phonopy(source):
             raise ValueError(f"{path} holds force constants without the crystal structure they belong to; "
                              "pass the phonopy_params.yaml written next to it (structure and force constants in one file)")
         try:  # nac_params only from the file itself, never a BORN that happens to lie in the working directory
-            source = phonopy.load(path, log_level=0, is_nac=False)
-            if "nac_params" in path.read_text(errors="replace"):
-                from phonopy.interface.phonopy_yaml import read_phonopy_yaml
+            from phonopy.interface.phonopy_yaml import read_phonopy_yaml
 
-                source.nac_params = read_phonopy_yaml(path).nac_params
+            source = phonopy.load(path, log_level=0, is_nac=False)
+            source.nac_params = read_phonopy_yaml(path).nac_params  # the file's own `nac:` block, or None
         except Exception as err:  # phonopy reports unreadable files in many ways
             raise ValueError(f"phonopy could not read {path} ({type(err).__name__}: {err}); "
                              "expected a phonopy.yaml-like file such as phonopy_params.yaml") from err

@@ -107,6 +107,10 @@ def test_phonopy_files_carry_the_born_charges(polar_model, tmp_path):
     ours = polar_model.frequencies(reduced @ (2 * np.pi * np.linalg.inv(cell).T))
     np.testing.assert_allclose(ours, ph.qpoints.frequencies, atol=1e-6)
     assert ours[0, -1] - ours[0, -2] > 0.5  # LO above TO near Γ
+    # read back as a start (`--start phonopy_params.yaml`): the Born charges and the short-range θ as written
+    back = ForceConstantModel(polar_model.unitcell, shells=3).set_from_phonopy(tmp_path / "phonopy_params.yaml")
+    np.testing.assert_allclose(back.born.charges.numpy(), polar_model.born.charges.numpy(), atol=1e-12)
+    np.testing.assert_allclose(back.theta.detach().numpy(), polar_model.theta.detach().numpy(), atol=1e-7)
 
 
 def test_fitted_born_charges_are_parameters_with_gradients(polar_model, rng):
