@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -358,8 +359,8 @@ def at_gamma(q: torch.Tensor, cell) -> torch.Tensor:
     return torch.linalg.norm(k0, dim=-1) < Q_ZERO_TOL
 
 
-def _reciprocal_sum(k0, direction, gvec, positions, charges, epsilon, lam) -> torch.Tensor:
-    """Σ_G w(K) (K·Z*_κ)_α (K·Z*_κ')_β e^{2πiG·(r_κ − r_κ')}, K = k₀ + G: phonopy's `get_dd` with Borns.
+def _unit_sum(k0, direction, gvec, positions, epsilon, lam) -> torch.Tensor:
+    """Σ_G w(K) K_m K_m' e^{2πiG·(r_κ − r_κ')}, K = k₀ + G: phonopy's `get_dd` with unit charges, rows (κ, m).
 
     w(K) = e^{−KεK/4Λ²}/KεK; at K = 0 (|K| < Q_ZERO_TOL) w = 1/dεd with K → d, the direction of
     approach, or the term is dropped where the direction is zero.
@@ -369,10 +370,10 @@ def _reciprocal_sum(k0, direction, gvec, positions, charges, epsilon, lam) -> to
         direction: (B, 3) Cartesian direction of approach to Γ (zero rows: none).
         gvec: (n_G, 3) G vectors, Å⁻¹ without 2π.
         positions: (n, 3) Cartesian positions, Å.
-        charges: Z* (n, 3, 3); epsilon: ε∞ (3, 3); lam: Λ (0-dim), Å⁻¹ without 2π.
+        epsilon: ε∞ (3, 3); lam: Λ (0-dim), Å⁻¹ without 2π.
 
     Returns:
-        (B, 3n, 3n) complex, dimensionless (times e²).
+        (B, 3n, 3n) complex, Å⁻²·Å² (dimensionless).
     """
     kvec = k0[:, None, :] + gvec[None]  # (B, G, 3)
     at_gamma = torch.linalg.norm(kvec, dim=-1) < Q_ZERO_TOL
@@ -384,31 +385,42 @@ def _reciprocal_sum(k0, direction, gvec, positions, charges, epsilon, lam) -> to
     kek = torch.einsum("bgi,ij,bgj->bg", kvec, epsilon, kvec)
     gauss = torch.where(at_gamma, torch.ones_like(kek), torch.exp(-kek / (4 * lam**2)))
     weight = torch.where(at_gamma & ~has_dir[:, None], torch.zeros_like(kek), gauss / kek)
-    kz = torch.einsum("bgm,imx->bgix", kvec, charges)  # (B, G, n, 3): (K·Z*_κ)_α
     angle = 2 * np.pi * gvec @ positions.T  # (G, n)
-    amp = kz.to(torch.promote_types(kz.dtype, torch.complex64)) * torch.polar(torch.ones_like(angle), angle)[..., None]
-    amp = amp.reshape(amp.shape[0], amp.shape[1], -1)  # (B, G, 3n)
+    phase = torch.polar(torch.ones_like(angle), angle)
+    amp = (phase[None, :, :, None] * kvec[:, :, None, :].to(phase.dtype)).reshape(len(k0), len(gvec), -1)  # (B, G, 3n)
     return (amp * weight[..., None]).transpose(1, 2) @ amp.conj()
 
 
-def _self_term(gvec, positions, charges, epsilon, lam) -> torch.Tensor:
-    """phonopy's `dd_q0`: Σ_κ' of the q = 0 sum (G = 0 left out), Hermitian part, (n, 3, 3) complex."""
-    zero = torch.zeros(1, 3, dtype=positions.dtype, device=positions.device)
-    n = len(positions)
-    total = _reciprocal_sum(zero, zero, gvec, positions, charges, epsilon, lam)[0]
-    blocks = total.reshape(n, 3, n, 3).sum(2)
-    return (blocks + blocks.conj().transpose(1, 2)) / 2
+class DipoleKernel(NamedTuple):
+    """The Gonze–Lee sum of unit charges, scaled: C_dd(q) = Z̄ᵀ K(q) Z̄ − self term, Z̄ = diag(Z*_κ) (3n, 3n).
 
+    Z* enters the dipole–dipole term bilinearly, so at fixed ε∞ and q the sum over G is done once and fitted
+    charges cost two small products per q (`contract_charges`).
 
-def _dipole_blocks(q, primitive: Atoms, born: BornCharges, q_direction=None, reduce: bool = True) -> torch.Tensor:
-    """C_dd(q) = √(m m')·D_dd(q), (B, 3n, 3n) complex eV/Å², for Cartesian q (B, 3) Å⁻¹ (with 2π).
-
-    reduce=False sums around q as given (phonopy's way: right only for q in the first zone).
+    Attributes:
+        total: K(q) (B, 3n, 3n) complex, eV/Å²/e², rows (κ, m): the sum at q with the phases of q's first-zone
+            reduction.
+        zero: K(0) (3n, 3n) complex, eV/Å²/e², without the G = 0 term: phonopy's `dd_q0` before the charges.
     """
-    charges, epsilon = born.charges, born.epsilon
-    real = dict(dtype=charges.dtype, device=charges.device)
-    if born.n_atoms != len(primitive):
-        raise ValueError(f"{born.n_atoms} Born charges for a primitive cell of {len(primitive)} atoms")
+
+    total: torch.Tensor
+    zero: torch.Tensor
+
+
+def dipole_kernel(q, primitive: Atoms, born: BornCharges, q_direction=None, reduce: bool = True) -> DipoleKernel:
+    """The unit-charge Gonze–Lee sums at Cartesian q (B, 3) Å⁻¹ (with 2π): differentiable in ε∞, not in Z*.
+
+    Args:
+        q, q_direction: as `dipole_dynamical_matrix`.
+        primitive: primitive cell (ase.Atoms).
+        born: its Born charges (only ε∞, the factor and the Ewald parameters are read).
+        reduce: False sums around q as given (phonopy's way: right only for q in the first zone).
+
+    Returns:
+        DipoleKernel on the charges' device, complex dtype.
+    """
+    epsilon = born.epsilon
+    real = dict(dtype=epsilon.dtype, device=epsilon.device)
     cell = np.array(primitive.cell[:], dtype=float)
     k = torch.as_tensor(q, **real).reshape(-1, 3) / (2 * np.pi)
     direction = torch.zeros_like(k) if q_direction is None else \
@@ -419,17 +431,43 @@ def _dipole_blocks(q, primitive: Atoms, born: BornCharges, q_direction=None, red
     positions = torch.as_tensor(primitive.positions, **real)
     n = len(positions)
     step = max(1, _CHUNK_ENTRIES // (len(gvec) * 3 * n))
-    total = torch.cat([_reciprocal_sum(k0[i:i + step], direction[i:i + step], gvec, positions, charges, epsilon, lam)
+    total = torch.cat([_unit_sum(k0[i:i + step], direction[i:i + step], gvec, positions, epsilon, lam)
                        for i in range(0, len(k), step)])
-    diagonal = torch.einsum("ij,ixy->ixjy", torch.eye(n, **real).to(total.dtype),
-                            _self_term(gvec, positions, charges, epsilon, lam)).reshape(3 * n, 3 * n)
+    zero = torch.zeros(1, 3, **real)
     # D(q₀ + G)_ij = D(q₀)_ij e^{iG·(r_j − r_i)}
     back = torch.polar(torch.ones(len(k), n, **real), -2 * np.pi * shift @ positions.T).repeat_interleave(3, 1)
     scale = born.factor * 4 * np.pi / abs(np.linalg.det(cell))
-    return (total - diagonal) * back[:, :, None] * back.conj()[:, None, :] * scale
+    return DipoleKernel(total * back[:, :, None] * back.conj()[:, None, :] * scale,
+                        _unit_sum(zero, zero, gvec, positions, epsilon, lam)[0] * scale)
 
 
-def dipole_dynamical_matrix(q, primitive: Atoms, born: BornCharges, q_direction=None, masses=None) -> torch.Tensor:
+def contract_charges(kernel: DipoleKernel, charges: torch.Tensor) -> torch.Tensor:
+    """C_dd(q) = √(m m')·D_dd(q), (B, 3n, 3n) complex eV/Å², from the unit-charge sums and Z* (n, 3, 3) e.
+
+    (Z̄ᵀ K Z̄)_{κα,κ'β} = Σ_mm' Z*_κ,mα K_{κm,κ'm'} Z*_κ',m'β; the self term is the Hermitian part of
+    Σ_κ' (Z̄ᵀ K(0) Z̄)_κκ' on each diagonal block (phases of the first-zone reduction cancel there).
+    """
+    n = len(charges)
+    block = torch.block_diag(*charges).to(kernel.total.dtype)  # Z̄, rows (κ, m), columns (κ, α)
+    total = block.T @ kernel.total @ block
+    summed = (block.T @ kernel.zero @ block).reshape(n, 3, n, 3).sum(2)
+    own = (summed + summed.conj().transpose(1, 2)) / 2
+    diagonal = torch.einsum("ij,ixy->ixjy", torch.eye(n, dtype=own.dtype, device=own.device), own)
+    return total - diagonal.reshape(3 * n, 3 * n)
+
+
+def _dipole_blocks(q, primitive: Atoms, born: BornCharges, q_direction=None, reduce: bool = True) -> torch.Tensor:
+    """C_dd(q) = √(m m')·D_dd(q), (B, 3n, 3n) complex eV/Å², for Cartesian q (B, 3) Å⁻¹ (with 2π).
+
+    reduce=False sums around q as given (phonopy's way: right only for q in the first zone).
+    """
+    if born.n_atoms != len(primitive):
+        raise ValueError(f"{born.n_atoms} Born charges for a primitive cell of {len(primitive)} atoms")
+    return contract_charges(dipole_kernel(q, primitive, born, q_direction, reduce), born.charges)
+
+
+def dipole_dynamical_matrix(q, primitive: Atoms, born: BornCharges, q_direction=None, masses=None,
+                            kernel: DipoleKernel | None = None) -> torch.Tensor:
     """D_dd(q) (B, 3n, 3n) complex eV/Å²/amu: phonopy's Gonze–Lee dipole–dipole term, at any q.
 
     Add it to the short-range D(q) (`ForceConstantModel.dynamical_matrix`, same units, phases and q):
@@ -446,11 +484,16 @@ def dipole_dynamical_matrix(q, primitive: Atoms, born: BornCharges, q_direction=
             row counts as none). None: at Γ the non-analytic G = 0 term is left out (phonopy without
             `q_direction`).
         masses (array_like | None): (n,) amu; default `primitive.get_masses()`.
+        kernel: `dipole_kernel` of these q, direction and ε∞, to reuse (fitted charges at fixed ε∞); None
+            computes it.
 
     Returns:
         (B, 3n, 3n) complex, eV/Å²/amu, rows (κ, α).
     """
-    blocks = _dipole_blocks(q, primitive, born, q_direction)
+    if kernel is None:
+        blocks = _dipole_blocks(q, primitive, born, q_direction)
+    else:
+        blocks = contract_charges(kernel, born.charges)
     mass = torch.as_tensor(primitive.get_masses() if masses is None else masses, dtype=born.charges.dtype,
                            device=born.charges.device)
     inv_sqrt = torch.repeat_interleave(mass.rsqrt(), 3)

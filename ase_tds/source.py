@@ -16,15 +16,16 @@ import torch
 from ase import Atoms
 
 
-DIPOLE_CACHE_ENTRIES = 2**23  # complex entries of D_dd kept for fixed Born charges (128 MB)
+DIPOLE_CACHE_ENTRIES = 2**23  # complex entries of unit-charge Gonze–Lee sums kept at fixed ε∞ (128 MB)
 
 
 def _dipole_key(q: torch.Tensor, q_direction, born) -> str:
-    """A key of the values of q, the direction and the charges."""
+    """A key of the values of q, the direction and what the unit-charge sums depend on (ε∞, Ewald parameters)."""
     digest = hashlib.sha1(q.detach().cpu().numpy().tobytes())
-    for x in (q_direction, born.charges, born.epsilon):
+    for x in (q_direction, born.epsilon):
         if x is not None:
             digest.update(torch.as_tensor(x).detach().cpu().numpy().tobytes())
+    digest.update(repr((born.factor, born.g_cutoff, born.ewald_lambda)).encode())
     return f"{q.device}:{q.dtype}:{tuple(q.shape)}:{digest.hexdigest()}"
 
 
@@ -50,22 +51,22 @@ class SourceTensors:
         Raises:
             ValueError: a source without Born charges.
         """
-        from .dipole import dipole_dynamical_matrix
+        from .dipole import dipole_dynamical_matrix, dipole_kernel
 
         if self.born is None:
             raise ValueError("these force constants have no Born charges: no dipole–dipole term")
         born = self.born_charges()
-        if born.charges.requires_grad or born.epsilon.requires_grad:  # fitted charges: in θ's graph, every time
+        if born.epsilon.requires_grad:  # fitted ε∞: the sum over G in θ's graph, every time
             return dipole_dynamical_matrix(q, self.primitive, born, q_direction, self.masses)
         q = torch.as_tensor(q, dtype=self.dtype, device=self.device).reshape(-1, 3)
         key = _dipole_key(q, q_direction, born)
         cache = self.__dict__.setdefault("_dipole_cache", collections.OrderedDict())
-        if key not in cache:  # fixed charges: the same q (a grid's mesh, the data's points) cost one Ewald sum
-            cache[key] = dipole_dynamical_matrix(q, self.primitive, born, q_direction, self.masses)
-            while sum(v.numel() for v in cache.values()) > DIPOLE_CACHE_ENTRIES and len(cache) > 1:
+        if key not in cache:  # fixed ε∞: the same q (a grid's mesh, the data's points) cost one Ewald sum, whatever Z*
+            cache[key] = dipole_kernel(q, self.primitive, born, q_direction)
+            while sum(v.total.numel() for v in cache.values()) > DIPOLE_CACHE_ENTRIES and len(cache) > 1:
                 cache.popitem(last=False)
         cache.move_to_end(key)
-        return cache[key]
+        return dipole_dynamical_matrix(q, self.primitive, born, q_direction, self.masses, kernel=cache[key])
 
     def dipole_bound(self, mesh: int = 6) -> float:
         """A bound (eV/Å²/amu) on the largest eigenvalue of D_dd(q): 1.5 × the largest on a `mesh`³ grid and at Γ

@@ -132,6 +132,26 @@ def test_fitted_born_charges_are_parameters_with_gradients(polar_model, rng):
     assert torch.autograd.gradcheck(intensity, (theta,), eps=1e-6, atol=1e-8, rtol=1e-5)
 
 
+def test_fitted_charges_reuse_the_ewald_sum(polar_model):
+    """At fixed ε∞ the sum over G is kept once per q: a new Z* adds no cache entry, and D_dd at the new Z* equals
+    phonopy's term computed afresh (`dipole_dynamical_matrix` without the cache), off Γ and along a direction at Γ."""
+    from ase_tds.dipole import dipole_dynamical_matrix
+
+    model = copy.deepcopy(polar_model).set_born(polar_model.born, fit=True)
+    q = torch.as_tensor(model.q_from_hkl([[0.3, 1.2, 2.1], [0.0, 0.0, 0.0]]))
+    direction = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.4, 0.2]])
+    model.dipole_matrix(q, direction)
+    entries = len(model._dipole_cache)
+    with torch.no_grad():
+        model.theta[-1] = 1.7
+    cached = model.dipole_matrix(q, direction)
+    assert len(model._dipole_cache) == entries
+    fresh = BornCharges(model.born_charges().charges.detach(), model.born.epsilon)
+    assert fresh.charges[0, 0, 0] == pytest.approx(1.7)
+    np.testing.assert_allclose(cached.detach().numpy(), dipole_dynamical_matrix(
+        q, model.primitive, fresh, direction, model.masses).numpy(), rtol=1e-12, atol=1e-14)
+
+
 def test_the_calculator_carries_the_dipole_forces(polar_model, rng):
     """TDSFitted of a polar model: its forces on a displaced 2×2×2 supercell are −Φu with Φ phonopy's force
     constants of the written files (short range plus phonopy's dipole part), from phonopy's own supercell."""
