@@ -569,6 +569,9 @@ def _run_refine(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} {value:g}: give a positive width")
     if args.force_sigma is not None and not 0 <= args.force_sigma < np.inf:
         raise ValueError(f"--force-sigma {args.force_sigma:g}: give a width ≥ 0 in eV/Å (0: forces not anchored)")
+    if args.lattice_sigma is not None and not 0 <= args.lattice_sigma < 1:
+        raise ValueError(f"--lattice-sigma {args.lattice_sigma:g}: give a relative width in [0, 1), e.g. 0.001 for "
+                         "0.1 % (0: the lattice constant held only through the energies)")
     structure = _read_structure(args.structure)
     data = TDSData.read(args.data, structure=structure, temperature=args.temperature)
     radius, units = _bragg_radius(args.mask_bragg)
@@ -578,11 +581,16 @@ def _run_refine(args) -> int:
     result, model = refine(potential, structure, data, shells=args.shells, layers=layers,
                            temperature=args.temperature, method=args.model, statistics=args.statistics,
                            scale=args.scale, background=args.background, energy_sigma=args.energy_sigma,
-                           force_sigma=args.force_sigma, weight_sigma=args.weight_sigma, max_iter=args.max_iter,
+                           force_sigma=args.force_sigma, lattice_sigma=args.lattice_sigma,
+                           weight_sigma=args.weight_sigma, max_iter=args.max_iter,
                            device=_device(args.device))
     print(result.table())
     saved = result.save(args.out, potential, model, data)
     print(f"wrote {args.out}/ (the refined potential: {saved.name})")
+    if not result.fit.trusted:
+        return NOT_TRUSTED
+    if not result.status["converged"]:
+        return NOT_CONVERGED
     return 0
 
 

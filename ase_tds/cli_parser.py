@@ -165,8 +165,9 @@ def _add_refine_parser(sub, runs) -> argparse.ArgumentParser:
                             description="Refine a machine-learned potential's own weights (by default its readout "
                                         "layers) so that its force constants fit TDS data, anchored to its pretrained "
                                         "energies and forces (docs/refine.md). Writes the refined potential in its "
-                                        "own format and the fit folder. Exit code 0: done; 2: bad input; 130: "
-                                        "interrupted.")
+                                        "own format and the fit folder. Exit code 0: done; 2: bad input; 3: "
+                                        "stopped at --max-iter before converging; 4: the refined potential does not "
+                                        "describe the data (χ²_red far above 1); 130: interrupted.")
     refine.add_argument("structure", help="structure file (any format ase.io.read reads) that the data's hkl index")
     refine.add_argument("data", help="HDF5 point list, NeXus NXdata volume or .npz")
     refine.add_argument("--potential", required=True,
@@ -192,9 +193,13 @@ def _add_refine_parser(sub, runs) -> argparse.ArgumentParser:
                         help="anchor: tolerance of the reference energies, eV/atom (default: 0.002)")
     refine.add_argument("--force-sigma", type=float, metavar="EV_PER_A",
                         help="anchor: tolerance of the reference forces, eV/Å; 0: forces not anchored (default: 0.1)")
+    refine.add_argument("--lattice-sigma", type=float, metavar="RELATIVE",
+                        help="anchor: tolerance of the equilibrium lattice constant, relative; 0: held only through "
+                             "the energies (default: 0.001)")
     refine.add_argument("--weight-sigma", type=float,
                         help="an L2 pull of the refined weights to the pretrained ones, of this width (default: none)")
-    refine.add_argument("--max-iter", type=int, default=50, help="L-BFGS iterations (default: %(default)s)")
+    refine.add_argument("--max-iter", type=int, default=200,
+                        help="the most L-BFGS iterations; it stops earlier when converged (default: %(default)s)")
     _add_device_argument(refine)
     refine.set_defaults(run=runs["refine"], out_kind="folder")
     return refine

@@ -4,6 +4,11 @@ with the pretrained weights, and an optional L2 pull of the weights to their pre
 Reference configurations: a few thermal snapshots of the start (the start's force constants, `export.
 thermal_configurations`, classical, at the data's temperature) and the start structure strained isotropically by
 0 and ±`strain` (its equation of state near the minimum: the lattice constant and the bulk modulus).
+
+The lattice constant has a term of its own: energies within σ_E leave the slope of E(strain), hence the equilibrium
+lattice constant, free to move by ~σ_E/(strain·curvature) (0.1–0.7 % in practice), and the data pull on it through
+the weights they share with the force constants. The term holds the vertex of the parabola through the three strained
+energies, the isotropic strain at which the potential is at rest, to its pretrained value within σ_a.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ from ase import Atoms
 
 ENERGY_SIGMA = 0.002  # eV/atom: ±1 % strain of nickel costs ≈ 6 meV/atom, so its lattice constant stays within ~0.1 %
 FORCE_SIGMA = 0.1  # eV/Å: loose; thermal forces are what a stiffer crystal must change (≈ 0.4 eV/Å rms at 300 K)
+LATTICE_SIGMA = 1e-3  # relative: the equilibrium lattice constant held to 0.1 % (a 0.5 % move costs 25 in χ² units)
 
 
 @dataclass
 class Anchor:
-    """The anchor penalty Σ_c ((E_c − E⁰_c)/(n_c·σ_E))² + Σ_c,i ((F_ci − F⁰_ci)/σ_F)² + Σ_w ((w − w⁰)/σ_w)².
+    """The anchor penalty Σ_c ((E_c − E⁰_c)/(n_c·σ_E))² + Σ_c,i ((F_ci − F⁰_ci)/σ_F)² + ((ε₀ − ε₀⁰)/σ_a)²
+    + Σ_w ((w − w⁰)/σ_w)², ε₀ the equilibrium isotropic strain (`equilibrium_strain`).
 
     Attributes:
         configurations: the reference configurations (ase.Atoms).
@@ -28,8 +35,10 @@ class Anchor:
         forces: F⁰ [(N_c, 3) eV/Å] of the pretrained weights.
         energy_sigma: σ_E, eV/atom.
         force_sigma: σ_F, eV/Å (None: forces not anchored).
+        lattice_sigma: σ_a, relative, of the equilibrium lattice constant (None: not held beyond the energies).
         weight_sigma: σ_w of the L2 pull to the pretrained weights (None: no pull).
         weights0: {name: pretrained weight (on the CPU)} of the refined weights (for the L2 pull).
+        strain: the isotropic strain of configurations 0 and 2 (−, +); configuration 1 is unstrained.
     """
 
     configurations: list
@@ -37,8 +46,10 @@ class Anchor:
     forces: list
     energy_sigma: float = ENERGY_SIGMA
     force_sigma: float | None = FORCE_SIGMA
+    lattice_sigma: float | None = LATTICE_SIGMA
     weight_sigma: float | None = None
     weights0: dict | None = None
+    strain: float = 0.01
 
     @classmethod
     def build(cls, potential, start_model, temperature: float, parameters: dict, n_snapshots: int = 3,
@@ -54,7 +65,8 @@ class Anchor:
             snapshot_supercell: repetitions of the unit cell in a snapshot.
             strain: the isotropic strain of the strained cells (±).
             seed: seed of the snapshots.
-            **sigmas: energy_sigma (eV/atom), force_sigma (eV/Å or None), weight_sigma (or None).
+            **sigmas: energy_sigma (eV/atom), force_sigma (eV/Å or None), lattice_sigma (relative, or None),
+                weight_sigma (or None).
         """
         from ..export import thermal_configurations
 
@@ -69,7 +81,15 @@ class Anchor:
         configurations += [Atoms(f.numbers, cell=f.cell[:], positions=f.positions, pbc=True) for f in frames]
         energies, forces = potential.energy_forces(configurations)
         weights0 = {name: p.detach().to("cpu", copy=True) for name, p in parameters.items()}
-        return cls(configurations, energies, forces, weights0=weights0, **sigmas)
+        return cls(configurations, energies, forces, weights0=weights0, strain=strain, **sigmas)
+
+    def equilibrium_strain(self, energies: torch.Tensor) -> torch.Tensor:
+        """ε₀ (0-dim): the isotropic strain at the vertex of the parabola through the energies (B,) eV of the three
+        strained configurations, s·(E₋ − E₊)/(2(E₋ − 2E₀ + E₊)); the curvature kept ≥ a tenth of the pretrained one."""
+        minus, zero, plus = energies[:3]
+        curvature = torch.clamp(minus - 2 * zero + plus, min=0.1 * float(self.energies[0] - 2 * self.energies[1]
+                                                                          + self.energies[2]))
+        return self.strain * (minus - plus) / (2 * curvature)
 
     def penalty(self, potential, parameters: dict) -> torch.Tensor:
         """The anchor penalty (a scalar tensor, differentiable in the weights) at the potential's current weights."""
@@ -78,6 +98,9 @@ class Anchor:
         total = (((energies - self.energies) / (n_atoms * self.energy_sigma)) ** 2).sum()
         if self.force_sigma is not None:
             total = total + sum((((f - f0) / self.force_sigma) ** 2).sum() for f, f0 in zip(forces, self.forces))
+        if self.lattice_sigma is not None:
+            moved = self.equilibrium_strain(energies) - self.equilibrium_strain(self.energies)
+            total = total + (moved / self.lattice_sigma) ** 2
         if self.weight_sigma is not None:
             total = total + sum((((p.to("cpu", torch.float64) - self.weights0[name].to(torch.float64))
                                   / self.weight_sigma) ** 2).sum() for name, p in parameters.items())
@@ -95,4 +118,6 @@ class Anchor:
                 "energy_rms_meV_per_atom": float(np.sqrt(np.mean(per_atom**2))),
                 "force_rms_meV_per_A": float(np.sqrt(np.mean(force_change**2))),
                 "force_max_meV_per_A": float(np.abs(force_change).max()),
+                "lattice_vertex_moved_percent": float(100 * (self.equilibrium_strain(energies)
+                                                             - self.equilibrium_strain(self.energies))),
                 "snapshot_force_rms_meV_per_A": float(np.sqrt(np.mean(force_scale**2)))}

@@ -105,6 +105,11 @@ class RefineResult:
                   f"anchor drift: energies {drift['energy_rms_meV_per_atom']:.2f} meV/atom rms, forces "
                   f"{drift['force_rms_meV_per_A']:.1f} meV/Å rms (largest {drift['force_max_meV_per_A']:.1f})",
                   f"{'converged' if self.status['converged'] else 'NOT converged'}: {self.status['reason']}"]
+        if not self.fit.trusted:
+            lines.append(f"NOT TRUSTED: the refined potential does not describe the data (χ²_red {self.fit.chi2_red:.3g}):"
+                         " the weights refined, held by the anchor, cannot reach them. Refine more layers (--layers, "
+                         "docs/refine.md), loosen the anchor (--energy-sigma, --force-sigma), or compare with "
+                         "`ase-tds fit` on the same data to see whether the force-constant model itself can")
         return "\n".join(lines)
 
     def save(self, folder, potential: Potential, model: ForceConstantModel, data: TDSData) -> Path:
@@ -139,8 +144,8 @@ def special_points(model: ForceConstantModel) -> dict:
 def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutoff: float | None = None,
            layers=None, temperature: float | None = None, method: str = "gaussian", statistics: str = "quantum",
            scale: str | None = None, background: str = "free", energy_sigma: float | None = None,
-           force_sigma: float | None = None, weight_sigma: float | None = None, n_snapshots: int = 3,
-           max_iter: int = 50, supercell_matrix=None, displacement: float = 0.01, tds_options: dict | None = None,
+           force_sigma: float | None = None, lattice_sigma: float | None = None, weight_sigma: float | None = None,
+           n_snapshots: int = 3, max_iter: int = 200, supercell_matrix=None, displacement: float = 0.01, tds_options: dict | None = None,
            device="cpu", progress: bool = True) -> tuple[RefineResult, ForceConstantModel]:
     """Refine `potential`'s weights (in place) so that its force constants fit `data`, anchored to its pretrained self.
 
@@ -156,9 +161,11 @@ def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutof
         method, statistics, scale, background: the data's model, as in `fit`.
         energy_sigma: σ_E of the anchor's energies, eV/atom (None: `anchor.ENERGY_SIGMA`).
         force_sigma: σ_F of the anchor's forces, eV/Å (None: `anchor.FORCE_SIGMA`); 0 or less: forces not anchored.
+        lattice_sigma: σ_a of the equilibrium lattice constant, relative (None: `anchor.LATTICE_SIGMA`); 0 or less:
+            held only through the energies.
         weight_sigma: σ_w of an L2 pull to the pretrained weights (None: none).
         n_snapshots: thermal snapshots among the anchor's configurations.
-        max_iter: L-BFGS iterations over the weights.
+        max_iter: the most L-BFGS iterations over the weights (it stops earlier when converged).
         supercell_matrix (array_like | None): of the displaced supercells (None: `projection.compact_supercell`).
         displacement: Å, the finite displacement.
         tds_options: forward-model options, as in `fit`.
@@ -190,9 +197,11 @@ def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutof
     start_model = copy.deepcopy(model)
     model.to(device)
     force_sigma = anchor_defaults.FORCE_SIGMA if force_sigma is None else force_sigma
+    lattice_sigma = anchor_defaults.LATTICE_SIGMA if lattice_sigma is None else lattice_sigma
     anchor = Anchor.build(potential, start_model, temperature, parameters, n_snapshots=n_snapshots,
                           energy_sigma=energy_sigma or anchor_defaults.ENERGY_SIGMA,
-                          force_sigma=force_sigma if force_sigma > 0 else None, weight_sigma=weight_sigma)
+                          force_sigma=force_sigma if force_sigma > 0 else None,
+                          lattice_sigma=lattice_sigma if lattice_sigma > 0 else None, weight_sigma=weight_sigma)
     eos_start = equation_of_state(potential, model.unitcell)
     options = dict(tds_options or {})
     options.setdefault("q_max", float(data.q_norm[np.asarray(data.mask, dtype=bool)].max()))
@@ -237,7 +246,8 @@ def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutof
         settings={"potential": potential.name, "shells": shells, "cutoff": model.cutoff,
                   "supercell_matrix": projection.supercell_matrix.tolist(), "displaced_supercells": len(projection.supercells),
                   "supercell_atoms": projection.n_atoms, "displacement": displacement,
-                  "energy_sigma": anchor.energy_sigma, "force_sigma": anchor.force_sigma, "weight_sigma": weight_sigma,
+                  "energy_sigma": anchor.energy_sigma, "force_sigma": anchor.force_sigma,
+                  "lattice_sigma": anchor.lattice_sigma, "weight_sigma": weight_sigma,
                   "anchor_configurations": len(anchor.configurations), "max_iter": max_iter,
                   "evaluations": loss.evaluations, "dtype": str(next(iter(parameters.values())).dtype)},
         status=status, seconds=time.time() - t0, history=[float(h) for h in history], start_model=start_model)
