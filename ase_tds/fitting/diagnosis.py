@@ -3,6 +3,8 @@ above its expectation), and parameters the data do not determine or cannot tell 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 from ..covariance import UnstableError, mesh_q
@@ -44,6 +46,23 @@ def unstable_start(model, theta, original, err, where: str) -> UnstableError:
                          "Start from springs (set_from_springs() / --start springs), a calculator "
                          "(set_from_calculator(calc) / --start emt or calculator:module.Class), a stable phonopy file, "
                          "or scaled-down constants")
+
+
+@contextmanager
+def named_if_unstable(model, theta=None, original=None, where: str = ""):
+    """An UnstableError met inside re-raised by `unstable_start`, naming θ's most imaginary mode.
+
+    Args:
+        model (ForceConstantModel): the model fitted.
+        theta (array_like | None): the θ (n,) eV/Å² met unstable (default: the model's θ on entry).
+        original (array_like | None): the θ the model is left at (default: `theta`).
+        where: what θ was, as `unstable_start`'s.
+    """
+    theta = model.theta.detach().cpu().numpy().copy() if theta is None else theta
+    try:
+        yield
+    except UnstableError as err:
+        raise unstable_start(model, theta, theta if original is None else original, err, where) from err
 
 
 def misfit(chi2: float, dof: int) -> str:

@@ -15,13 +15,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..covariance import UnstableError
 from ..data import TDSData
 from ..forward import model_class, tds_model
 from ..structure import BRAGG_TOLERANCE, on_bragg_peaks
 from .checkpoint import Checkpoint
 from .covariance import fitted_result
-from .diagnosis import unstable_start
+from .diagnosis import named_if_unstable
 from . import missing
 from .first_fit import first_fit
 from .objective import LOSSES, Objective, fingerprint, fixed_noise, set_theta
@@ -118,10 +117,8 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
     options = dict(tds_options or {})
     options.setdefault("q_max", float(data.q_norm[np.asarray(data.mask, dtype=bool)].max()))
     options.setdefault("voxels", data.q[np.asarray(data.mask, dtype=bool)])  # on a regular grid: the fft route
-    try:  # the gaussian model chooses its grid at the start θ
+    with named_if_unstable(model, original):  # the gaussian model chooses its grid at the start θ
         tds = tds_model(model, temperature, method=method, statistics=statistics, **options)
-    except UnstableError as err:
-        raise unstable_start(model, original, original, err, "") from err
     if progress and tds.name != method:
         tqdm.write(f"forward model: {tds.settings()['route']}")
     settings = _settings(tds, data, scale, background, compton, loss, optimizer, prior_sigma)
@@ -134,10 +131,8 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
                            saver)
     theta, first = original, None
     if state is None and tds.supports_subset:
-        try:
+        with named_if_unstable(model, original):  # the one-phonon model meets an unstable start only here
             theta, first = first_fit(objective, data, exposure, optimizer, original, progress)
-        except UnstableError as err:  # the one-phonon model meets an unstable start only here
-            raise unstable_start(model, original, original, err, "") from err
     if state is None:
         state = _fresh_state(objective, optimizer, theta, original, first is not None)
     else:
@@ -238,11 +233,9 @@ def _objective(tds, data, scale, background, loss, compton, exposure, prior, pro
         theta = np.asarray(theta, dtype=float)
         if saver is not None:
             saver.monte_carlo_theta = theta
-    try:
+    with named_if_unstable(tds.force_constants, theta, original, where):
         objective = Objective(tds, data, scale, background, loss, compton, exposure, theta=theta, prior=prior,
                               progress=progress)
-    except UnstableError as err:
-        raise unstable_start(tds.force_constants, theta, original, err, where) from err
     if tds.monte_carlo and tds.sampler.seed is None:
         warnings.warn("the sampler has no seed: every evaluation draws new displacements, so the loss is noisy and "
                       "Adam anneals on that noise; give it a seed (common random numbers) for a smooth loss",
@@ -252,10 +245,8 @@ def _objective(tds, data, scale, background, loss, compton, exposure, prior, pro
 
 def _evaluate_start(objective: Objective, theta: np.ndarray, original: np.ndarray, where: str) -> float:
     """The loss at the optimiser's start θ; an unstable θ is refused naming `where` it came from."""
-    try:
+    with named_if_unstable(objective.tds.force_constants, theta, original, where):
         return objective.evaluate(theta)[0]
-    except UnstableError as err:
-        raise unstable_start(objective.tds.force_constants, theta, original, err, where) from err
 
 
 def _fresh_state(objective: Objective, optimizer: Optimizer, theta: np.ndarray, original: np.ndarray,

@@ -6,30 +6,17 @@ the chosen model's own fit (`fit`) then does all of that.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 
-from ..covariance import UnstableError
 from ..data import TDSData
 from ..forward import from_settings, tds_model
-from .diagnosis import unstable_start
+from .diagnosis import named_if_unstable
 from .objective import Objective
 from .optimizers import Optimizer, minimise
 
 # a lean fit stops when 3 L-BFGS iterations lower its loss by less than this many χ²_red: its loss is then within
 # about that of its least value, twenty times below the 2 per parameter by which the range's candidates differ
 LEAN_ATOL = 0.1
-
-
-@contextmanager
-def _named_if_unstable(model):
-    """An UnstableError met at the model's current θ (a start) re-raised naming its most imaginary mode."""
-    theta = model.theta.detach().cpu().numpy().copy()
-    try:
-        yield
-    except UnstableError as err:
-        raise unstable_start(model, theta, theta, err, "") from err
 
 
 def forward_settings(model, data: TDSData, options: dict) -> dict:
@@ -52,7 +39,7 @@ def forward_settings(model, data: TDSData, options: dict) -> dict:
     tds_options.setdefault("q_max", float(data.q_norm[used].max()))
     tds_options.setdefault("voxels", data.q[used])
     temperature = data.require_temperature(options.get("temperature"))
-    with _named_if_unstable(model):
+    with named_if_unstable(model):
         return tds_model(model, temperature, method=options.get("method", "gaussian"),
                          statistics=options.get("statistics", "quantum"), **tds_options).settings()
 
@@ -96,7 +83,7 @@ def fit_loss(model, data: TDSData, settings: dict, options: dict, max_iter: int 
     loss = objective(model, data, settings, options)
     optimizer = Optimizer("lbfgs", max_iter=max_iter, atol=LEAN_ATOL)
     theta = model.theta.detach().cpu().numpy().copy()
-    with _named_if_unstable(model):  # the optimiser refuses unstable steps: only the start can be
+    with named_if_unstable(model):  # the optimiser refuses unstable steps: only the start can be
         state = optimizer.strategy.start(theta, loss.whitening(theta), [loss.evaluate(theta)[0]], optimizer)
     state, status = minimise(loss, optimizer, state, rewhiten=loss.whitening)
     return float(loss.evaluate(state.theta)[0]), status
