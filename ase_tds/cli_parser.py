@@ -62,8 +62,9 @@ def _add_fit_parser(sub, runs) -> argparse.ArgumentParser:
                      help="phonopy's BORN file (factor, ε∞, Born charges of the symmetry-independent atoms): the "
                           "dipole–dipole forces of a polar crystal are added to the model (fixed, unless --fit-born)")
     fit.add_argument("--fit-born", action="store_true",
-                     help="fit the Born charges (site-symmetry basis, charge neutral) and ε∞ with the force constants, "
-                          "from --born's values or a generic start (±0.5 e, ε∞ = 3)")
+                     help="fit the Born charges (site-symmetry basis, charge neutral) with the force constants, from "
+                          "--born's values or a generic start (±0.5 e); ε∞ stays as given (--born's, else 3): the "
+                          "scattering sees the charges only through Z*/√ε∞ (docs/theory.md, Polar crystals)")
     fit.add_argument("--temperature", type=float, help="K (overrides the file's)")
     fit.add_argument("--model", default="gaussian", choices=list(MODELS),
                      help="forward model: one-phonon, gaussian (all orders, exact for a harmonic crystal) or "
