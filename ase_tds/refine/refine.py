@@ -32,6 +32,10 @@ from .drift import equation_of_state
 from .potentials import Potential, check_potential, load_potential
 from .projection import DisplacementProjection
 
+# L-BFGS over float32 forces stops where its line search meets their round-off, often far from the minimum: it starts
+# again from the best weights, with a fresh memory, until a round lowers the loss by less than ROUND_GAIN (relative)
+ROUND_GAIN = 1e-3
+MAX_ROUNDS = 10
 SAVED_NAMES = {"chgnet": "refined_chgnet.pth.tar", "sevenn": "refined_sevenn.pth"}  # else refined_potential.pt
 
 
@@ -218,11 +222,9 @@ def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutof
         bar.update(1)
         bar.set_postfix(loss=f"{loss.last:.6g}", chi2=f"{loss.last_chi2:.6g}")
 
-    res = minimize(loss, x0, jac=True, method="L-BFGS-B", callback=tick,
-                   options=dict(maxiter=max_iter, maxcor=20, ftol=1e-10, gtol=1e-8))
+    status = _minimise(loss, x0, max_iter, history, tick)
     bar.close()
     loss.write(loss.best_x)
-    status = {"converged": bool(res.status == 0), "reason": str(res.message)}
 
     theta = projection.theta_of(potential).detach().numpy()
     settings = dict(tds.settings(), scale=scale, background=background, compton=False, loss="chi2",
@@ -252,6 +254,25 @@ def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutof
                   "evaluations": loss.evaluations, "dtype": str(next(iter(parameters.values())).dtype)},
         status=status, seconds=time.time() - t0, history=[float(h) for h in history], start_model=start_model)
     return result, model
+
+
+def _minimise(loss, x0: np.ndarray, max_iter: int, history: list, tick) -> dict:
+    """L-BFGS-B over the weights in rounds (ROUND_GAIN), at most `max_iter` iterations in all (`history` counts
+    them); `loss` keeps the best weights. Returns the status {"converged", "reason"}."""
+    start, rounds = x0, 0
+    while True:
+        rounds += 1
+        before = loss.best
+        res = minimize(loss, start, jac=True, method="L-BFGS-B", callback=tick,
+                       options=dict(maxiter=max_iter - len(history), maxcor=20, ftol=1e-10, gtol=1e-8))
+        if res.status == 1 or len(history) >= max_iter:
+            return {"converged": False, "reason": f"iteration limit ({max_iter}) in round {rounds}"}
+        if not before - loss.best > ROUND_GAIN * abs(loss.best):
+            return {"converged": True, "reason": f"round {rounds} of L-BFGS ({str(res.message).strip()}) lowered the "
+                                                 f"loss by less than {ROUND_GAIN:g} of it"}
+        if rounds == MAX_ROUNDS:
+            return {"converged": False, "reason": f"still lowering the loss after {MAX_ROUNDS} rounds of L-BFGS"}
+        start = loss.best_x
 
 
 class _WeightLoss:
