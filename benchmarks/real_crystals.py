@@ -12,6 +12,8 @@ correction at q reduced to the first zone, Γ averaged over directions, numpy) a
                  through Z*/√ε∞ (docs/theory.md, "Polar crystals"), so ε∞ is an input, not a fitted parameter
 - si_auto:       `fit Si.vasp data.h5 --start springs --cutoff auto`
 - mgb2_auto:     `fit MgB2.vasp data.h5 --start springs --cutoff auto` (a hexagonal metal, the issue's first example)
+- zno_born:      `fit ZnO.vasp data.h5 --start springs --cutoff auto --born BORN` (wurtzite: polar and hexagonal,
+                 anisotropic Z* and ε∞, basis phases not ±1)
 - nacl_no_born:  `... --cutoff auto` without Born charges: must name dipole forces and exit non-zero
 - nacl_short:    `... --cutoff 3.0 --born BORN`: must name the range and exit non-zero
 
@@ -20,7 +22,7 @@ nac_params): frequencies on a 12³ mesh and on the standard band path (LO–TO n
 Γ itself left out) within 0.1 THz RMS and 0.3 THz worst of phonopy's on the truth; with --fit-born, Z* within 3σ
 of the DFT value.
 
-    python benchmarks/real_crystals.py [--quick] [--cases nacl_born,nacl_fit_born,si_auto,mgb2_auto,nacl_no_born,nacl_short]
+    python benchmarks/real_crystals.py [--quick] [--cases nacl_born,nacl_fit_born,si_auto,mgb2_auto,zno_born,nacl_no_born,nacl_short]
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ CASES = {
     "nacl_fit_born": ("NaCl", ["--cutoff", "auto", "--born", "{born_start}", "--fit-born"], "fit"),
     "si_auto": ("Si", ["--cutoff", "auto"], "fit"),
     "mgb2_auto": ("MgB2", ["--cutoff", "auto"], "fit"),
+    "zno_born": ("ZnO", ["--cutoff", "auto", "--born", "{born}"], "fit"),
     "nacl_no_born": ("NaCl", ["--cutoff", "auto"], "dipole"),
     "nacl_short": ("NaCl", ["--cutoff", "3.0", "--born", "{born}"], "range"),
 }

@@ -14,8 +14,8 @@ against the truth's (tolerance 0.1 THz); the lattice constant (equation of state
 reported; an NVT MD run (Langevin, 300 K) of the refined potential checked for stability (temperature and energy
 stay bounded, no atom moves more than 1 Å).
 
-    python benchmarks/refine_potential.py [--crystal ni|si] [--potential chgnet|sevenn] [--points 1000]
-        [--max-iter 200] [--md-ps 1]
+    python benchmarks/refine_potential.py [--crystal ni|si] [--potential chgnet|sevenn] [--layers PREFIX ...]
+        [--points 1000] [--max-iter 200] [--md-ps 1]
 """
 
 from __future__ import annotations
@@ -145,6 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--crystal", default="ni", choices=list(CRYSTALS))
     parser.add_argument("--potential", default="chgnet")
+    parser.add_argument("--layers", nargs="+", help="name prefixes of the weights refined (default: the potential's "
+                        "readout); the record's file name then ends in _layers")
     parser.add_argument("--points", type=int, default=1000)
     parser.add_argument("--max-iter", type=int, default=200)
     parser.add_argument("--md-ps", type=float, default=1.0)
@@ -160,7 +162,8 @@ def main() -> None:
     t1 = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result, model = refine(potential, crystal.conventional(), data, shells=crystal.shells, max_iter=args.max_iter)
+        result, model = refine(potential, crystal.conventional(), data, shells=crystal.shells, max_iter=args.max_iter,
+                               layers=args.layers)
     seconds = time.time() - t1
     print(result.table(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,8 +189,8 @@ def main() -> None:
           f"(phonopy, its own calculator), lattice constant {record['lattice_constant_change_percent']:+.3f} %, "
           f"MD {'stable' if md['stable'] else 'UNSTABLE'}, {record['total_seconds']:.0f} s → "
           f"{'pass' if record['pass'] else 'MISS'}", flush=True)
-    write_json(f"refine_potential_{args.potential}.json" if crystal.name == "ni" else
-               f"refine_potential_{args.potential}_{crystal.name}.json", record)
+    name = f"refine_potential_{args.potential}" + ("" if crystal.name == "ni" else f"_{crystal.name}")
+    write_json(name + ("_layers" if args.layers else "") + ".json", record)
 
 
 if __name__ == "__main__":
