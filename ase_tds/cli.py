@@ -570,8 +570,8 @@ def _run_refine(args) -> int:
     if args.force_sigma is not None and not 0 <= args.force_sigma < np.inf:
         raise ValueError(f"--force-sigma {args.force_sigma:g}: give a width ≥ 0 in eV/Å (0: forces not anchored)")
     if args.lattice_sigma is not None and not 0 <= args.lattice_sigma < 1:
-        raise ValueError(f"--lattice-sigma {args.lattice_sigma:g}: give a relative width in [0, 1), e.g. 0.001 for "
-                         "0.1 % (0: the lattice constant held only through the energies)")
+        raise ValueError(f"--lattice-sigma {args.lattice_sigma:g}: give a relative width in [0, 1), e.g. 0.0002 for "
+                         "0.02 % (0: the lattice constant held only through the energies)")
     structure = _read_structure(args.structure)
     data = TDSData.read(args.data, structure=structure, temperature=args.temperature)
     radius, units = _bragg_radius(args.mask_bragg)

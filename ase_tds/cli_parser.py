@@ -196,7 +196,7 @@ def _add_refine_parser(sub, runs) -> argparse.ArgumentParser:
                         help="anchor: tolerance of the reference forces, eV/Å; 0: forces not anchored (default: 0.1)")
     refine.add_argument("--lattice-sigma", type=float, metavar="RELATIVE",
                         help="anchor: tolerance of the equilibrium lattice constant, relative; 0: held only through "
-                             "the energies (default: 0.001)")
+                             "the energies (default: 0.0002)")
     refine.add_argument("--weight-sigma", type=float,
                         help="an L2 pull of the refined weights to the pretrained ones, of this width (default: none)")
     refine.add_argument("--max-iter", type=int, default=200,

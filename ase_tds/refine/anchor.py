@@ -2,13 +2,15 @@
 with the pretrained weights, and an optional L2 pull of the weights to their pretrained values.
 
 Reference configurations: a few thermal snapshots of the start (the start's force constants, `export.
-thermal_configurations`, classical, at the data's temperature) and the start structure strained isotropically by
-0 and ±`strain` (its equation of state near the minimum: the lattice constant and the bulk modulus).
+thermal_configurations`, classical, at the data's temperature) and the structure at the pretrained potential's own
+equilibrium volume strained isotropically by 0 and ±`strain` (its equation of state at the minimum: the lattice
+constant and the bulk modulus).
 
 The lattice constant has a term of its own: energies within σ_E leave the slope of E(strain), hence the equilibrium
-lattice constant, free to move by ~σ_E/(strain·curvature) (0.1–0.7 % in practice), and the data pull on it through
+lattice constant, free to move by ~σ_E/(strain·curvature) (0.1–0.9 % in practice), and the data pull on it through
 the weights they share with the force constants. The term holds the vertex of the parabola through the three strained
-energies, the isotropic strain at which the potential is at rest, to its pretrained value within σ_a.
+energies, the isotropic strain at which the potential is at rest, to its pretrained value within σ_a; centred on the
+pretrained minimum, the vertex is the minimum to second order in its move.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ase import Atoms
 
 ENERGY_SIGMA = 0.002  # eV/atom: ±1 % strain of nickel costs ≈ 6 meV/atom, so its lattice constant stays within ~0.1 %
 FORCE_SIGMA = 0.1  # eV/Å: loose; thermal forces are what a stiffer crystal must change (≈ 0.4 eV/Å rms at 300 K)
-LATTICE_SIGMA = 1e-3  # relative: the equilibrium lattice constant held to 0.1 % (a 0.5 % move costs 25 in χ² units)
+LATTICE_SIGMA = 2e-4  # relative: the data cannot see the lattice constant, so it is all but fixed (0.5 % costs 625)
 
 
 @dataclass
@@ -53,7 +55,8 @@ class Anchor:
 
     @classmethod
     def build(cls, potential, start_model, temperature: float, parameters: dict, n_snapshots: int = 3,
-              snapshot_supercell=(2, 2, 2), strain: float = 0.01, seed: int = 0, **sigmas) -> Anchor:
+              snapshot_supercell=(2, 2, 2), strain: float = 0.01, lattice_scale: float = 1.0, seed: int = 0,
+              **sigmas) -> Anchor:
         """The anchor of `potential` at its current (pretrained) weights.
 
         Args:
@@ -64,6 +67,8 @@ class Anchor:
             n_snapshots: thermal snapshots.
             snapshot_supercell: repetitions of the unit cell in a snapshot.
             strain: the isotropic strain of the strained cells (±).
+            lattice_scale: the pretrained potential's equilibrium a₀/a of the start's unit cell (`drift.
+                equation_of_state`): the strained cells' centre.
             seed: seed of the snapshots.
             **sigmas: energy_sigma (eV/atom), force_sigma (eV/Å or None), lattice_sigma (relative, or None),
                 weight_sigma (or None).
@@ -72,7 +77,7 @@ class Anchor:
 
         unitcell = start_model.unitcell
         configurations = []
-        for scale in (1.0 - strain, 1.0, 1.0 + strain):
+        for scale in lattice_scale * np.array([1.0 - strain, 1.0, 1.0 + strain]):
             strained = Atoms(unitcell.numbers, cell=unitcell.cell[:] * scale, scaled_positions=unitcell.get_scaled_positions(),
                              pbc=True)
             configurations.append(strained)

@@ -202,11 +202,12 @@ def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutof
     model.to(device)
     force_sigma = anchor_defaults.FORCE_SIGMA if force_sigma is None else force_sigma
     lattice_sigma = anchor_defaults.LATTICE_SIGMA if lattice_sigma is None else lattice_sigma
+    eos_start = equation_of_state(potential, model.unitcell)
     anchor = Anchor.build(potential, start_model, temperature, parameters, n_snapshots=n_snapshots,
+                          lattice_scale=eos_start["lattice_scale"],
                           energy_sigma=energy_sigma or anchor_defaults.ENERGY_SIGMA,
                           force_sigma=force_sigma if force_sigma > 0 else None,
                           lattice_sigma=lattice_sigma if lattice_sigma > 0 else None, weight_sigma=weight_sigma)
-    eos_start = equation_of_state(potential, model.unitcell)
     options = dict(tds_options or {})
     options.setdefault("q_max", float(data.q_norm[np.asarray(data.mask, dtype=bool)].max()))
     tds = tds_model(model, temperature, method=method, statistics=statistics, **options)
