@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
-ENERGY_SIGMA = 0.002  # eV/atom: ±1 % strain of nickel costs ≈ 6 meV/atom, so its lattice constant stays within ~0.1 %
+ENERGY_SIGMA = 0.002  # eV/atom: ±1 % strain of nickel costs ≈ 6 meV/atom; the bulk modulus may follow the data
 FORCE_SIGMA = 0.1  # eV/Å: loose; thermal forces are what a stiffer crystal must change (≈ 0.4 eV/Å rms at 300 K)
 LATTICE_SIGMA = 2e-4  # relative: the data cannot see the lattice constant, so it is all but fixed (0.5 % costs 625)
 
