@@ -29,7 +29,8 @@ comes from its own subprocess, so that its peak resident memory (ru_maxrss) is i
   MgB₂ (hexagonal cell, pairs to 4.8 Å), hkl from (−2.5, −2.5, −1.25) in steps (0.05, 0.05, 0.025). Bragg
   neighbourhoods (0.1 r.l.u.) masked.
 
-  Each crystal's record reaches results/scale.json as soon as it is measured (a failed run is recorded with its
+  `--fft-side 216` (10⁷ voxels, the streaming case: the per-point route is still timed on its subset) is kept under
+  its own key, fft_side_216. Each crystal's record reaches results/scale.json as soon as it is measured (a failed run is recorded with its
   error; `--fft-crystals` runs some of them, keeping the others' earlier records), with the load average.
 
     python benchmarks/scale.py [--quick] [--parts throughput,volume,fft] [--volume-crystal Ni|MgB2] [--fft-side 100]
@@ -320,11 +321,12 @@ def main() -> None:
     if "fft" in args.parts:
         side = args.fft_side or (60 if args.quick else 100)
         crystals = tuple(args.fft_crystals.split(","))
-        earlier = [r for r in records.get("fft") or [] if r.get("crystal") not in crystals]  # other crystals' runs
+        key = "fft" if side in (60, 100) else f"fft_side_{side}"  # another size (10⁷ voxels: 216) kept beside
+        earlier = [r for r in records.get(key) or [] if r.get("crystal") not in crystals]  # other crystals' runs
 
         def save(out):
-            records["fft"] = earlier + out
-            records["fft_load_average"] = os.getloadavg()
+            records[key] = earlier + out
+            records[key + "_load_average"] = os.getloadavg()
             write_json(result_file, records)
 
         fft_versus_per_point(side, crystals, save)
