@@ -141,7 +141,7 @@ class BornParameters:
             The model itself.
         """
         force_constants = self.theta.detach()[:self.basis.n_params].clone()
-        self.born, self.born_basis = born, None
+        self.born, self.born_basis = None if born is None else born.detach(), None  # fitted charges given: their values
         self.labels = list(self.basis.labels)
         if born is not None and fit:
             full = born_basis(self.primitive, self.symprec)

@@ -129,6 +129,10 @@ class BornCharges:
         return BornCharges(self.charges.to(dtype=dtype, device=device), self.epsilon.to(dtype=dtype, device=device),
                            self.factor, self.g_cutoff, self.ewald_lambda)
 
+    def detach(self) -> "BornCharges":
+        """The same values, out of any autograd graph (a new object): what a model keeps as its given charges."""
+        return BornCharges(self.charges.detach(), self.epsilon.detach(), self.factor, self.g_cutoff, self.ewald_lambda)
+
     def nac_params(self, primitive: Atoms, reference=None) -> dict:
         """phonopy's `nac_params` dict (numpy): born, dielectric, factor (and G_cutoff, Lambda when fixed).
 

@@ -132,6 +132,16 @@ def test_fitted_born_charges_are_parameters_with_gradients(polar_model, rng):
     assert torch.autograd.gradcheck(intensity, (theta,), eps=1e-6, atol=1e-8, rtol=1e-5)
 
 
+def test_a_model_started_at_fitted_charges_keeps_their_values(polar_model):
+    """The range grows a fit of charges into the next model by its fitted Z* (functions of θ): the new model keeps
+    their values, not θ's graph, so it can be copied (the CLI's save) and fitted on its own."""
+    fitted = copy.deepcopy(polar_model).set_born(polar_model.born, fit=True)
+    grown = ForceConstantModel(polar_model.unitcell, shells=4).set_born(fitted.born_charges(), fit=True)
+    assert not grown.born.charges.requires_grad and grown.born.charges.grad_fn is None
+    np.testing.assert_allclose(grown.born_charges().charges.detach().numpy(), fitted.born_charges().charges.detach())
+    copy.deepcopy(grown)
+
+
 def test_fitted_charges_reuse_the_ewald_sum(polar_model):
     """At fixed ε∞ the sum over G is kept once per q: a new Z* adds no cache entry, and D_dd at the new Z* equals
     phonopy's term computed afresh (`dipole_dynamical_matrix` without the cache), off Γ and along a direction at Γ."""
