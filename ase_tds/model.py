@@ -435,11 +435,13 @@ class ForceConstantModel(BornParameters, SourceTensors, torch.nn.Module):
             ValueError: an unreadable file, or one without force constants.
         """
         ph = load_phonopy(phonopy_or_path)
-        fc = short_range_force_constants(ph, self.primitive)
-        if ph.nac_params is not None and self.born is None:
+        fc = short_range_force_constants(ph, self.primitive)  # split with the file's own charges
+        if ph.nac_params is not None and (self.born is None or self.born_basis is not None):
             from .dipole import BornCharges
 
-            self.set_born(BornCharges.from_phonopy_born(ph, self.primitive))
+            # the file's charges: a model's own where it has none, and the start of fitted ones (with the short range
+            # split by them, the file's model is the start, not its short range beside other charges)
+            self.set_born(BornCharges.from_phonopy_born(ph, self.primitive), fit=self.born_basis is not None)
         sc = ph.supercell
         rows = ph.primitive.p2s_map if fc.shape[0] != fc.shape[1] else np.arange(len(sc))
         self._check_species(sc)

@@ -142,6 +142,19 @@ def test_a_model_started_at_fitted_charges_keeps_their_values(polar_model):
     copy.deepcopy(grown)
 
 
+def test_a_phonopy_start_gives_fitted_charges_its_own(polar_model, tmp_path):
+    """`--start fitted/phonopy_params.yaml --fit-born` (a fit continued): its short range is split with the file's
+    charges, so the fitted charges start at the file's, whatever start they were given; D(q) is the file's."""
+    write_phonopy_files(polar_model, tmp_path)  # Z*(Na) = 1.1
+    other = BornCharges(0.7 * polar_model.born.charges, polar_model.born.epsilon)
+    model = ForceConstantModel(polar_model.unitcell, shells=3).set_born(other, fit=True)
+    model.set_from_phonopy(tmp_path / "phonopy_params.yaml")
+    assert model.theta.detach().numpy()[-1] == pytest.approx(1.1, abs=1e-10)
+    q = torch.as_tensor(model.q_from_hkl([[0.3, 1.2, 2.1], [0.5, 0.5, 0.5]]))
+    np.testing.assert_allclose(model.dynamical_matrix(q).detach().numpy(), polar_model.dynamical_matrix(q).detach().numpy(),
+                               atol=1e-7)
+
+
 def test_fitted_charges_reuse_the_ewald_sum(polar_model):
     """At fixed ε∞ the sum over G is kept once per q: a new Z* adds no cache entry, and D_dd at the new Z* equals
     phonopy's term computed afresh (`dipole_dynamical_matrix` without the cache), off Γ and along a direction at Γ."""
