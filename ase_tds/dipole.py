@@ -448,10 +448,14 @@ def dipole_kernel(q, primitive: Atoms, born: BornCharges, q_direction=None, redu
 def contract_charges(kernel: DipoleKernel, charges: torch.Tensor) -> torch.Tensor:
     """C_dd(q) = √(m m')·D_dd(q), (B, 3n, 3n) complex eV/Å², from the unit-charge sums and Z* (n, 3, 3) e.
 
+    Raises ValueError where the charges are not one per atom of the kernel's cell.
+
     (Z̄ᵀ K Z̄)_{κα,κ'β} = Σ_mm' Z*_κ,mα K_{κm,κ'm'} Z*_κ',m'β; the self term is the Hermitian part of
     Σ_κ' (Z̄ᵀ K(0) Z̄)_κκ' on each diagonal block (phases of the first-zone reduction cancel there).
     """
     n = len(charges)
+    if 3 * n != kernel.zero.shape[0]:
+        raise ValueError(f"{n} Born charges for a primitive cell of {kernel.zero.shape[0] // 3} atoms")
     block = torch.block_diag(*charges).to(kernel.total.dtype)  # Z̄, rows (κ, m), columns (κ, α)
     total = block.T @ kernel.total @ block
     summed = (block.T @ kernel.zero @ block).reshape(n, 3, n, 3).sum(2)
@@ -465,8 +469,6 @@ def _dipole_blocks(q, primitive: Atoms, born: BornCharges, q_direction=None, red
 
     reduce=False sums around q as given (phonopy's way: right only for q in the first zone).
     """
-    if born.n_atoms != len(primitive):
-        raise ValueError(f"{born.n_atoms} Born charges for a primitive cell of {len(primitive)} atoms")
     return contract_charges(dipole_kernel(q, primitive, born, q_direction, reduce), born.charges)
 
 

@@ -185,7 +185,8 @@ def main() -> None:
         "anchor_drift": result.anchor_drift, "weights": result.weights, "md": md, "settings": result.settings}
     record["pass"] = bool(record["refined_error_THz"] <= 0.1 and abs(record["lattice_constant_change_percent"]) <= 0.5
                           and md["stable"])
-    print(f"{args.potential} on {crystal.name}: X/L/W/K error {record['start_error_THz']:.3f} → {record['refined_error_THz']:.3f} THz "
+    print(f"{args.potential} on {crystal.name}: X/L/W/K error {record['start_error_THz']:.3f} → "
+          f"{record['refined_error_THz']:.3f} THz "
           f"(phonopy, its own calculator), lattice constant {record['lattice_constant_change_percent']:+.3f} %, "
           f"MD {'stable' if md['stable'] else 'UNSTABLE'}, {record['total_seconds']:.0f} s → "
           f"{'pass' if record['pass'] else 'MISS'}", flush=True)

@@ -110,8 +110,8 @@ class RefineResult:
                   f"{drift['force_rms_meV_per_A']:.1f} meV/Å rms (largest {drift['force_max_meV_per_A']:.1f})",
                   f"{'converged' if self.status['converged'] else 'NOT converged'}: {self.status['reason']}"]
         if not self.fit.trusted:
-            lines.append(f"NOT TRUSTED: the refined potential does not describe the data (χ²_red {self.fit.chi2_red:.3g}):"
-                         " the weights refined, held by the anchor, cannot reach them. Refine more layers (--layers, "
+            lines.append("NOT TRUSTED: the refined potential does not describe the data "
+                         f"(χ²_red {self.fit.chi2_red:.3g}): the weights refined, held by the anchor, cannot reach them. Refine more layers (--layers, "
                          "docs/refine.md), loosen the anchor (--energy-sigma, --force-sigma), or compare with "
                          "`ase-tds fit` on the same data to see whether the force-constant model itself can")
         return "\n".join(lines)
@@ -149,8 +149,8 @@ def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutof
            layers=None, temperature: float | None = None, method: str = "gaussian", statistics: str = "quantum",
            scale: str | None = None, background: str = "free", energy_sigma: float | None = None,
            force_sigma: float | None = None, lattice_sigma: float | None = None, weight_sigma: float | None = None,
-           n_snapshots: int = 3, max_iter: int = 200, supercell_matrix=None, displacement: float = 0.01, tds_options: dict | None = None,
-           device="cpu", progress: bool = True) -> tuple[RefineResult, ForceConstantModel]:
+           n_snapshots: int = 3, max_iter: int = 200, supercell_matrix=None, displacement: float = 0.01,
+           tds_options: dict | None = None, device="cpu", progress: bool = True) -> tuple[RefineResult, ForceConstantModel]:
     """Refine `potential`'s weights (in place) so that its force constants fit `data`, anchored to its pretrained self.
 
     Args:
