@@ -346,17 +346,18 @@ def test_springs_are_exact_in_the_basis_stable_and_scaled_to_the_debye_temperatu
     assert theta_d == pytest.approx(400.0, rel=1e-9)
 
 
-def test_the_spring_stiffness_is_read_off_the_data():
+@pytest.mark.parametrize("debye, low, high", [(700.0, 500, 900), (2500.0, 1800, 3300)])
+def test_the_spring_stiffness_is_read_off_the_data(debye, low, high):
     """Data of springs at a 700 K Debye temperature: the scan picks a neighbouring candidate (566 or 800 K), where
-    the default 300 K would start 5× too soft."""
+    the default 300 K would start 5× too soft; at 2500 K, past the last candidate (1600 K), it goes on beyond it."""
     from ase_tds import simulate
     from ase_tds.fitting import debye_temperature_from_data
 
-    truth = ForceConstantModel(ni_conventional(), shells=2).set_from_springs(700.0)
+    truth = ForceConstantModel(ni_conventional(), shells=2).set_from_springs(debye)
     hkl = np.random.default_rng(2).uniform(-4, 4, size=(300, 3))
     data = simulate(truth, hkl[np.abs(hkl - np.round(hkl)).max(axis=1) > 0.15], 300.0, tds_options=dict(grid=(6, 6, 6)))
     model = ForceConstantModel(ni_conventional(), shells=2)
     chosen = debye_temperature_from_data(model, data)
-    assert 500 < chosen < 900
+    assert low < chosen < high
     np.testing.assert_allclose(model.theta.detach().numpy(),
                                ForceConstantModel(ni_conventional(), shells=2).set_from_springs(chosen).theta.detach().numpy())

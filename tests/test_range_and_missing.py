@@ -85,3 +85,24 @@ def test_a_floppy_first_start_grows_to_a_stable_one():
     model, result = fit_range(si, data, start="springs", max_shells=3, **FAST)
     assert result.settings["range"]["candidates"][0]["shells"] == 2
     assert result.settings["range"]["chosen"]["shells"] >= 2 and result.trusted
+
+
+def test_a_candidate_unstable_from_the_last_one_starts_afresh(monkeypatch):
+    """Where the last candidate's constants are unstable at the next range (stable only where they were fitted), that
+    candidate starts from the start again rather than ending the choice."""
+    import ase_tds.fitting.range as range_module
+
+    si = bulk("Si", "diamond", a=5.43)
+    truth = ForceConstantModel(si, shells=3).set_from_springs(600.0)
+    data = simulate(truth, _points(truth, 200, seed=4), 300.0, method="one-phonon", statistics="classical",
+                    counts=1e6, rng=3, tds_options=dict(dw_mesh=3))
+
+    def unstable(previous, shells):
+        model = ForceConstantModel(previous.unitcell, shells=shells).set_from_springs(600.0)
+        return model.set_parameters(-model.theta.detach().numpy())
+
+    monkeypatch.setattr(range_module, "_grown", unstable)
+    model, result = fit_range(si, data, start="springs", max_shells=3, **FAST)
+    candidates = result.settings["range"]["candidates"]
+    assert [(c["shells"], c["restarted"]) for c in candidates] == [(2, False), (3, True)]
+    assert result.settings["range"]["chosen"]["shells"] == 3 and result.trusted

@@ -3,7 +3,8 @@
 
 The used points are split once (seed 0) into a training part (80 %) and held-out points (20 %). Each candidate, one
 more neighbour shell than the last, is fitted to the training points from the previous candidate's fitted force
-constants (projected on its basis, the new shell at zero) by a lean fit (`lean.fit_loss`: every candidate on the
+constants (projected on its basis, the new shell at zero; where those are unstable at the new range, from the
+start again) by a lean fit (`lean.fit_loss`: every candidate on the
 forward model chosen at the start, the data's σ alone, no 1σ), then judged by the χ² of the held-out points at its
 fitted θ (nuisance terms profiled there) plus 2 per parameter: AIC on points the fit did not see, so that a shell
 the data do not need costs more than it gains. Growth stops two shells after the best score, at `max_shells`, or
@@ -60,17 +61,26 @@ def _first(structure, training: TDSData, start: str, born, fit_born: bool, first
         StructureError: no start up to `max_shells` is stable.
     """
     for shells in range(first_shells, max_shells + 1):
-        model = ForceConstantModel(structure, shells=shells)
-        if born is not None:
-            model.set_born(born, fit=fit_born)
         try:
-            set_start(model, start, StartContext(training, options.get("temperature"),
-                                                 options.get("statistics", "quantum"), progress=progress, say=say))
-            return model, shells
+            return _started(structure, training, start, born, fit_born, shells, options, progress, say), shells
         except (StructureError, UnstableError) as err:
             say(f"range: the start with {shells} shells is unstable ({err}); one more shell")
     raise StructureError(f"no start of up to {max_shells} shells is stable: start from a calculator or a phonopy file "
                          "(--start)")
+
+
+def _started(structure, training: TDSData, start: str, born, fit_born: bool, shells: int, options: dict,
+             progress: bool, say) -> ForceConstantModel:
+    """A model of `shells` shells at the start named `start` (chosen on `training`), with `born`'s charges.
+
+    Raises:
+        StructureError, UnstableError: a start that is unstable at this range.
+    """
+    model = ForceConstantModel(structure, shells=shells)
+    if born is not None:
+        model.set_born(born, fit=fit_born)
+    return set_start(model, start, StartContext(training, options.get("temperature"),
+                                                options.get("statistics", "quantum"), progress=progress, say=say))
 
 
 def _grown(previous: ForceConstantModel, shells: int) -> ForceConstantModel:
@@ -121,13 +131,21 @@ def fit_range(structure, data: TDSData, *, start: str = "springs", born=None, fi
             say(f"range: {shells} shells would have {model.n_params} parameters, more than a tenth of the "
                 f"{training.n_used} training points; stopping")
             break
-        began = time.perf_counter()
-        loss, status = lean.fit_loss(model, training, settings, options)
+        began, restarted = time.perf_counter(), False
+        try:
+            loss, status = lean.fit_loss(model, training, settings, options)
+        except UnstableError as err:  # the last candidate's constants, stable where it was fitted, are not here
+            if shells == first_shells:
+                raise
+            say(f"range: {shells} shells from the last candidate's constants are unstable ({err}); from the start")
+            model = _started(structure, training, start, model.born_charges() if born is not None else None,
+                             fit_born, shells, options, progress, say)
+            loss, status, restarted = *lean.fit_loss(model, training, settings, options), True
         chi2 = lean.objective(model, held_out, settings, options).evaluate(model.theta.detach().cpu().numpy())[0]
         record = dict(shells=shells, cutoff=model.cutoff, parameters=model.n_params,
                       chi2_red_training=loss / max(training.n_used - model.n_params, 1),
                       held_out_chi2_per_point=chi2 / held_out.n_used, score=chi2 + 2 * model.n_params, status=status,
-                      seconds=time.perf_counter() - began)
+                      restarted=restarted, seconds=time.perf_counter() - began)
         candidates.append(record)
         say(f"range: {shells} shells, cutoff {model.cutoff:.3f} Å, {model.n_params} parameters: χ²_red "
             f"{record['chi2_red_training']:.3f} (training), {record['held_out_chi2_per_point']:.3f} per held-out "

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 # Debye temperatures (K) that `debye_temperature_from_data` tries for a spring start: 100 K to 1600 K, ×√2 apart
 DEBYE_CANDIDATES = tuple(100.0 * 2 ** (k / 2) for k in range(9))
+EDGE_STEPS = 4  # where the best is the first or last candidate, up to this many more steps of √2 beyond it
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,8 @@ def springs(model, argument: str, context: StartContext):
     if context.debye_temperature is not None or context.data is None:
         return model.set_from_springs(context.debye_temperature or 300.0)
     chosen = debye_temperature_from_data(model, context.data, context.temperature, context.statistics)
-    context.tell(f"start: springs at a Debye temperature of {chosen:.0f} K, the best of {len(DEBYE_CANDIDATES)} "
-                 f"({DEBYE_CANDIDATES[0]:.0f}–{DEBYE_CANDIDATES[-1]:.0f} K) on the data")
+    context.tell(f"start: springs at a Debye temperature of {chosen:.0f} K, the best on the data of "
+                 f"{DEBYE_CANDIDATES[0]:.0f}–{DEBYE_CANDIDATES[-1]:.0f} K (and beyond, where the best was at an edge)")
     return model
 
 
@@ -149,8 +150,8 @@ def debye_temperature_from_data(model, data: TDSData, temperature: float | None 
     """The Debye temperature (K) whose spring start (`set_from_springs`) best fits `data`: the overall stiffness,
     the direction a fit from springs would otherwise crawl along first.
 
-    Each candidate of DEBYE_CANDIDATES is scored by the profiled χ² (scale fixed for absolute data, else free;
-    a free background) of the gaussian model on a coarse periodic crystal (6³, refine=False) at up to `n_points`
+    Each candidate of DEBYE_CANDIDATES (and, where the best is at an edge, up to EDGE_STEPS more beyond it) is
+    scored by the profiled χ² (scale fixed for absolute data, else free; a free background) of the gaussian model on a coarse periodic crystal (6³, refine=False) at up to `n_points`
     used points; `model` (a ForceConstantModel) is left with the best spring start. For MgB₂ (DFT truth) 800 K
     starts at χ²_red 712 where the default 300 K starts at 1.3·10⁵.
 
@@ -174,15 +175,23 @@ def debye_temperature_from_data(model, data: TDSData, temperature: float | None 
     stiffness[model.basis.n_params:] = 0.0  # fitted Born charges (if any) keep their values
     objective = Objective(tds_model(model, temperature, statistics=statistics, grid=(6, 6, 6), refine=False),
                           subset, scale, "free", "chi2")
-    scores = {}
-    for debye in DEBYE_CANDIDATES:
+
+    def score(debye: float) -> float:
         try:
             with torch.no_grad():
                 intensity = objective.intensity(springs_theta * (1 + stiffness * ((debye / lowest) ** 2 - 1)))
-                model_of_data = objective.nuisance.model(intensity, objective.profile(intensity))
-                scores[debye] = float(objective.value(model_of_data))
+                return float(objective.value(objective.nuisance.model(intensity, objective.profile(intensity))))
         except UnstableError:
-            continue
+            return np.inf
+
+    scores = {debye: score(debye) for debye in DEBYE_CANDIDATES}
+    for edge, step in ((DEBYE_CANDIDATES[-1], np.sqrt(2)), (DEBYE_CANDIDATES[0], 1 / np.sqrt(2))):
+        for _ in range(EDGE_STEPS):  # a best score at an edge of the candidates: go on past it while it falls
+            if min(scores, key=scores.get) != edge or not np.isfinite(scores[edge]):
+                break
+            edge *= step
+            scores[edge] = score(edge)
+    scores = {debye: value for debye, value in scores.items() if np.isfinite(value)}
     if not scores:
         raise StructureError(f"central springs within the cutoff {model.cutoff:.3f} Å leave this crystal unstable at "
                              f"every Debye temperature tried ({DEBYE_CANDIDATES[0]:.0f}–{DEBYE_CANDIDATES[-1]:.0f} K): "
