@@ -29,7 +29,7 @@ from ..structure import on_bragg_peaks
 from .base import ForwardModel
 from .gaussian import GaussianModel
 from .grid import ACCURACY, Q_MAX, check_grid, larger
-from .voxels import commensurate_grid, lattice_index, mesh_index
+from .voxels import INDEX_CHUNK, commensurate_grid, lattice_index, mesh_index
 
 TAIL = 1e-4  # the truncated orders' largest share of any term e^X − 1 (the default of `tail`)
 MAX_ORDERS = 16  # beyond this many orders (2W ≳ 3) the per-point model is the better route
@@ -334,11 +334,17 @@ class FFTModel(ForwardModel):
 
     def _index(self, q: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
         """(k (B,) the half-spectrum entry of each voxel's q, sign (B,) −1 where it holds −q (the conjugate))."""
-        m = mesh_index(q, self.force_constants.primitive.cell[:], grid)
-        conjugate = m[:, 2] > grid[2] // 2
-        m = torch.where(conjugate[:, None], torch.remainder(-m, torch.as_tensor(grid, device=q.device)), m)
-        index = (m[:, 0] * grid[1] + m[:, 1]) * (grid[2] // 2 + 1) + m[:, 2]
-        return index, 1.0 - 2.0 * conjugate.to(q.dtype)
+        index = torch.empty(len(q), dtype=torch.long, device=q.device)
+        sign = torch.empty(len(q), dtype=q.dtype, device=q.device)
+        extent = torch.as_tensor(grid, device=q.device)
+        for start in range(0, len(q), INDEX_CHUNK):  # a chunk at a time: the temporaries do not scale with the volume
+            part = slice(start, start + INDEX_CHUNK)
+            m = mesh_index(q[part], self.force_constants.primitive.cell[:], grid)
+            conjugate = m[:, 2] > grid[2] // 2
+            m = torch.where(conjugate[:, None], torch.remainder(-m, extent), m)
+            index[part] = (m[:, 0] * grid[1] + m[:, 1]) * (grid[2] // 2 + 1) + m[:, 2]
+            sign[part] = 1.0 - 2.0 * conjugate.to(q.dtype)
+        return index, sign
 
     def _chunk_for(self, columns: int) -> int:
         return self._chunk or max(BLOCK_ENTRIES // (2 * len(self._first) * columns), 1)

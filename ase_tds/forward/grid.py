@@ -3,6 +3,8 @@ crystal (docs/theory.md, "Convergence")."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -50,10 +52,11 @@ def bragg_distance(primitive, q: torch.Tensor) -> torch.Tensor:
     """
     recip = torch.as_tensor(reciprocal_vectors(primitive.cell[:]), dtype=q.dtype, device=q.device)
     nearest = torch.round(reduced_q(q, primitive.cell[:]))
-    offsets = torch.as_tensor(np.array(np.meshgrid(*3 * [[-1, 0, 1]], indexing="ij")).reshape(3, -1).T,
-                              dtype=q.dtype, device=q.device)
-    g = (nearest[:, None, :] + offsets[None]) @ recip
-    return torch.linalg.norm(q[:, None, :] - g, dim=-1).min(dim=1).values
+    distance = torch.full((len(q),), torch.inf, dtype=q.dtype, device=q.device)
+    for offset in itertools.product((-1, 0, 1), repeat=3):  # one neighbour of the rounded G at a time: memory O(B)
+        g = (nearest + torch.as_tensor(offset, dtype=q.dtype, device=q.device)) @ recip
+        distance = torch.minimum(distance, torch.linalg.norm(q - g, dim=-1))
+    return distance
 
 
 def probe_q(primitive, q_max: float, count: int = 192, seed: int = 0) -> np.ndarray:

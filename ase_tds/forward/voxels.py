@@ -25,6 +25,7 @@ GRID_TOLERANCE = 1e-6
 # CELLS_PER_POINT cells (a cell costs the FFT route ~M ≈ 100 numbers; a point the per-point route ~10³–10⁴ terms)
 FFT_CELLS = 16**3
 CELLS_PER_POINT = 8
+INDEX_CHUNK = 2**20  # points whose lattice indices are worked out together
 
 
 def commensurate_grid(q, primitive_cell, max_axis: int = MAX_AXIS,
@@ -87,16 +88,19 @@ def lattice_index(q: torch.Tensor, primitive_cell, grid, tolerance: float = GRID
     """n (B, 3) int64: Q = Σ n_i b_i / L_i, each Q's integer coordinates on the reciprocal lattice of the L1×L2×L3
     crystal (b_i the primitive reciprocal vectors); `mesh_index` is n mod L. Arguments and errors as `mesh_index`."""
     grid_t = torch.as_tensor(grid, dtype=q.dtype, device=q.device)
-    scaled = reduced_q(q, primitive_cell) * grid_t
-    nearest = torch.round(scaled)
-    off = ((scaled - nearest).abs() > tolerance * grid_t).any(dim=1)
-    if off.any():
-        first = int(torch.nonzero(off)[0, 0])
-        raise ValueError(f"Q = {q[first].tolist()} Å⁻¹ (point {first}) is not on the reciprocal lattice of the "
-                         f"{'×'.join(map(str, grid))} crystal of the fft model: its points must lie on the regular "
-                         "grid the model was built for (voxels=...); use the per-point 'gaussian' model for other "
-                         "points")
-    return nearest.to(torch.long)
+    n = torch.empty((len(q), 3), dtype=torch.long, device=q.device)
+    for start in range(0, len(q), INDEX_CHUNK):  # a chunk at a time: the temporaries do not scale with the volume
+        scaled = reduced_q(q[start:start + INDEX_CHUNK], primitive_cell) * grid_t
+        nearest = torch.round(scaled)
+        off = ((scaled - nearest).abs() > tolerance * grid_t).any(dim=1)
+        if off.any():
+            first = start + int(torch.nonzero(off)[0, 0])
+            raise ValueError(f"Q = {q[first].tolist()} Å⁻¹ (point {first}) is not on the reciprocal lattice of the "
+                             f"{'×'.join(map(str, grid))} crystal of the fft model: its points must lie on the regular "
+                             "grid the model was built for (voxels=...); use the per-point 'gaussian' model for other "
+                             "points")
+        n[start:start + INDEX_CHUNK] = nearest
+    return n
 
 
 def mesh_index(q: torch.Tensor, primitive_cell, grid, tolerance: float = GRID_TOLERANCE) -> torch.Tensor:
