@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from ase import Atoms
 from ase.build import bulk
 from ase.spacegroup import crystal
@@ -18,6 +20,8 @@ from ase.spacegroup import crystal
 from ase_tds import ForceConstantModel
 
 logging.getLogger("hiphive").setLevel(logging.WARNING)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n W: the cores shared among the workers, not each its all
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 NI_A = 3.52
 # fcc primitive vectors as rows, in units of the conventional cell: primitive.cell = Pᵀ · conventional
