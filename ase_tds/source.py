@@ -17,14 +17,20 @@ from ase import Atoms
 
 
 DIPOLE_CACHE_ENTRIES = 2**23  # complex entries of unit-charge Gonze–Lee sums kept at fixed ε∞ (128 MB)
+# the unit-charge sums of every source in the process, keyed by what they depend on: the models of one crystal (the
+# range's candidates, a fit's refits) share them
+_DIPOLE_KERNELS: collections.OrderedDict = collections.OrderedDict()
 
 
-def _dipole_key(q: torch.Tensor, q_direction, born) -> str:
-    """A key of the values of q, the direction and what the unit-charge sums depend on (ε∞, Ewald parameters)."""
+def _dipole_key(q: torch.Tensor, q_direction, born, primitive) -> str:
+    """A key of the values of q, the direction and what the unit-charge sums depend on (the primitive cell and its
+    positions, ε∞, the Ewald parameters)."""
     digest = hashlib.sha1(q.detach().cpu().numpy().tobytes())
     for x in (q_direction, born.epsilon):
         if x is not None:
             digest.update(torch.as_tensor(x).detach().cpu().numpy().tobytes())
+    digest.update(np.ascontiguousarray(primitive.cell[:], dtype=float).tobytes())
+    digest.update(np.ascontiguousarray(primitive.positions, dtype=float).tobytes())
     digest.update(repr((born.factor, born.g_cutoff, born.ewald_lambda)).encode())
     return f"{q.device}:{q.dtype}:{tuple(q.shape)}:{digest.hexdigest()}"
 
@@ -59,8 +65,8 @@ class SourceTensors:
         if born.epsilon.requires_grad:  # fitted ε∞: the sum over G in θ's graph, every time
             return dipole_dynamical_matrix(q, self.primitive, born, q_direction, self.masses)
         q = torch.as_tensor(q, dtype=self.dtype, device=self.device).reshape(-1, 3)
-        key = _dipole_key(q, q_direction, born)
-        cache = self.__dict__.setdefault("_dipole_cache", collections.OrderedDict())
+        key = _dipole_key(q, q_direction, born, self.primitive)
+        cache = _DIPOLE_KERNELS
         if key not in cache:  # fixed ε∞: the same q (a grid's mesh, the data's points) cost one Ewald sum, whatever Z*
             cache[key] = dipole_kernel(q, self.primitive, born, q_direction)
             while sum(v.total.numel() for v in cache.values()) > DIPOLE_CACHE_ENTRIES and len(cache) > 1:
