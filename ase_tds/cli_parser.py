@@ -133,7 +133,7 @@ def _add_fit_start(fit) -> None:
                           "are those of ase_tds.fitting.STARTS (default: %(default)s)")
     fit.add_argument("--debye-temperature", type=float,
                      help="K, the Debye temperature that --start springs is scaled to (default: the one of 100–1600 K "
-                          "whose springs fit the data best)")
+                          "whose springs fit the data best, searched on past an edge where the best lies there)")
     fit.add_argument("--prior-sigma", type=float, metavar="EV_PER_A2",
                      help="a ridge towards the start: each force constant gets a prior of this width (eV/Å²), so "
                           "that combinations the data do not determine (named by the fit, drawn in "
