@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import threading
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -20,6 +21,7 @@ DIPOLE_CACHE_ENTRIES = 2**23  # complex entries of unit-charge Gonze–Lee sums 
 # the unit-charge sums of every source in the process, keyed by what they depend on: the models of one crystal (the
 # range's candidates, a fit's refits) share them
 _DIPOLE_KERNELS: collections.OrderedDict = collections.OrderedDict()
+_DIPOLE_KERNELS_LOCK = threading.Lock()  # the covariance's chunks may look kernels up from several threads
 
 
 def _dipole_key(q: torch.Tensor, q_direction, born, primitive) -> str:
@@ -66,13 +68,18 @@ class SourceTensors:
             return dipole_dynamical_matrix(q, self.primitive, born, q_direction, self.masses)
         q = torch.as_tensor(q, dtype=self.dtype, device=self.device).reshape(-1, 3)
         key = _dipole_key(q, q_direction, born, self.primitive)
-        cache = _DIPOLE_KERNELS
-        if key not in cache:  # fixed ε∞: the same q (a grid's mesh, the data's points) cost one Ewald sum, whatever Z*
-            cache[key] = dipole_kernel(q, self.primitive, born, q_direction)
-            while sum(v.total.numel() for v in cache.values()) > DIPOLE_CACHE_ENTRIES and len(cache) > 1:
-                cache.popitem(last=False)
-        cache.move_to_end(key)
-        return dipole_dynamical_matrix(q, self.primitive, born, q_direction, self.masses, kernel=cache[key])
+        with _DIPOLE_KERNELS_LOCK:
+            kernel = _DIPOLE_KERNELS.get(key)
+            if kernel is not None:
+                _DIPOLE_KERNELS.move_to_end(key)
+        if kernel is None:  # fixed ε∞: the same q (a grid's mesh, the data's points) cost one Ewald sum, whatever Z*
+            kernel = dipole_kernel(q, self.primitive, born, q_direction)
+            with _DIPOLE_KERNELS_LOCK:
+                _DIPOLE_KERNELS[key] = kernel
+                while sum(v.total.numel() for v in _DIPOLE_KERNELS.values()) > DIPOLE_CACHE_ENTRIES \
+                        and len(_DIPOLE_KERNELS) > 1:
+                    _DIPOLE_KERNELS.popitem(last=False)
+        return dipole_dynamical_matrix(q, self.primitive, born, q_direction, self.masses, kernel=kernel)
 
     def dipole_bound(self, mesh: int = 6) -> float:
         """A bound (eV/Å²/amu) on the largest eigenvalue of D_dd(q): 1.5 × the largest on a `mesh`³ grid and at Γ

@@ -21,7 +21,9 @@ from ase_tds import ForceConstantModel
 
 logging.getLogger("hiphive").setLevel(logging.WARNING)
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n W: the cores shared among the workers, not each its all
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_threads)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)  # the subprocesses of the CLI and torchrun tests too
 
 NI_A = 3.52
 # fcc primitive vectors as rows, in units of the conventional cell: primitive.cell = Pᵀ · conventional

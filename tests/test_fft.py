@@ -153,6 +153,34 @@ def test_a_table_too_large_is_built_in_blocks(monkeypatch):
     np.testing.assert_allclose(blocks, whole, rtol=1e-12)
 
 
+def test_the_voxels_indices_worked_out_a_chunk_at_a_time_change_nothing(monkeypatch):
+    """The voxels' lattice indices and half-spectrum entries in chunks of 7 (boundaries inside the volume): the same
+    intensities and gradient as in one chunk, and a point off the crystal is still named by its own index."""
+    import ase_tds.forward.fft as fft_module
+    import ase_tds.forward.voxels as voxels_module
+
+    model = springs("MgB2")
+    grid = (3, 3, 2)
+    q = on_mesh(model, grid, 40, 5.0)
+
+    def intensity_and_gradient():
+        model.theta.grad = None
+        fft = FFTModel(model, T, grid=grid, voxels=q)
+        fft(q).sum().backward()
+        return fft(q).detach().numpy(), model.theta.grad.numpy().copy()
+
+    whole = intensity_and_gradient()
+    for module in (fft_module, voxels_module):
+        monkeypatch.setattr(module, "INDEX_CHUNK", 7)
+    chunked = intensity_and_gradient()
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-12)
+    np.testing.assert_allclose(chunked[1], whole[1], rtol=1e-10, atol=1e-14)
+    off = torch.as_tensor(q).clone()
+    off[10] += 0.01
+    with pytest.raises(ValueError, match=r"\(point 10\)"):
+        voxels_module.lattice_index(off, model.primitive.cell[:], grid)
+
+
 def test_the_blockwise_gradient_equals_the_one_shot_gradient(monkeypatch):
     """MgB₂: ∂(Σ w I)/∂θ with the table in many blocks of columns (forward and backward), one-shot and in chunks inside
     covariance_once (the chunks' ∂/∂S going back through the blocks once), equals the gradient with the table in one

@@ -113,7 +113,7 @@ def fit_range(structure, data: TDSData, *, start: str = "springs", born=None, fi
     Returns:
         The chosen range's model and its fit to all the points; the result's settings["range"] holds every
             candidate (shells, cutoff Å, parameters, χ²_red of the training points, held-out χ² per point, score,
-            seconds).
+            the optimiser's status, restarted (from the start, the last candidate's constants being unstable), seconds).
     """
     options = dict(options, scale=checked_options(ForceConstantModel(structure, shells=first_shells), data,
                                                   options.get("method", "gaussian"), options.get("scale"),
@@ -138,9 +138,13 @@ def fit_range(structure, data: TDSData, *, start: str = "springs", born=None, fi
             if shells == first_shells:
                 raise
             say(f"range: {shells} shells from the last candidate's constants are unstable ({err}); from the start")
-            model = _started(structure, training, start, model.born_charges() if born is not None else None,
-                             fit_born, shells, options, progress, say)
-            loss, status, restarted = *lean.fit_loss(model, training, settings, options), True
+            try:
+                model = _started(structure, training, start, born, fit_born, shells, options, progress, say)
+                loss, status, restarted = *lean.fit_loss(model, training, settings, options), True
+            except (StructureError, UnstableError) as again:
+                say(f"range: {shells} shells are unstable from the start too ({again}); the range ends at the best "
+                    "candidate so far")
+                break
         chi2 = lean.objective(model, held_out, settings, options).evaluate(model.theta.detach().cpu().numpy())[0]
         record = dict(shells=shells, cutoff=model.cutoff, parameters=model.n_params,
                       chi2_red_training=loss / max(training.n_used - model.n_params, 1),

@@ -96,8 +96,9 @@ def springs(model, argument: str, context: StartContext):
     if context.debye_temperature is not None or context.data is None:
         return model.set_from_springs(context.debye_temperature or 300.0)
     chosen = debye_temperature_from_data(model, context.data, context.temperature, context.statistics)
+    beyond = not DEBYE_CANDIDATES[0] <= chosen <= DEBYE_CANDIDATES[-1]
     context.tell(f"start: springs at a Debye temperature of {chosen:.0f} K, the best on the data of "
-                 f"{DEBYE_CANDIDATES[0]:.0f}–{DEBYE_CANDIDATES[-1]:.0f} K (and beyond, where the best was at an edge)")
+                 f"{DEBYE_CANDIDATES[0]:.0f}–{DEBYE_CANDIDATES[-1]:.0f} K" + (" and beyond" if beyond else ""))
     return model
 
 
