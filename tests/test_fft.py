@@ -181,6 +181,20 @@ def test_the_voxels_indices_worked_out_a_chunk_at_a_time_change_nothing(monkeypa
         voxels_module.lattice_index(off, model.primitive.cell[:], grid)
 
 
+def test_a_subset_of_the_voxels_is_computed_alone():
+    """`for_points`: the same crystal and orders for a subset (a first fit's), its sums computed for the subset alone
+    (not every voxel of the volume), the same intensities."""
+    model = springs("NaCl")
+    grid = (4, 4, 4)
+    q = torch.as_tensor(on_mesh(model, grid, 60, 5.0))
+    fft = FFTModel(model, T, grid=grid, voxels=q)
+    subset = fft.for_points(q[::5])
+    assert subset.grid == fft.grid and subset.q_max == fft.q_max and len(subset._voxels) == 12
+    with torch.no_grad():
+        np.testing.assert_allclose(subset(q[::5]).numpy(), fft(q)[::5].numpy(), rtol=1e-12)
+    assert len(subset._voxel_sums[1]) == 12
+
+
 def test_the_blockwise_gradient_equals_the_one_shot_gradient(monkeypatch):
     """MgB₂: ∂(Σ w I)/∂θ with the table in many blocks of columns (forward and backward), one-shot and in chunks inside
     covariance_once (the chunks' ∂/∂S going back through the blocks once), equals the gradient with the table in one

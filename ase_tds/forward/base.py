@@ -216,6 +216,11 @@ class ForwardModel(torch.nn.Module):
         options = {**cls.settings_options(force_constants, settings), **options}
         return cls(force_constants, settings["temperature"], statistics=settings["statistics"], **options)
 
+    def for_points(self, q) -> ForwardModel:
+        """The model to evaluate at the points q (B, 3) Å⁻¹ alone (e.g. a first fit's subset): this one, except where
+        a model does work for the points it was built for (the fft route's voxels)."""
+        return self
+
     def rebuilt(self, **changes) -> ForwardModel:
         """This model with some options changed (same force constants, temperature and statistics).
 

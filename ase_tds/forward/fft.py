@@ -551,6 +551,11 @@ class FFTModel(ForwardModel):
         """The error estimate's crystal: the smallest multiple of `voxel_grid` at least 1.5 × `grid`."""
         return tuple(v * ceil(t / v) for v, t in zip(self.voxel_grid, larger(self.grid)))
 
+    def for_points(self, q) -> FFTModel:
+        """This model (its crystal, orders and q_max) for the points q (B, 3) Å⁻¹ alone: its sums at each θ are then
+        computed for them, not for every voxel of the volume (a first fit's subset would otherwise pay for all)."""
+        return self.rebuilt(voxels=q)
+
     def with_grid(self, grid) -> FFTModel:
         """This model on another crystal (a multiple of `voxel_grid`)."""
         return self.rebuilt(grid=grid)
