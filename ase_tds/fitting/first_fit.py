@@ -47,9 +47,9 @@ def first_fit(objective: Objective, data: TDSData, exposure, optimizer: Optimize
         exposure = np.asarray(exposure)[chosen]
     with warnings.catch_warnings():  # the loss of all the points has warned about the model's own error
         warnings.simplefilter("ignore")
-        subset = Objective(objective.tds.for_points(data.q[chosen]), data.select(chosen), objective.scale_mode, objective.background_mode,
-                           objective.loss, objective.compton, exposure, theta=theta, prior=objective.prior,
-                           progress=progress)
+        subset = Objective(objective.tds.for_points(data.q[chosen]), data.select(chosen), objective.scale_mode,
+                           objective.background_mode, objective.loss, objective.compton, exposure, theta=theta,
+                           prior=objective.prior, progress=progress)
     strategy = optimizer.strategy
     state = strategy.start(theta, subset.whitening(theta), [subset.evaluate(theta)[0]], optimizer)
     state, status = minimise(subset, optimizer, state, progress=progress, label=f"first fit, {n} of {len(used)} points",

@@ -4,10 +4,9 @@
 The used points are split once (seed 0) into a training part (80 %) and held-out points (20 %). Each candidate, one
 more neighbour shell than the last, is fitted to the training points from the previous candidate's fitted force
 constants (projected on its basis, the new shell at zero; where those are unstable at the new range, from the
-start again) by a lean fit (`lean.fit_loss`: every candidate on the
-forward model chosen at the start, the data's σ alone, no 1σ), then judged by the χ² of the held-out points at its
-fitted θ (nuisance terms profiled there) plus 2 per parameter: AIC on points the fit did not see, so that a shell
-the data do not need costs more than it gains. Growth stops two shells after the best score, at `max_shells`, or
+start again) by a lean fit (`lean.fit_loss`: every candidate on the forward model chosen at the start, the data's
+σ alone, no 1σ), then judged by the χ² of the held-out points at its fitted θ (nuisance terms profiled there) plus 2
+per parameter: AIC on points the fit did not see, so that a shell the data do not need costs more than it gains. Growth stops two shells after the best score, at `max_shells`, or
 where the parameters would exceed a tenth of the training points. The best candidate is then fitted to all points
 from its training fit by `fit` itself (its own grid and crystals, the model's error, 1σ). Every candidate is
 recorded (`FitResult.settings["range"]`).
@@ -113,7 +112,8 @@ def fit_range(structure, data: TDSData, *, start: str = "springs", born=None, fi
     Returns:
         The chosen range's model and its fit to all the points; the result's settings["range"] holds every
             candidate (shells, cutoff Å, parameters, χ²_red of the training points, held-out χ² per point, score,
-            the optimiser's status, restarted (from the start, the last candidate's constants being unstable), seconds).
+            the optimiser's status, restarted (from the start: the last candidate's constants were unstable),
+            seconds).
     """
     options = dict(options, scale=checked_options(ForceConstantModel(structure, shells=first_shells), data,
                                                   options.get("method", "gaussian"), options.get("scale"),

@@ -152,9 +152,10 @@ def debye_temperature_from_data(model, data: TDSData, temperature: float | None 
     the direction a fit from springs would otherwise crawl along first.
 
     Each candidate of DEBYE_CANDIDATES (and, where the best is at an edge, up to EDGE_STEPS more beyond it) is
-    scored by the profiled χ² (scale fixed for absolute data, else free; a free background) of the gaussian model on a coarse periodic crystal (6³, refine=False) at up to `n_points`
-    used points; `model` (a ForceConstantModel) is left with the best spring start. For MgB₂ (DFT truth) 800 K
-    starts at χ²_red 712 where the default 300 K starts at 1.3·10⁵.
+    scored by the profiled χ² (scale fixed for absolute data, else free; a free background) of the gaussian model
+    on a coarse periodic crystal (6³, refine=False) at up to `n_points` used points; `model` (a ForceConstantModel)
+    is left with the best spring start. For MgB₂ (DFT truth) 800 K starts at χ²_red 712 where the default 300 K
+    starts at 1.3·10⁵.
 
     Args:
         model (ForceConstantModel): the model to start; left at the best candidate's springs.
