@@ -6,10 +6,10 @@ more neighbour shell than the last, is fitted to the training points from the pr
 constants (projected on its basis, the new shell at zero; where those are unstable at the new range, from the
 start again) by a lean fit (`lean.fit_loss`: every candidate on the forward model chosen at the start, the data's
 σ alone, no 1σ), then judged by the χ² of the held-out points at its fitted θ (nuisance terms profiled there) plus 2
-per parameter: AIC on points the fit did not see, so that a shell the data do not need costs more than it gains. Growth stops two shells after the best score, at `max_shells`, or
-where the parameters would exceed a tenth of the training points. The best candidate is then fitted to all points
-from its training fit by `fit` itself (its own grid and crystals, the model's error, 1σ). Every candidate is
-recorded (`FitResult.settings["range"]`).
+per parameter: AIC on points the fit did not see, so that a shell the data do not need costs more than it gains.
+Growth stops two shells after the best score, at `max_shells`, or where the parameters would exceed a tenth of the
+training points. The best candidate is then fitted to all points from its training fit by `fit` itself (its own
+grid and crystals, the model's error, 1σ). Every candidate is recorded (`FitResult.settings["range"]`).
 """
 
 from __future__ import annotations
