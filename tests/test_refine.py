@@ -202,3 +202,27 @@ def test_mlip_adapters_give_differentiable_forces_and_reload(name, tmp_path):
     potential.save(tmp_path / "saved")
     atoms.calc = potential.calculator(tmp_path / "saved")
     assert np.allclose(atoms.get_forces(), potential.energy_forces([atoms])[1][0].numpy(), atol=1e-5)
+
+
+def test_a_stalled_round_ends_the_refinement():
+    """L-BFGS over weights whose loss is far above what its iterations still gain (per point) stops once three
+    iterations gain less than STALL_ATOL of the loss per point, instead of running to the iteration limit: here a
+    Rosenbrock valley (≈ 35 iterations to its floor) on top of a loss of 10⁶ over 1000 points."""
+    from scipy.optimize import rosen, rosen_der
+
+    from ase_tds.refine.refine import STALL_ITERATIONS, _minimise
+
+    class Loss:
+        objective = type("Objective", (), {"n_total": 1000})()
+        best, best_x, last = np.inf, None, np.inf
+
+        def __call__(self, x):
+            self.last = 1e6 + rosen(x)
+            if self.last < self.best:
+                self.best, self.best_x = self.last, x.copy()
+            return self.last, rosen_der(x)
+
+    loss, history = Loss(), []
+    status = _minimise(loss, np.array([-1.2, 1.0]), 200, history, lambda x: history.append(loss.last))
+    assert status["converged"] and len(history) <= 2 * (STALL_ITERATIONS + 1)
+    assert rosen(loss.best_x) < rosen(np.array([-1.2, 1.0]))
