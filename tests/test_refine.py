@@ -210,7 +210,8 @@ def test_a_stalled_round_ends_the_refinement():
     Rosenbrock valley (≈ 35 iterations to its floor) on top of a loss of 10⁶ over 1000 points."""
     from scipy.optimize import rosen, rosen_der
 
-    from ase_tds.refine.refine import STALL_ITERATIONS, _minimise
+    from ase_tds.fitting.optimizers.lbfgs import STALL_ITERATIONS
+    from ase_tds.refine.refine import _minimise
 
     class Loss:
         objective = type("Objective", (), {"n_total": 1000})()

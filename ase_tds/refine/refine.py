@@ -24,6 +24,7 @@ from ..data import TDSData
 from ..fitting.covariance import fitted_result
 from ..fitting.fit import checked_options
 from ..fitting.objective import Objective, fingerprint, set_theta
+from ..fitting.optimizers.lbfgs import stalled
 from ..fitting.result import FitResult
 from ..forward import tds_model
 from ..model import ForceConstantModel
@@ -36,10 +37,9 @@ from .projection import DisplacementProjection
 # again from the best weights, with a fresh memory, until a round lowers the loss by less than ROUND_GAIN (relative)
 ROUND_GAIN = 1e-3
 MAX_ROUNDS = 10
-# a round also ends when STALL_ITERATIONS iterations together lower the loss by less than STALL_ATOL·(loss per point):
-# the loss is then within about that of its least value, and the line searches of float32 forces gain hundredths of
-# a χ² for minutes (SevenNet-0 on Ni: 90 s per iteration after iteration 85, 0.01 each)
-STALL_ITERATIONS = 3
+# a round also ends where it stalls (`optimizers.lbfgs.stalled`: 3 iterations lower the loss by less than
+# STALL_ATOL·(loss per point)): the loss is then within about that of its least value, and the line searches of
+# float32 forces gain hundredths of a χ² for minutes (SevenNet-0 on Ni: 90 s per iteration after iteration 85)
 STALL_ATOL = 0.1
 SAVED_NAMES = {"chgnet": "refined_chgnet.pth.tar", "sevenn": "refined_sevenn.pth"}  # else refined_potential.pt
 
@@ -116,9 +116,10 @@ class RefineResult:
                   f"{'converged' if self.status['converged'] else 'NOT converged'}: {self.status['reason']}"]
         if not self.fit.trusted:
             lines.append("NOT TRUSTED: the refined potential does not describe the data "
-                         f"(χ²_red {self.fit.chi2_red:.3g}): the weights refined, held by the anchor, cannot reach them. Refine more layers (--layers, "
-                         "docs/refine.md), loosen the anchor (--energy-sigma, --force-sigma), or compare with "
-                         "`ase-tds fit` on the same data to see whether the force-constant model itself can")
+                         f"(χ²_red {self.fit.chi2_red:.3g}): the weights refined, held by the anchor, cannot reach "
+                         "them. Refine more layers (--layers, docs/refine.md), loosen the anchor (--energy-sigma, "
+                         "--force-sigma), or compare with `ase-tds fit` on the same data to see whether the "
+                         "force-constant model itself can")
         return "\n".join(lines)
 
     def save(self, folder, potential: Potential, model: ForceConstantModel, data: TDSData) -> Path:
@@ -273,9 +274,7 @@ def _minimise(loss, x0: np.ndarray, max_iter: int, history: list, tick) -> dict:
 
         def iterated(x):
             tick(x)
-            recent = history[max(first, len(history) - STALL_ITERATIONS - 1):]
-            if len(recent) > STALL_ITERATIONS and \
-                    recent[0] - recent[-1] < STALL_ATOL * abs(recent[-1]) / max(loss.objective.n_total, 1):
+            if stalled(history[first:], STALL_ATOL, loss.objective.n_total):
                 raise StopIteration  # scipy ends the round (status 99)
 
         res = minimize(loss, start, jac=True, method="L-BFGS-B", callback=iterated,

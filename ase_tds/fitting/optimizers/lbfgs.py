@@ -25,6 +25,13 @@ ROUND_ITERATIONS = 40
 STALL_ITERATIONS = 3  # iterations whose total drop of the loss is compared with Optimizer.atol·χ²_red
 
 
+def stalled(losses, atol: float, n_points: int) -> bool:
+    """True where the last STALL_ITERATIONS iterations of `losses` (the loss after each iteration of a run)
+    together lowered it by less than atol·(loss per point, ≈ χ²_red), over `n_points` points."""
+    recent = losses[-STALL_ITERATIONS - 1:]
+    return len(recent) > STALL_ITERATIONS and recent[0] - recent[-1] < atol * abs(recent[-1]) / max(n_points, 1)
+
+
 @dataclass(kw_only=True)
 class LBFGSState(OptimizerState):
     """L-BFGS's state: θ, whitening, iterations and history (`OptimizerState`); its memory is rebuilt on resuming."""
@@ -60,9 +67,7 @@ class _Search:
         state.iterations += 1
         state.theta = self.unwhiten @ x
         tick(loss=f"{self.value:.6g}")
-        recent = self.run_history[-STALL_ITERATIONS - 1:]
-        per_point = abs(self.value) / max(getattr(self.objective, "n_total", 1), 1)  # χ²_red, near enough
-        if len(recent) > STALL_ITERATIONS and recent[0] - recent[-1] < atol * per_point:
+        if stalled(self.run_history, atol, getattr(self.objective, "n_total", 1)):
             raise StopIteration  # scipy ends the run: status 99
 
     def rewhiten(self, whitening: np.ndarray) -> None:
