@@ -370,7 +370,7 @@ class QSpaceSampler(_Sampler):
         self._q_frac = m / np.array(self.supercell)  # (Q, 3) reduced, the rfftn half of the grid
         self._q_weight = np.where((m[:, 2] == 0) | (2 * m[:, 2] == l3), 1.0, 2.0)  # q and −q both stand for it
         self._dipole_points = None  # the supercell's commensurate q' of the dipole term (`_dipole_geometry`)
-        self._dipole_cache = None  # (charges and ε∞, `unit_dipole_matrix`) for fixed Born charges
+        self._dipole_cache = None  # (ε∞, `_unit_charge_kernel`) for a fixed ε∞
 
     @property
     def _polar(self) -> bool:
@@ -450,21 +450,17 @@ class QSpaceSampler(_Sampler):
         so D_ab(q) = ½[X_ab(q) + X_ab(−q)*], X_ab(q) = (1/m) Σ_{q' ≡ q} C_dd(q')_{κa κb} e^{iq'·(r_a − r_b)}/√(m_a m_b)
         over the m q' = q + g (g of the unit cell's reciprocal lattice, modulo the primitive one) at phonopy's
         first-zone representatives; κa the primitive site of unit-cell atom a. At Γ the non-analytic term is left
-        out (as in FC_dd). Differentiable in fitted charges; computed once for fixed ones.
+        out (as in FC_dd). Differentiable in fitted charges; the unit-charge sums (`_unit_charge_kernel`) are done
+        once per ε∞ and contracted with Z* per call.
 
         Returns:
             D_dd, (Q, 3n_unit, 3n_unit) complex, eV/Å²/amu.
         """
-        from .dipole import _dipole_blocks
+        from .dipole import DipoleKernel, contract_charges
 
         born = self.model.born_charges()
-        fixed = not (born.charges.requires_grad or born.epsilon.requires_grad)
-        key = (torch.cat([born.charges.detach().reshape(-1), born.epsilon.detach().reshape(-1)]).cpu(),
-               (born.factor, born.g_cutoff, born.ewald_lambda))
-        cached = self._dipole_cache
-        if fixed and cached is not None and cached[0][1] == key[1] and torch.equal(cached[0][0], key[0]):
-            return cached[1]
         q, (index, flip), (minus_index, minus_flip), m = self._dipole_geometry()
+        kernel = self._unit_charge_kernel(born)
         n_unit, n = len(self.unit_sites), len(self.model.primitive)
         sites = torch.as_tensor(self.unit_sites, device=born.charges.device)
         masses = self._unit_masses()
@@ -476,7 +472,8 @@ class QSpaceSampler(_Sampler):
         for start in range(0, len(q), step):
             part = slice(start, start + step)
             qs = self._tensor(q[part])
-            blocks = _dipole_blocks(qs, self.model.primitive, born, reduce=False).reshape(-1, n, 3, n, 3)
+            blocks = contract_charges(DipoleKernel(kernel.total[part], kernel.zero), born.charges)
+            blocks = blocks.reshape(-1, n, 3, n, 3)
             phase = torch.polar(torch.ones(len(qs), n_unit, dtype=qs.dtype, device=qs.device), qs @ positions.T)
             term = blocks[:, sites][:, :, :, sites] * weight * (phase[:, :, None, None, None]
                                                                 * phase.conj()[:, None, None, :, None])
@@ -485,10 +482,22 @@ class QSpaceSampler(_Sampler):
                                        (minus_index[part], minus_flip[part], term.conj())):
                 keep = torch.as_tensor(np.flatnonzero(~other), device=out.device)
                 out = out.index_add(0, torch.as_tensor(rows, device=out.device)[keep], value[keep])
-        out = out.reshape(len(self._q_frac), 3 * n_unit, 3 * n_unit)
-        if fixed:
-            self._dipole_cache = (key, out)
-        return out
+        return out.reshape(len(self._q_frac), 3 * n_unit, 3 * n_unit)
+
+    def _unit_charge_kernel(self, born):
+        """`ase_tds.dipole.dipole_kernel` of the commensurate q' (`_dipole_geometry`) summed around q' as given
+        (phonopy's FC_dd): computed once per ε∞ and Ewald parameters, in θ's graph where ε∞ is fitted."""
+        from .dipole import dipole_kernel
+
+        key = (born.epsilon.detach().cpu().reshape(-1), (born.factor, born.g_cutoff, born.ewald_lambda))
+        cached = self._dipole_cache
+        if not born.epsilon.requires_grad and cached is not None and cached[0][1] == key[1] \
+                and torch.equal(cached[0][0], key[0]):
+            return cached[1]
+        kernel = dipole_kernel(self._tensor(self._dipole_geometry()[0]), self.model.primitive, born, reduce=False)
+        if not born.epsilon.requires_grad:
+            self._dipole_cache = (key, kernel)
+        return kernel
 
     def _factor(self) -> torch.Tensor:
         """M^{-1/2} S(q) (Q, 3n_unit, 3n_unit) complex, Å·√amu per √amu: (M^{-1/2}S)(M^{-1/2}S)† = C̃(q)."""

@@ -68,7 +68,6 @@ def test_unit_cell_dynamical_matrix_is_the_dense_hessian_folded(nacl_conventiona
     np.testing.assert_allclose(ours, reference, atol=1e-12 * scale)
     with torch.no_grad():
         dipole = qspace.unit_dipole_matrix()
-        assert qspace.unit_dipole_matrix() is dipole  # fixed charges: computed once
         shifts = np.vstack([np.zeros(3), np.eye(3)])
         primitive = [torch.linalg.eigvalsh(model.dynamical_matrix(model.q_from_hkl(q_frac + g))).numpy()
                      for g in shifts]
@@ -137,6 +136,26 @@ def test_quantum_statistics_with_the_dipole_term(nacl_conventional):
     np.testing.assert_allclose(covariance_of(quantum), exact, atol=1e-12 * np.abs(exact).max())
     trace = np.einsum("aii->a", msd_quantum) / np.einsum("aii->a", msd_classical)
     assert np.all(trace > 2.0)  # NaCl at 20 K: ħω ≫ k_BT
+
+
+def test_fitted_charges_reuse_the_unit_charge_sums(nacl_conventional, monkeypatch):
+    """With Z* fitted the Ewald sum over G is done once: a second charge gives the dipole term a fresh sampler gives
+    (to round-off), from the same unit-charge sums."""
+    import ase_tds.dipole
+
+    calls = []
+    kernel = ase_tds.dipole.dipole_kernel
+    monkeypatch.setattr(ase_tds.dipole, "dipole_kernel", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    model = copy.deepcopy(nacl_conventional).set_born(nacl_conventional.born, fit=True)
+    qspace = QSpaceSampler(model, SUPERCELL, T)
+    with torch.no_grad():
+        first = qspace.unit_dipole_matrix()
+        model.theta[-1] *= 0.8  # Z*(Na)xx
+        second = qspace.unit_dipole_matrix()
+        fresh = QSpaceSampler(copy.deepcopy(model), SUPERCELL, T).unit_dipole_matrix()
+    assert len(calls) == 2  # the first sampler once, the fresh one once
+    np.testing.assert_allclose(second.numpy(), fresh.numpy(), rtol=0, atol=1e-12 * np.abs(fresh.numpy()).max())
+    assert np.abs(second.numpy() - first.numpy()).max() > 0.1 * np.abs(first.numpy()).max()
 
 
 @pytest.mark.parametrize("statistics", ["classical", "quantum"])
