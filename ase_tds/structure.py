@@ -267,6 +267,9 @@ def diagonal_supercell_for(cell: np.ndarray, cutoff: float) -> np.ndarray:
     return np.diag(reps)
 
 
+SHELL_GAP = 3e-3  # Å: neighbour distances closer than this are one shell (wurtzite ZnO has two 1.1e-3 Å apart)
+
+
 def pair_distances(primitive: Atoms, rmax: float) -> np.ndarray:
     """Sorted distinct interatomic distances (Å) up to `rmax`, over all atom pairs and images.
 
@@ -275,7 +278,8 @@ def pair_distances(primitive: Atoms, rmax: float) -> np.ndarray:
         rmax: largest distance, Å.
 
     Returns:
-        (S,) distances, Å, ascending; those within 1e-4 Å of each other count as one.
+        (S,) distances, Å, ascending, the shortest of each shell: distances less than SHELL_GAP apart count as one
+        shell (a cutoff cannot lie between them: `basis.check_cutoff` keeps 1e-3 Å from every shell).
     """
     cell = np.array(primitive.cell[:])
     nmax = np.ceil(rmax * np.linalg.norm(np.linalg.inv(cell), axis=0)).astype(int) + 1
@@ -284,11 +288,7 @@ def pair_distances(primitive: Atoms, rmax: float) -> np.ndarray:
     d = pos[None, :, None, :] + (grid @ cell)[:, None, None, :] - pos[None, None, :, :]
     r = np.linalg.norm(d, axis=-1).ravel()
     r = np.sort(r[(r > 1e-6) & (r <= rmax)])
-    distinct = [r[0]] if r.size else []
-    for x in r[1:]:
-        if x - distinct[-1] > 1e-4:
-            distinct.append(x)
-    return np.array(distinct)
+    return r[np.diff(r, prepend=-np.inf) > SHELL_GAP]
 
 
 def cutoff_for_shells(primitive: Atoms, shells: int) -> float:

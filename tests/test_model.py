@@ -279,6 +279,17 @@ def test_bad_structure_or_cutoff_is_refused(make, kwargs, fragment):
         ForceConstantModel(make(), **kwargs)
 
 
+def test_neighbours_closer_than_a_cutoff_can_part_are_one_shell():
+    """Two neighbour distances 1.5e-3 Å apart (a = 3, b = 3.0015 Å; wurtzite ZnO has two 1.1e-3 Å apart): a cutoff
+    between them is refused, so `shells=N` counts them as one shell and every N builds (the range's growth went
+    through each N and stopped on such a pair)."""
+    atoms = Atoms("Ni", cell=[3.0, 3.0015, 4.5], pbc=True)
+    with pytest.raises(StructureError, match="lies on the neighbour shell"):
+        ForceConstantModel(atoms, cutoff=3.00075)
+    cutoffs = [ForceConstantModel(atoms, shells=n).cutoff for n in (1, 2)]
+    assert 3.0015 + 1e-3 < cutoffs[0] < 4.24 < cutoffs[1]  # both distances in the first shell, 4.243 Å the next
+
+
 def test_bad_parameters_are_refused():
     model = cached_model("Ni")
     with pytest.raises(KeyError, match=r"unknown force-constant label.*9QQ.*1XX"):
