@@ -17,7 +17,10 @@ import torch
 from ase import Atoms
 
 
-DIPOLE_CACHE_ENTRIES = 2**23  # complex entries of unit-charge Gonze–Lee sums kept at fixed ε∞ (128 MB)
+# complex entries of unit-charge Gonze–Lee sums kept at fixed ε∞ (1 GiB in complex128): the q of a polar crystal's
+# grid and both near-Bragg crystals at once (wurtzite ZnO: 24×24×13, 48×48×26 and 72×72×39, 3.9·10⁷ entries; at 2²³
+# the two larger did not fit, and the Ewald sums were redone at every evaluation: half its time)
+DIPOLE_CACHE_ENTRIES = 2**26
 # the unit-charge sums of every source in the process, keyed by what they depend on: the models of one crystal (the
 # range's candidates, a fit's refits) share them
 _DIPOLE_KERNELS: collections.OrderedDict = collections.OrderedDict()
