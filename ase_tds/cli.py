@@ -577,8 +577,7 @@ def _run_refine(args) -> int:
     radius, units = _bragg_radius(args.mask_bragg)
     data = data.mask_bragg(radius, structure=structure, units=units)
     potential = load_potential(args.potential)
-    layers = None if args.layers is None else ("all" if args.layers == ["all"] else args.layers)
-    result, model = refine(potential, structure, data, shells=args.shells, layers=layers,
+    result, model = refine(potential, structure, data, shells=args.shells, layers=args.layers,
                            temperature=args.temperature, method=args.model, statistics=args.statistics,
                            scale=args.scale, background=args.background, energy_sigma=args.energy_sigma,
                            force_sigma=args.force_sigma, lattice_sigma=args.lattice_sigma,

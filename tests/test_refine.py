@@ -167,6 +167,9 @@ def test_refinement_on_cuda_equals_cpu(setting):
 def test_protocol_refuses_what_it_cannot_refine():
     with pytest.raises(ValueError, match="layers are"):
         TorchModulePotential(MorsePotential()).parameters(["readout"])
+    every = dict(MorsePotential().named_parameters())
+    for select in ("all", ["all"]):  # as the API and `--layers all` give it
+        assert TorchModulePotential(MorsePotential()).parameters(select).keys() == every.keys()
     with pytest.raises(ValueError, match="cannot import"):
         load_potential("no_such_module:Potential")
     check_potential(load_potential(MorsePotential()), nickel())

@@ -66,14 +66,14 @@ class Potential(ABC):
         """Its own ASE calculator: at the current weights, or (path) of a file `save` wrote."""
 
     def parameters(self, select=None) -> dict[str, torch.nn.Parameter]:
-        """{name: weight} refined: those whose names start with one of `select` (None: `default_layers`; "all":
-        every weight of the module).
+        """{name: weight} refined: those whose names start with one of `select` (None: `default_layers`; "all" or
+        ["all"]: every weight of the module).
 
         Raises:
             ValueError: a prefix that names no weight (the message lists the module's top-level layers).
         """
         named = dict(self.module.named_parameters())
-        if select == "all" or (select is None and not self.default_layers):
+        if select in ("all", ["all"], ("all",)) or (select is None and not self.default_layers):
             return named
         prefixes = tuple(self.default_layers if select is None else select)
         chosen = {name: p for name, p in named.items() if name.startswith(prefixes)}
