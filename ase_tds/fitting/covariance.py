@@ -185,6 +185,14 @@ def _sampling_notes(objective, n_points: int) -> list[str]:
             "error of θ: many points per q need many samples"]
 
 
+def finer_model_needed(model_error: dict) -> bool:
+    """True where the model's own error at the fitted θ exceeds a fifth of σ on more points than at the start θ, where
+    the grid and crystals were chosen (`FitResult.model_error`, with its `at_start`)."""
+    if "at_start" not in model_error:  # a model without a grid: no error of its own at the fitted θ
+        return False
+    return model_error["fraction_above_fifth_sigma"] > model_error["at_start"].get("fraction_above_fifth_sigma", 0.0)
+
+
 def _model_error_at_fit(objective, final: SimpleNamespace, share: np.ndarray) -> tuple[dict, str]:
     """The model-error record with the gaussian model's own error at the fitted θ added (that at the start kept as
     `at_start`), and a note when it exceeds σ/5 on more points than at the start ("" otherwise)."""
@@ -195,7 +203,7 @@ def _model_error_at_fit(objective, final: SimpleNamespace, share: np.ndarray) ->
     fitted = model_error.record(torch.abs(final.shift), final.intensity, sigma)
     fitted["largest_share_of_variance"] = float(np.clip(share, 0.0, 1.0).max())
     note = ""
-    if fitted["fraction_above_fifth_sigma"] > start.get("fraction_above_fifth_sigma", 0.0):
+    if finer_model_needed(dict(fitted, at_start=dict(start))):
         note = (f"at the fitted θ the model's own error exceeds a fifth of σ on "
                 f"{fitted['fraction_above_fifth_sigma']:.2%} of the points (largest {fitted['max_over_sigma']:.2g} σ; "
                 "the grid and crystals were chosen at the start θ); the 1σ carry it. A finer model: fit again from "

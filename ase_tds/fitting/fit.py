@@ -19,7 +19,7 @@ from ..data import TDSData
 from ..forward import model_class, tds_model
 from ..structure import BRAGG_TOLERANCE, on_bragg_peaks
 from .checkpoint import Checkpoint
-from .covariance import fitted_result
+from .covariance import finer_model_needed, fitted_result
 from .diagnosis import named_if_unstable
 from . import missing
 from .first_fit import first_fit
@@ -73,8 +73,11 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
             model chooses its grid for the data's largest |Q| (`converged_grid`) and estimates its own error on
             every point (`ForwardModel.discretisation_error`); a point where it exceeds a fifth of σ moves to a larger
             crystal (at most twice), and what remains is added to the variance of every point (a warning says so;
-            `FitResult.model_error` records it). The 1σ carry twice the error at the fitted θ as one error shared
-            by all points (the shift it gives θ), which more points do not average away. For "sampling" give a
+            `FitResult.model_error` records it). Those are chosen at the start θ: where at the fitted θ the error
+            exceeds σ/5 on more points than at the start, the fit goes on from that θ once, with the grid and
+            crystals chosen there (`settings["refit"]` records the first pass; a checkpoint holds the first pass
+            only). The 1σ carry twice the error at the fitted θ as one error shared by all points (the shift it
+            gives θ), which more points do not average away. For "sampling" give a
             sampler with a seed (common random numbers make the loss a smooth function of θ), and many samples
             rather than many points: points with one q of the supercell share its sampled modes (a warning says 1σ
             takes the points' errors as independent).
@@ -113,6 +116,37 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
     if start is not None:
         set_start(model, start, StartContext(data, temperature, statistics, progress=progress,
                                              say=tqdm.write if progress else None))
+    options = dict(temperature=temperature, method=method, statistics=statistics, scale=scale, background=background,
+                   compton=compton, loss=loss, exposure=exposure, optimizer=optimizer, tds_options=tds_options,
+                   progress=progress)
+    prior = None if prior_sigma is None else (model.theta.detach().cpu().numpy().copy(), float(prior_sigma))
+    with warnings.catch_warnings(record=True) as caught:  # the first pass's notes stand only if it is the last
+        warnings.simplefilter("always")
+        result = _fit_pass(model, data, prior=prior, checkpoint=checkpoint, subset_first=True, **options)
+    if finer_model_needed(result.model_error):
+        first = dict(grid=result.settings.get("grid"), iterations=result.iterations, chi2_red=result.chi2_red,
+                     model_error={k: result.model_error.get(k) for k in ("max_relative", "fraction_above_fifth_sigma",
+                                                                          "points_on_larger_crystals")})
+        if progress:
+            tqdm.write("at the fitted θ the grid and crystals chosen at the start are too coarse: fitting on from "
+                       "there with them chosen anew")
+        result = _fit_pass(model, data, prior=prior, checkpoint=None, subset_first=False, **options)
+        result.settings["refit"] = dict(first_pass=first, reason="the model's own error at the first pass's θ "
+                                        "exceeded a fifth of σ on more points than at the start θ")
+    else:
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if explain_misfit:
+        explain(model, data, result, {k: v for k, v in options.items() if k != "progress"}, progress)
+    return result
+
+
+def _fit_pass(model, data: TDSData, *, temperature: float, method: str, statistics: str, scale: str, background: str,
+              compton, loss: str, exposure, optimizer: Optimizer, prior, checkpoint, tds_options, progress: bool,
+              subset_first: bool) -> FitResult:
+    """One pass of `fit` from the model's θ: the forward model built there (the gaussian model's grid and crystals
+    chosen at that θ), a first fit on a subset where `subset_first` and the model allows it, the fit of all the
+    points, and its FitResult. `prior` (θ₀, σ_p) or None."""
     original = model.theta.detach().cpu().numpy().copy()
     options = dict(tds_options or {})
     options.setdefault("q_max", float(data.q_norm[np.asarray(data.mask, dtype=bool)].max()))
@@ -121,16 +155,15 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
         tds = tds_model(model, temperature, method=method, statistics=statistics, **options)
     if progress and tds.name != method:
         tqdm.write(f"forward model: {tds.settings()['route']}")
-    settings = _settings(tds, data, scale, background, compton, loss, optimizer, prior_sigma)
+    settings = _settings(tds, data, scale, background, compton, loss, optimizer, None if prior is None else prior[1])
     saver = Checkpoint(checkpoint, model.labels, settings) if checkpoint is not None else None
     state = saver.load(optimizer.strategy.State) if saver is not None else None
     if state is not None and progress:
         tqdm.write(f"resuming from iteration {state.iterations} of {checkpoint}")
-    prior = None if prior_sigma is None else (original.copy(), float(prior_sigma))
     objective = _objective(tds, data, scale, background, loss, compton, exposure, prior, progress, original, state,
                            saver)
     theta, first = original, None
-    if state is None and tds.supports_subset:
+    if state is None and subset_first and tds.supports_subset:
         with named_if_unstable(model, original):  # the one-phonon model meets an unstable start only here
             theta, first = first_fit(objective, data, exposure, optimizer, original, progress)
     if state is None:
@@ -140,12 +173,7 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
     state, status = minimise(objective, optimizer, state, saver=saver, progress=progress, rewhiten=objective.whitening)
     settings = dict(settings, first_fit=first) if first else settings  # for the record, not the checkpoint
     with fixed_noise(tds):
-        result = fitted_result(objective, state.theta, state.iterations, state.history, status, settings, compton)
-    if explain_misfit:
-        explain(model, data, result, dict(temperature=temperature, method=method, statistics=statistics, scale=scale,
-                                          background=background, compton=compton, loss=loss, exposure=exposure,
-                                          optimizer=optimizer, tds_options=tds_options), progress)
-    return result
+        return fitted_result(objective, state.theta, state.iterations, state.history, status, settings, compton)
 
 
 def explain(model, data: TDSData, result: FitResult, options: dict, progress: bool = True) -> None:
