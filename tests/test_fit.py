@@ -446,6 +446,21 @@ def test_a_grid_chosen_at_a_stiff_start_is_chosen_again_where_the_fitted_model_n
     assert "refit" not in fit(_start(truth, 1.0), data, **options).settings
 
 
+def test_a_second_pass_is_asked_for_by_sigma_or_by_accuracy():
+    """The rule of the fit's second pass: the model's own error at the fitted θ above σ/5 on more points than at the
+    start, or above the accuracy by more than at the start; a model without a grid (no `at_start`) never."""
+    from ase_tds.fitting.covariance import finer_model_needed
+
+    start = dict(fraction_above_fifth_sigma=0.0, max_relative=5e-4)
+    fitted = dict(start, at_start=dict(start))
+    assert not finer_model_needed(fitted, 1e-3)
+    assert finer_model_needed(dict(fitted, fraction_above_fifth_sigma=0.04), 1e-3)
+    assert finer_model_needed(dict(fitted, max_relative=3e-3), 1e-3)  # Si from springs: 3.2e-3 at the fitted θ
+    assert not finer_model_needed(dict(fitted, max_relative=3e-3), None)
+    assert not finer_model_needed(dict(fitted, max_relative=3e-3, at_start=dict(start, max_relative=4e-3)), 1e-3)
+    assert not finer_model_needed(dict(start), 1e-3)
+
+
 def test_the_whitening_of_the_one_phonon_model_preconditions_the_all_order_fit():
     """The whitening R comes from the one-phonon intensity (its Jacobian costs no pass over the all-order model's
     crystals); in x = Rθ the Gauss–Newton matrix of the all-order (gaussian) model itself, by central differences at

@@ -185,12 +185,16 @@ def _sampling_notes(objective, n_points: int) -> list[str]:
             "error of θ: many points per q need many samples"]
 
 
-def finer_model_needed(model_error: dict) -> bool:
-    """True where the model's own error at the fitted θ exceeds a fifth of σ on more points than at the start θ, where
-    the grid and crystals were chosen (`FitResult.model_error`, with its `at_start`)."""
+def finer_model_needed(model_error: dict, accuracy: float | None = None) -> bool:
+    """True where the model's own error at the fitted θ (`FitResult.model_error`, with its `at_start`: where the grid
+    and crystals were chosen) exceeds a fifth of σ on more points than at the start θ, or, given the model's
+    `accuracy`, a relative error above it that is larger than at the start."""
     if "at_start" not in model_error:  # a model without a grid: no error of its own at the fitted θ
         return False
-    return model_error["fraction_above_fifth_sigma"] > model_error["at_start"].get("fraction_above_fifth_sigma", 0.0)
+    start = model_error["at_start"]
+    if model_error["fraction_above_fifth_sigma"] > start.get("fraction_above_fifth_sigma", 0.0):
+        return True
+    return accuracy is not None and model_error["max_relative"] > max(accuracy, start.get("max_relative", 0.0))
 
 
 def _model_error_at_fit(objective, final: SimpleNamespace, share: np.ndarray) -> tuple[dict, str]:

@@ -74,7 +74,8 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
             every point (`ForwardModel.discretisation_error`); a point where it exceeds a fifth of σ moves to a larger
             crystal (at most twice), and what remains is added to the variance of every point (a warning says so;
             `FitResult.model_error` records it). Those are chosen at the start θ: where at the fitted θ the error
-            exceeds σ/5 on more points than at the start, the fit goes on from that θ once, with the grid and
+            exceeds σ/5 on more points than at the start, or `accuracy` (relative) by more than there, the fit
+            goes on from that θ once, with the grid and
             crystals chosen there (`settings["refit"]` records the first pass; a checkpoint holds the first pass
             only). The 1σ carry twice the error at the fitted θ as one error shared by all points (the shift it
             gives θ), which more points do not average away. For "sampling" give a
@@ -123,7 +124,7 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
     with warnings.catch_warnings(record=True) as caught:  # the first pass's notes stand only if it is the last
         warnings.simplefilter("always")
         result = _fit_pass(model, data, prior=prior, checkpoint=checkpoint, subset_first=True, **options)
-    if finer_model_needed(result.model_error):
+    if finer_model_needed(result.model_error, result.settings.get("accuracy")):
         first = dict(grid=result.settings.get("grid"), iterations=result.iterations, chi2_red=result.chi2_red,
                      model_error={k: result.model_error.get(k) for k in ("max_relative", "fraction_above_fifth_sigma",
                                                                           "points_on_larger_crystals")})
@@ -132,7 +133,7 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
                        "there with them chosen anew")
         result = _fit_pass(model, data, prior=prior, checkpoint=None, subset_first=False, **options)
         result.settings["refit"] = dict(first_pass=first, reason="the model's own error at the first pass's θ "
-                                        "exceeded a fifth of σ on more points than at the start θ")
+                                        "exceeded σ/5 on more points, or the accuracy by more, than at the start θ")
     else:
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
