@@ -261,7 +261,8 @@ class Objective:
                                               statistics=self.tds.statistics, dw_mesh=6,
                                               form_factors=self.tds.form_factors.source)
         set_theta(self.tds.force_constants, theta)
-        return self._preconditioning(self.q[pick])  # inside `jacobian`: no graph
+        with torch.no_grad():
+            return self._preconditioning(self.q[pick])
 
     def whitening(self, theta: np.ndarray, n_points: int = 256) -> np.ndarray:
         """R (n, n) with RᵀR ≈ the Gauss–Newton matrix at θ on a subset of points: x = Rθ is well scaled.
@@ -278,8 +279,7 @@ class Objective:
                                dtype=torch.int64)
         normal = np.zeros((len(theta), len(theta)))
         if len(pick):  # a preconditioner: forward differences are precise enough
-            jac = self.jacobian(theta, pick, central=False, intensity=self._one_phonon)
-            jac = jac * torch.sqrt(self.w[pick])[:, None]
+            jac = self.jacobian(theta, pick, central=False, intensity=self._one_phonon) * torch.sqrt(self.w[pick])[:, None]
             normal = (jac.T @ jac).cpu().numpy()
         normal = distributed.total(normal)
         if self.prior is not None:  # the prior's curvature, on the subset's footing
