@@ -7,7 +7,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from ase.build import bulk
 
 from ase_tds import ForceConstantModel, Optimizer, TDSData, fit, simulate, tds_model
 from ase_tds.background import ComptonShape
@@ -460,20 +459,3 @@ def test_a_second_pass_is_asked_for_by_sigma_or_by_accuracy():
     assert not finer_model_needed(dict(fitted, max_relative=3e-3, at_start=dict(start, max_relative=4e-3)), 1e-3)
     assert not finer_model_needed(dict(start), 1e-3)
 
-
-def test_the_whitening_of_the_one_phonon_model_preconditions_the_all_order_fit():
-    """The whitening R comes from the one-phonon intensity (its Jacobian costs no pass over the all-order model's
-    crystals); in x = Rθ the Gauss–Newton matrix of the all-order (gaussian) model itself, by central differences at
-    every point, is near the identity: diamond Si, 3 shells (10 parameters), condition 2.0 against 2800 in θ."""
-    si = bulk("Si", "diamond", a=5.43)
-    truth = ForceConstantModel(si, shells=3).set_from_springs(600.0)
-    hkl = np.random.default_rng(0).uniform(-4, 4, size=(800, 3))
-    data = simulate(truth, hkl[np.linalg.norm(hkl - np.round(hkl), axis=1) > 0.15][:200], 300.0, method="gaussian",
-                    counts=1e6, rng=1)
-    objective = Objective(tds_model(truth, 300.0, method="gaussian", q_max=float(data.q_norm.max())), data, "free",
-                          "none", "chi2")
-    theta = truth.theta.detach().numpy().copy()
-    inverse = np.linalg.inv(objective.whitening(theta))
-    jac = (objective.jacobian(theta) * torch.sqrt(objective.w)[:, None]).numpy()
-    plain, whitened = (np.linalg.eigvalsh(m.T @ jac.T @ jac @ m) for m in (np.eye(len(theta)), inverse))
-    assert plain[-1] / plain[0] > 100 and whitened[-1] / whitened[0] < 4

@@ -122,7 +122,6 @@ class Objective:
             self.data_w = 1.0 / self._tensor(sigma[used]) ** 2
         self._beta = None  # the Poisson profile's last β, its next start
         self.levels = None  # the gaussian model's crystal per point (None: its own choice)
-        self._preconditioning = None  # the whitening's one-phonon model (`_one_phonon`), built when first needed
         self.model_variance = torch.zeros_like(self.data_w)  # δ² of the gaussian model's own error, data units²
         self.model_error = {}  # its record (FitResult.model_error)
         extra = None if theta is None else self._model_variance(theta)
@@ -229,57 +228,41 @@ class Objective:
         return value, grad, beta.detach().cpu().numpy()
 
     @torch.no_grad()
-    def jacobian(self, theta: np.ndarray, pick=None, central: bool = True, intensity=None) -> torch.Tensor:
+    def jacobian(self, theta: np.ndarray, pick=None, central: bool = True) -> torch.Tensor:
         """∂I/∂θ (B, n_params) at θ by central differences (steps 1e-4·max(|θ_k|, 0.01) eV/Å²), or forward ones
-        (half the evaluations, error O(step)), at the used points (or `pick` of them); the model is left at θ.
-        `intensity` (θ, pick → I) differentiates another model of the same force constants (default: the fit's)."""
-        intensity = intensity or self.intensity
+        (half the evaluations, error O(step)), at the used points (or `pick` of them); the model is left at θ."""
         fc = self.tds.force_constants
         at = torch.as_tensor(np.asarray(theta, dtype=float), dtype=fc.theta.dtype, device=fc.theta.device)
         base, columns = at, []
-        centre = None if central else intensity(at, pick)
+        centre = None if central else self.intensity(at, pick)
         for k in range(len(at)):
             step = torch.zeros_like(at)
             step[k] = 1e-4 * max(abs(theta[k]), 1e-2)
             plus = base + step
             if central:
                 minus = plus - 2 * step
-                columns.append((intensity(plus, pick) - intensity(minus, pick)) / (2 * step[k]))
+                columns.append((self.intensity(plus, pick) - self.intensity(minus, pick)) / (2 * step[k]))
                 base = minus + step  # θ + h − 2h + h: the point each column is taken about, as the steps left it
             else:
-                columns.append((intensity(plus, pick) - centre) / step[k])
+                columns.append((self.intensity(plus, pick) - centre) / step[k])
         set_theta(fc, at)
         return torch.stack(columns, dim=1)
-
-    def _one_phonon(self, theta, pick) -> torch.Tensor:
-        """I₁ (B,) of the fit's force constants at θ at `pick` of the used points: the one-phonon model with a 6³
-        Debye–Waller mesh, the whitening's stand-in for the fit's model."""
-        if self._preconditioning is None:
-            from ..forward import tds_model
-
-            self._preconditioning = tds_model(self.tds.force_constants, self.tds.temperature, method="one-phonon",
-                                              statistics=self.tds.statistics, dw_mesh=6,
-                                              form_factors=self.tds.form_factors.source)
-        set_theta(self.tds.force_constants, theta)
-        with torch.no_grad():
-            return self._preconditioning(self.q[pick])
 
     def whitening(self, theta: np.ndarray, n_points: int = 256) -> np.ndarray:
         """R (n, n) with RᵀR ≈ the Gauss–Newton matrix at θ on a subset of points: x = Rθ is well scaled.
 
-        The matrix is that of the one-phonon intensity (`_one_phonon`), which carries most of what the data say
-        about θ: a preconditioner needs its shape, not its last digit, and the fit's model would cost a pass over its
-        crystals per parameter (all-order models: their per-θ tables; wurtzite ZnO 40 s a column, against 1 s).
         Directions the data barely see (a mirror-plane slice hides some) get at least 10⁻⁶ of the curvature of the
         best-determined one: with less, a unit step in x ran so far along them that the crystal became unstable and
-        the first line search stalled. The preconditioning moves the path, not the minimum."""
+        the first line search stalled. The preconditioning moves the path, not the minimum. The sampling model's
+        finite differences use common random numbers (`fixed_noise`)."""
         chosen = np.linspace(0, self.n_total - 1, min(n_points, self.n_total)).astype(int)  # over all ranks' points
         mine = distributed.shard(self.n_total)
         pick = torch.as_tensor(chosen[(chosen >= mine[0]) & (chosen <= mine[-1])] - mine[0] if len(mine) else [],
                                dtype=torch.int64)
         normal = np.zeros((len(theta), len(theta)))
-        if len(pick):  # a preconditioner: forward differences are precise enough
-            jac = self.jacobian(theta, pick, central=False, intensity=self._one_phonon) * torch.sqrt(self.w[pick])[:, None]
+        if len(pick):
+            with fixed_noise(self.tds):  # a preconditioner: forward differences are precise enough
+                jac = self.jacobian(theta, pick, central=False) * torch.sqrt(self.w[pick])[:, None]
             normal = (jac.T @ jac).cpu().numpy()
         normal = distributed.total(normal)
         if self.prior is not None:  # the prior's curvature, on the subset's footing
