@@ -75,10 +75,9 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
             crystal (at most twice), and what remains is added to the variance of every point (a warning says so;
             `FitResult.model_error` records it). Those are chosen at the start θ: where at the fitted θ the error
             exceeds σ/5 on more points than at the start, or `accuracy` (relative) by more than there, the fit
-            goes on from that θ once, with the grid and
-            crystals chosen there (`settings["refit"]` records the first pass; a checkpoint holds the first pass
-            only). The 1σ carry twice the error at the fitted θ as one error shared by all points (the shift it
-            gives θ), which more points do not average away. For "sampling" give a
+            goes on from that θ once, with the grid and crystals chosen there (`settings["refit"]` records the
+            first pass; a checkpoint holds the first pass only). The 1σ carry twice the error at the fitted θ as
+            one error shared by all points (the shift it gives θ), which more points do not average away. For "sampling" give a
             sampler with a seed (common random numbers make the loss a smooth function of θ), and many samples
             rather than many points: points with one q of the supercell share its sampled modes (a warning says 1σ
             takes the points' errors as independent).
