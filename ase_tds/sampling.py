@@ -370,7 +370,6 @@ class QSpaceSampler(_Sampler):
         self._q_frac = m / np.array(self.supercell)  # (Q, 3) reduced, the rfftn half of the grid
         self._q_weight = np.where((m[:, 2] == 0) | (2 * m[:, 2] == l3), 1.0, 2.0)  # q and −q both stand for it
         self._dipole_points = None  # the supercell's commensurate q' of the dipole term (`_dipole_geometry`)
-        self._dipole_cache = None  # (ε∞, `_unit_charge_kernel`) for a fixed ε∞
 
     @property
     def _polar(self) -> bool:
@@ -486,18 +485,15 @@ class QSpaceSampler(_Sampler):
 
     def _unit_charge_kernel(self, born):
         """`ase_tds.dipole.dipole_kernel` of the commensurate q' (`_dipole_geometry`) summed around q' as given
-        (phonopy's FC_dd): computed once per ε∞ and Ewald parameters, in θ's graph where ε∞ is fitted."""
+        (phonopy's FC_dd): from the process's cache at a fixed ε∞ (`source.cached_dipole_kernel`), in θ's graph where
+        ε∞ is fitted."""
         from .dipole import dipole_kernel
+        from .source import cached_dipole_kernel
 
-        key = (born.epsilon.detach().cpu().reshape(-1), (born.factor, born.g_cutoff, born.ewald_lambda))
-        cached = self._dipole_cache
-        if not born.epsilon.requires_grad and cached is not None and cached[0][1] == key[1] \
-                and torch.equal(cached[0][0], key[0]):
-            return cached[1]
-        kernel = dipole_kernel(self._tensor(self._dipole_geometry()[0]), self.model.primitive, born, reduce=False)
-        if not born.epsilon.requires_grad:
-            self._dipole_cache = (key, kernel)
-        return kernel
+        q = self._tensor(self._dipole_geometry()[0])
+        if born.epsilon.requires_grad:
+            return dipole_kernel(q, self.model.primitive, born, reduce=False)
+        return cached_dipole_kernel(q, self.model.primitive, born, reduce=False)
 
     def _factor(self) -> torch.Tensor:
         """M^{-1/2} S(q) (Q, 3n_unit, 3n_unit) complex, Å·√amu per √amu: (M^{-1/2}S)(M^{-1/2}S)† = C̃(q)."""

@@ -40,6 +40,31 @@ def _dipole_key(q: torch.Tensor, q_direction, born, primitive) -> str:
     return f"{q.device}:{q.dtype}:{tuple(q.shape)}:{digest.hexdigest()}"
 
 
+def cached_dipole_kernel(q: torch.Tensor, primitive: Atoms, born, q_direction=None, reduce: bool = True):
+    """`ase_tds.dipole.dipole_kernel` at fixed ε∞, kept in the process's cache (`_DIPOLE_KERNELS`): the same q (a
+    grid's mesh, the data's points, a supercell's commensurate q) cost one Ewald sum, whatever Z*.
+
+    Args:
+        q: Cartesian q (B, 3) Å⁻¹, on the charges' dtype and device.
+        primitive, born, q_direction, reduce: as `dipole_kernel` (born.epsilon not in a graph).
+    """
+    from .dipole import dipole_kernel
+
+    key = f"{_dipole_key(q, q_direction, born, primitive)}:{reduce}"
+    with _DIPOLE_KERNELS_LOCK:
+        kernel = _DIPOLE_KERNELS.get(key)
+        if kernel is not None:
+            _DIPOLE_KERNELS.move_to_end(key)
+    if kernel is None:
+        kernel = dipole_kernel(q, primitive, born, q_direction, reduce)
+        with _DIPOLE_KERNELS_LOCK:
+            _DIPOLE_KERNELS[key] = kernel
+            while sum(v.total.numel() for v in _DIPOLE_KERNELS.values()) > DIPOLE_CACHE_ENTRIES \
+                    and len(_DIPOLE_KERNELS) > 1:
+                _DIPOLE_KERNELS.popitem(last=False)
+    return kernel
+
+
 class SourceTensors:
     """What both force-constant sources share: `dtype` and `device` (from a `masses` buffer), and the dipole–dipole
     term of Born effective charges where the source has them (`born`, docs/theory.md "Polar crystals")."""
@@ -62,7 +87,7 @@ class SourceTensors:
         Raises:
             ValueError: a source without Born charges.
         """
-        from .dipole import dipole_dynamical_matrix, dipole_kernel
+        from .dipole import dipole_dynamical_matrix
 
         if self.born is None:
             raise ValueError("these force constants have no Born charges: no dipole–dipole term")
@@ -70,18 +95,7 @@ class SourceTensors:
         if born.epsilon.requires_grad:  # fitted ε∞: the sum over G in θ's graph, every time
             return dipole_dynamical_matrix(q, self.primitive, born, q_direction, self.masses)
         q = torch.as_tensor(q, dtype=self.dtype, device=self.device).reshape(-1, 3)
-        key = _dipole_key(q, q_direction, born, self.primitive)
-        with _DIPOLE_KERNELS_LOCK:
-            kernel = _DIPOLE_KERNELS.get(key)
-            if kernel is not None:
-                _DIPOLE_KERNELS.move_to_end(key)
-        if kernel is None:  # fixed ε∞: the same q (a grid's mesh, the data's points) cost one Ewald sum, whatever Z*
-            kernel = dipole_kernel(q, self.primitive, born, q_direction)
-            with _DIPOLE_KERNELS_LOCK:
-                _DIPOLE_KERNELS[key] = kernel
-                while sum(v.total.numel() for v in _DIPOLE_KERNELS.values()) > DIPOLE_CACHE_ENTRIES \
-                        and len(_DIPOLE_KERNELS) > 1:
-                    _DIPOLE_KERNELS.popitem(last=False)
+        kernel = cached_dipole_kernel(q, self.primitive, born, q_direction)
         return dipole_dynamical_matrix(q, self.primitive, born, q_direction, self.masses, kernel=kernel)
 
     def dipole_bound(self, mesh: int = 6) -> float:

@@ -77,10 +77,10 @@ def fit(model, data: TDSData, *, temperature: float | None = None, method: str =
             exceeds σ/5 on more points than at the start, or `accuracy` (relative) by more than there, the fit
             goes on from that θ once, with the grid and crystals chosen there (`settings["refit"]` records the
             first pass; a checkpoint holds the first pass only). The 1σ carry twice the error at the fitted θ as
-            one error shared by all points (the shift it gives θ), which more points do not average away. For "sampling" give a
-            sampler with a seed (common random numbers make the loss a smooth function of θ), and many samples
-            rather than many points: points with one q of the supercell share its sampled modes (a warning says 1σ
-            takes the points' errors as independent).
+            one error shared by all points (the shift it gives θ), which more points do not average away. For
+            "sampling" give a sampler with a seed (common random numbers make the loss a smooth function of θ), and
+            many samples rather than many points: points with one q of the supercell share its sampled modes (a
+            warning says 1σ takes the points' errors as independent).
         progress: progress bars (tqdm) for the iterations and, for large data, the chunks of each evaluation.
         start: a named start (`ase_tds.fitting.STARTS`: "springs", "emt", "zero", "calculator:module.Class", or a
             phonopy file) that sets the model's θ before the fit; None: the model's own θ.
