@@ -45,6 +45,19 @@ def test_the_range_the_data_choose(rng):
     assert result.trusted and np.all(np.abs(result.theta - truth.theta.detach().numpy()) < 4 * result.sigma)
 
 
+def test_a_range_that_ends_at_its_limit_says_the_constants_may_reach_further(rng):
+    """The same 3-shell nickel allowed 2 shells: the best candidate is the last, so the range may reach further
+    and the fit says so rather than reporting 1σ that leave the truncation out."""
+    truth = ForceConstantModel(ni_conventional(), shells=3).set_from_bvk(
+        {"1XX": 1.5, "1ZZ": -0.06, "1XY": 1.6, "2XX": 0.1, "2YY": -0.03, "3XX": 0.05, "3YY": 0.02, "3YZ": 0.01,
+         "3XZ": 0.02})
+    data = simulate(truth, _points(truth, 300), 300.0, method="one-phonon", statistics="classical", counts=1e6,
+                    rng=1, tds_options=dict(dw_mesh=3))
+    with pytest.warns(UserWarning, match="range ends at the largest asked for"):
+        _, result = fit_range(ni_conventional(), data, start="springs", max_shells=2, explain_misfit=False, **FAST)
+    assert result.settings["range"]["at_limit"] and any("reach further" in w for w in result.warnings)
+
+
 @pytest.fixture(scope="module")
 def polar_truth():
     """Rocksalt NaCl, 2 shells of springs with Born charges ±1.1 e, ε∞ 2.4, and one-phonon data from it."""

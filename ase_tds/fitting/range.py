@@ -8,13 +8,15 @@ start again) by a lean fit (`lean.fit_loss`: every candidate on the forward mode
 σ alone, no 1σ), then judged by the χ² of the held-out points at its fitted θ (nuisance terms profiled there) plus 2
 per parameter: AIC on points the fit did not see, so that a shell the data do not need costs more than it gains.
 Growth stops two shells after the best score, at `max_shells`, or where the parameters would exceed a tenth of the
-training points. The best candidate is then fitted to all points from its training fit by `fit` itself (its own
-grid and crystals, the model's error, 1σ). Every candidate is recorded (`FitResult.settings["range"]`).
+training points; where the best candidate is the last one tried, the fit warns that the range may reach further.
+The best candidate is then fitted to all points from its training fit by `fit` itself (its own grid and crystals,
+the model's error, 1σ). Every candidate is recorded (`FitResult.settings["range"]`).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -123,13 +125,14 @@ def fit_range(structure, data: TDSData, *, start: str = "springs", born=None, fi
     model, first_shells = _first(structure, training, start, born, fit_born, first_shells, max_shells, options,
                                  progress, say)
     settings = lean.forward_settings(model, data, options)  # every candidate on this footing
-    candidates, best, chosen = [], None, None
+    candidates, best, chosen, too_few_points = [], None, None, False
     for shells in range(first_shells, max_shells + 1):
         if shells > first_shells:
             model = _grown(model, shells)
         if model.n_params * POINTS_PER_PARAMETER > training.n_used:
             say(f"range: {shells} shells would have {model.n_params} parameters, more than a tenth of the "
                 f"{training.n_used} training points; stopping")
+            too_few_points = True
             break
         began, restarted = time.perf_counter(), False
         try:
@@ -161,11 +164,19 @@ def fit_range(structure, data: TDSData, *, start: str = "springs", born=None, fi
     began = time.perf_counter()
     result = fit(chosen, data, progress=progress, explain_misfit=explain_misfit, **options)
     final = time.perf_counter() - began
-    limit = best == len(candidates) - 1 and candidates[-1]["shells"] >= max_shells
+    limit = best == len(candidates) - 1 and (candidates[-1]["shells"] >= max_shells or too_few_points)
     result.settings["range"] = dict(candidates=candidates, chosen=candidates[best], held_out=HELD_OUT,
                                     rule="smallest held-out χ² + 2 per parameter", at_limit=bool(limit),
                                     final_fit_seconds=final,
                                     cost_over_final_fit=(final + sum(c["seconds"] for c in candidates)) / final)
     say(f"range: chose {candidates[best]['shells']} shells (cutoff {chosen.cutoff:.3f} Å, {chosen.n_params} "
         "parameters)" + (" — the largest tried: the data may ask for more" if limit else ""))
+    if limit:
+        bound = (f"the largest {training.n_used} training points allow ({POINTS_PER_PARAMETER} per parameter)"
+                 if too_few_points else "the largest asked for (max_shells)")
+        text = (f"the range ends at {bound}, {chosen.cutoff:.3f} Å, with the held-out score still falling: the force "
+                "constants likely reach further, and the phonons carry a truncation error their 1σ leave out; more "
+                "points let the range grow (or give a longer one: --shells N / shells=N)")
+        result.warnings.append(text)
+        warnings.warn(text, stacklevel=2)
     return chosen, result
