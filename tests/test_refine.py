@@ -100,6 +100,38 @@ def test_refinement_recovers_the_other_potentials_phonons(setting, loose):
     assert result.fit.chi2 < 1e-3 * result.chi2_start
 
 
+def test_the_potentials_own_phonons_are_those_of_its_force_constants(setting, loose):
+    """`reach.potential_frequencies` (phonopy on a supercell holding 1.5× the cutoff) equals the model set from the
+    potential's ASE calculator (ase_tds's own projection): the Morse pairs end within the two shells, so nothing is
+    truncated, and the refinement reports no truncation error."""
+    from ase_tds.refine.reach import TOLERANCE_THZ, potential_frequencies
+
+    model, _, truth, _ = setting
+    potential = load_potential(MorsePotential())
+    q = truth.q_from_hkl([[1, 0, 0], [0.5, 0.5, 0.5], [1, 0.5, 0], [0.3, 0.1, 0]])
+    own = potential_frequencies(potential, model, q)
+    reference = copy.deepcopy(model).set_from_calculator(potential.calculator(), progress=False).frequencies(q)
+    assert np.abs(own - reference).max() < 1e-3 * np.abs(reference).max()
+    _, result, _ = loose
+    assert result.reach["refined"]["largest_THz"] < TOLERANCE_THZ / 10
+    assert not any("reach past" in w for w in result.fit.warnings)
+
+
+def test_force_constants_past_the_refined_range_are_reported(setting):
+    """Refined at one shell, the Morse potential's second shell is left out of what the data see: its own phonons
+    differ from the refined model's by the second shell's share, which the result reports and warns about."""
+    _, _, truth, data = setting
+    potential = load_potential(MorsePotential())
+    with pytest.warns(UserWarning):
+        result, model = refine(potential, nickel(), data, shells=1, method="one-phonon", max_iter=2, progress=False)
+    q = truth.q_from_hkl([[1, 0, 0], [0.5, 0.5, 0.5], [1, 0.5, 0], [0.75, 0.75, 0]])
+    two_shells = ForceConstantModel(nickel(), shells=2).set_from_calculator(potential.calculator(), progress=False)
+    expected = np.abs(two_shells.frequencies(q) - model.frequencies(q)).max()
+    assert result.reach["refined"]["largest_THz"] == pytest.approx(expected, rel=0.02)
+    assert expected > 0.1 and any("reach past the refined range" in w for w in result.fit.warnings)
+    assert "differ from the refined model's" in result.table()
+
+
 @pytest.mark.filterwarnings("ignore:χ²_red")  # the anchored fit misses the data on purpose (docstring)
 def test_anchor_keeps_reference_energies(setting, loose):
     """A tight energy anchor (σ_E = 0.1 meV/atom) keeps the energies far closer to the pretrained ones than a

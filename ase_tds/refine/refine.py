@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .anchor import Anchor
 from .drift import equation_of_state
 from .potentials import Potential, check_potential, load_potential
 from .projection import DisplacementProjection
+from .reach import TOLERANCE_THZ, truncation
 
 # L-BFGS over float32 forces stops where its line search meets their round-off, often far from the minimum: it starts
 # again from the best weights, with a fresh memory, until a round lowers the loss by less than ROUND_GAIN (relative)
@@ -64,6 +66,8 @@ class RefineResult:
         equation_of_state: {"start": ..., "refined": ...} (`drift.equation_of_state`): lattice scale, B.
         weights: {"layers", "n_weights", "relative_change"}: what was refined and by how much (‖w − w⁰‖/‖w⁰‖).
         settings: potential, shells, supercell, displacement, anchor sigmas, iterations.
+        reach: {"start": ..., "refined": ...} (`reach.truncation`): how far the potential's own phonons at the
+            special points differ from the model's, whose force constants end at its cutoff.
         status: {"converged", "reason"} of the optimiser.
         seconds: wall time of the refinement.
         history: the loss after each iteration.
@@ -78,6 +82,7 @@ class RefineResult:
     equation_of_state: dict
     weights: dict
     settings: dict
+    reach: dict
     status: dict
     seconds: float
     history: list = field(default_factory=list)
@@ -90,7 +95,7 @@ class RefineResult:
             "theta_start": dict(zip(self.fit.labels, map(float, self.theta_start))),
             "chi2_start": self.chi2_start, "chi2": self.fit.chi2, "phonons_THz": self.phonons,
             "anchor_drift": self.anchor_drift, "equation_of_state": self.equation_of_state, "weights": self.weights,
-            "settings": self.settings, "status": self.status, "seconds": self.seconds, "history": self.history}
+            "settings": self.settings, "reach": self.reach, "status": self.status, "seconds": self.seconds, "history": self.history}
         return record
 
     def write_json(self, path) -> None:
@@ -118,6 +123,9 @@ class RefineResult:
                   f"bulk modulus {eos['start']['bulk_modulus_GPa']:.1f} → {eos['refined']['bulk_modulus_GPa']:.1f} GPa",
                   f"anchor drift: energies {drift['energy_rms_meV_per_atom']:.2f} meV/atom rms, forces "
                   f"{drift['force_rms_meV_per_A']:.1f} meV/Å rms (largest {drift['force_max_meV_per_A']:.1f})",
+                  f"the potential's own phonons (a {self.reach['refined']['supercell_atoms']}-atom supercell) differ "
+                  f"from the refined model's by up to {self.reach['refined']['largest_THz']:.3f} THz (start "
+                  f"{self.reach['start']['largest_THz']:.3f})",
                   f"{'converged' if self.status['converged'] else 'NOT converged'}: {self.status['reason']}"]
         if not self.fit.trusted:
             lines.append("NOT TRUSTED: the refined potential does not describe the data "
@@ -210,6 +218,9 @@ def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutof
     theta_start = projection.theta_of(potential).detach().numpy()
     set_theta(model, theta_start)
     start_model = copy.deepcopy(model)
+    points = special_points(model)
+    q_points = np.array(list(points.values())) @ (2 * np.pi * np.linalg.inv(model.primitive.cell[:]).T)
+    reach = {"start": truncation(potential, start_model, q_points, displacement)}
     model.to(device)
     force_sigma = anchor_defaults.FORCE_SIGMA if force_sigma is None else force_sigma
     lattice_sigma = anchor_defaults.LATTICE_SIGMA if lattice_sigma is None else lattice_sigma
@@ -243,10 +254,17 @@ def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutof
                     optimizer="lbfgs (weights)", prior_sigma=None, data=fingerprint(data))
     fit = fitted_result(objective, theta, len(history), history, status, settings, False)
     model.cpu()
-    points = special_points(model)
-    q = np.array(list(points.values())) @ (2 * np.pi * np.linalg.inv(model.primitive.cell[:]).T)
-    refined_nu = model.frequencies(q)
-    start_nu = start_model.frequencies(q)
+    refined_nu = model.frequencies(q_points)
+    start_nu = start_model.frequencies(q_points)
+    reach["refined"] = truncation(potential, model, q_points, displacement)
+    if reach["refined"]["largest_THz"] > TOLERANCE_THZ:
+        text = (
+            f"the potential's force constants reach past the refined range (cutoff {model.cutoff:.3f} Å): its own "
+            f"phonons differ from those the data fitted by up to {reach['refined']['largest_THz']:.3f} THz, an error "
+            "the χ² and the 1σ cannot see; refine with more shells (shells= / --shells), which the displaced "
+            "supercell grows with")
+        fit.warnings.append(text)
+        warnings.warn(text, stacklevel=2)
     phonons = {name: {"q_frac": points[name].tolist(), "start": start_nu[i].tolist(), "refined": refined_nu[i].tolist()}
                for i, name in enumerate(points)}
     change = np.sqrt(sum(float(((p.detach().cpu() - anchor.weights0[n]) ** 2).sum()) for n, p in parameters.items()))
@@ -264,7 +282,7 @@ def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutof
                   "lattice_sigma": anchor.lattice_sigma, "weight_sigma": weight_sigma,
                   "anchor_configurations": len(anchor.configurations), "max_iter": max_iter,
                   "evaluations": loss.evaluations, "dtype": str(next(iter(parameters.values())).dtype)},
-        status=status, seconds=time.time() - t0, history=[float(h) for h in history], start_model=start_model)
+        reach=reach, status=status, seconds=time.time() - t0, history=[float(h) for h in history], start_model=start_model)
     return result, model
 
 

@@ -1,0 +1,46 @@
+"""How far a potential's force constants reach past the refined range (docs/refine.md, "Range").
+
+The data see the force-constant model θ(w): the potential's force constants within the model's cutoff. Used on its
+own, the potential has all of them. Where they reach further, its own phonons differ from the model's by an error
+that the fit's χ² and 1σ cannot see (SevenNet-0 on Si: 0.41 THz at 4 shells, 0.05 at 10; CHGNet on Ni: 0.054 at 5
+shells). This measures it: phonopy's finite displacements of the potential's forces on a diagonal supercell that
+holds REACH × the model's cutoff, against the model's frequencies at the same q.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from ase import Atoms
+
+from ..structure import diagonal_supercell_for, to_phonopy_atoms
+
+REACH = 1.5  # the supercell of the potential's own phonons holds this multiple of the model's cutoff
+TOLERANCE_THZ = 0.02  # a truncation error above this is warned about: about the 1σ of TDS-fitted frequencies
+
+
+def potential_frequencies(potential, model, q, displacement: float = 0.01) -> np.ndarray:
+    """The potential's own phonons ν (B, 3n) THz at Cartesian q (B, 3) Å⁻¹: phonopy's force constants of its forces
+    on a diagonal supercell of `model.unitcell` holding REACH × `model.cutoff` (no range imposed)."""
+    from phonopy import Phonopy
+
+    cell = np.array(model.unitcell.cell[:])
+    ph = Phonopy(to_phonopy_atoms(model.unitcell), supercell_matrix=diagonal_supercell_for(cell, REACH * model.cutoff),
+                 primitive_matrix=model.primitive_matrix, symprec=model.symprec, log_level=0)
+    ph.generate_displacements(distance=displacement)
+    cells = [Atoms(c.symbols, cell=c.cell, positions=c.positions, pbc=True) for c in ph.supercells_with_displacements]
+    _, forces = potential.energy_forces(cells)
+    ph.forces = np.array([f.detach().cpu().numpy() for f in forces])
+    ph.produce_force_constants()
+    q_frac = np.asarray(q, dtype=float) @ np.array(ph.primitive.cell).T / (2 * np.pi)
+    ph.run_qpoints(q_frac)
+    return np.array(ph.qpoints.frequencies)
+
+
+def truncation(potential, model, q, displacement: float = 0.01) -> dict:
+    """{"largest_THz", "supercell_atoms", "reach_A"}: the largest |ν_potential − ν_model| at q (B, 3) Å⁻¹, with the
+    potential's phonons of `potential_frequencies` and the model at its current θ."""
+    own = potential_frequencies(potential, model, q, displacement)
+    cell = np.array(model.unitcell.cell[:])
+    atoms = len(model.unitcell) * abs(round(np.linalg.det(diagonal_supercell_for(cell, REACH * model.cutoff))))
+    return {"largest_THz": float(np.abs(own - model.frequencies(q)).max()), "supercell_atoms": int(atoms),
+            "reach_A": REACH * model.cutoff}
