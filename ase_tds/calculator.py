@@ -72,6 +72,7 @@ class TDSFitted(Calculator):
             warnings.warn(f"{name}: the force constants are dynamically unstable (imaginary modes down to "
                           f"{lowest:.3f} THz on a 6×6×6 q mesh): the energy ½uᵀΦu is negative along them and "
                           "dynamics runs away", UserWarning, stacklevel=2)
+        self.model.short_range_only("TDSFitted")
         self._pair_fc = self.model.pair_force_constants().detach().cpu().numpy()
         self._primitive_cell = np.array(self.model.primitive.cell[:])
         self._site_fractions = self.model.primitive.get_scaled_positions(wrap=False)

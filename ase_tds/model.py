@@ -73,6 +73,7 @@ class ForceConstantModel(BornParameters, SourceTensors, torch.nn.Module):
             cutoff = cutoff_for_shells(self.primitive, shells)
         self.cutoff = float(cutoff)
         self.symprec = symprec
+        self.far = None  # fixed force constants past the cutoff (PhonopyForceConstants), added to D(q): `set_far`
         self.basis = build_basis(self.primitive, self.cutoff, symprec=symprec)
         self.labels = list(self.basis.labels)
         self.born_basis = None  # the basis of fitted Born charges and ε∞ (`set_born(fit=True)`), else None
@@ -160,7 +161,31 @@ class ForceConstantModel(BornParameters, SourceTensors, torch.nn.Module):
         q = torch.as_tensor(q, dtype=self.dtype, device=self.device).reshape(-1, 3)
         angle = torch.einsum("ba,kma->bkm", q, self.block_vectors)
         dyn = assemble_dynamical_matrix(angle, self.block_weighted, self.n_atoms)
+        if self.far is not None:
+            dyn = dyn + self.far.dynamical_matrix(q)
         return dyn if self.born is None else dyn + self.dipole_matrix(q, q_direction)
+
+    def set_far(self, far) -> "ForceConstantModel":
+        """Add fixed force constants past θ's cutoff to D(q) (None: remove them); returns the model.
+
+        `refine` holds a potential's force constants beyond the refined range at its start's this way
+        (docs/refine.md, "Range"). Routes that need force constants in real space (phonopy files, samplers,
+        TDSFitted) take θ's alone and refuse a model that has them (`short_range_only`).
+
+        Args:
+            far (PhonopyForceConstants | None): without Born charges, of this crystal's primitive cell.
+        """
+        if far is not None and (far.born is not None or len(far.primitive) != self.n_atoms):
+            raise ValueError("far force constants are short ranged (no Born charges) and of this primitive cell")
+        self.far = None if far is None else far.to(self.dtype).to(self.device)
+        return self
+
+    def short_range_only(self, what: str) -> None:
+        """Raise ValueError where the model has fixed force constants past its cutoff (`set_far`) that `what`, a
+        real-space route, cannot hold."""
+        if self.far is not None:
+            raise ValueError(f"{what} takes the force constants θ holds, within {self.cutoff:.3f} Å; this model adds "
+                             "fixed ones past that (set_far): remove them with set_far(None) first")
 
     @property
     def block_weighted(self) -> torch.Tensor:
@@ -173,7 +198,8 @@ class ForceConstantModel(BornParameters, SourceTensors, torch.nn.Module):
         Returns:
             The bound, eV/Å²/amu.
         """
-        return row_sum_bound(self.block_weighted, self.n_atoms) + self.dipole_bound()
+        far = 0.0 if self.far is None else self.far.eigenvalue_bound()
+        return row_sum_bound(self.block_weighted, self.n_atoms) + self.dipole_bound() + far
 
     def frequencies(self, q) -> np.ndarray:
         """Phonon frequencies (B, 3n) in THz at Cartesian q (B, 3) Å⁻¹; imaginary modes as negative numbers.
@@ -278,6 +304,7 @@ class ForceConstantModel(BornParameters, SourceTensors, torch.nn.Module):
             StructureError: a supercell too small for the cutoff, or not of this crystal.
             ValueError: an unknown layout.
         """
+        self.short_range_only("force_constants (and to_phonopy)")
         sc = supercell.supercell
         if not holds_cutoff(sc.cell, self.cutoff):
             raise StructureError(f"the supercell is too small for the cutoff {self.cutoff:.3f} Å: its shortest "

@@ -69,6 +69,8 @@ class _Sampler:
 
     def __init__(self, model, supercell, temperature: float, statistics: str = "classical",
                  n_samples: int = 64, seed: int | None = None, progress: bool = True, chunk: int = 2**21):
+        if getattr(model, "far", None) is not None:
+            model.short_range_only("a sampler's supercell Hessian")
         self.covariance = ThermalCovariance(model, temperature, statistics)
         supercell = tuple(int(x) for x in np.ravel(supercell))
         if len(supercell) != 3 or min(supercell) < 1:

@@ -117,19 +117,40 @@ def test_the_potentials_own_phonons_are_those_of_its_force_constants(setting, lo
     assert not any("reach past" in w for w in result.fit.warnings)
 
 
-def test_force_constants_past_the_refined_range_are_reported(setting):
-    """Refined at one shell, the Morse potential's second shell is left out of what the data see: its own phonons
-    differ from the refined model's by the second shell's share, which the result reports and warns about."""
+def test_far_force_constants_make_the_model_the_potentials_own():
+    """θ at one shell plus the potential's force constants past it (`reach.far_force_constants`, held fixed) give
+    the potential's own phonons (phonopy's finite displacements): on diamond, two atoms whose phases are not ±1, where
+    the far term's atom order and phases must match the model's; without it, the second shell's share is missing."""
+    from ase_tds.refine.projection import DisplacementProjection as Projection
+    from ase_tds.refine.reach import far_force_constants, potential_frequencies
+
+    si = bulk("Si", "diamond", a=5.43, cubic=True)
+    potential = load_potential(MorsePotential())
+    model = ForceConstantModel(si, shells=1)
+    model.set_parameters(Projection(model, progress=False).theta_of(potential).detach().numpy())
+    q = model.q_from_hkl([[1, 0, 0], [0.5, 0.5, 0.5], [1, 0.5, 0], [0.3, 0.1, 0.05]])
+    own = potential_frequencies(potential, model, q)
+    short = model.frequencies(q)
+    model.set_far(far_force_constants(potential, model))
+    assert np.abs(model.frequencies(q) - own).max() < 1e-6 * np.abs(own).max()
+    assert np.abs(short - own).max() > 0.1
+    with pytest.raises(ValueError, match="set_far"):
+        model.to_phonopy([3, 3, 3])
+
+
+def test_force_constants_past_the_refined_range_are_held_and_their_drift_reported(setting):
+    """Refined at one shell, the Morse potential's second shell is held at the start's in the fit; the weights move
+    it, and the refined potential's own phonons then differ from the fitted ones: reported and warned about."""
     _, _, truth, data = setting
     potential = load_potential(MorsePotential())
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="moved with the weights"):
         result, model = refine(potential, nickel(), data, shells=1, method="one-phonon", max_iter=2, progress=False)
     q = truth.q_from_hkl([[1, 0, 0], [0.5, 0.5, 0.5], [1, 0.5, 0], [0.75, 0.75, 0]])
     two_shells = ForceConstantModel(nickel(), shells=2).set_from_calculator(potential.calculator(), progress=False)
     expected = np.abs(two_shells.frequencies(q) - model.frequencies(q)).max()
     assert result.reach["refined"]["largest_THz"] == pytest.approx(expected, rel=0.02)
-    assert expected > 0.1 and any("reach past the refined range" in w for w in result.fit.warnings)
-    assert "differ from the refined model's" in result.table()
+    assert expected > 0.02 and result.reach["past_cutoff"]["largest_THz"] > 0.1
+    assert any("moved with the weights" in w for w in result.fit.warnings) and "held at the start's" in result.table()
 
 
 @pytest.mark.filterwarnings("ignore:χ²_red")  # the anchored fit misses the data on purpose (docstring)

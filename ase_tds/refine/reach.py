@@ -10,6 +10,7 @@ holds REACH × the model's cutoff, against the model's frequencies at the same q
 from __future__ import annotations
 
 import numpy as np
+import torch
 from ase import Atoms
 
 from ..structure import diagonal_supercell_for, to_phonopy_atoms
@@ -18,9 +19,9 @@ REACH = 1.5  # the supercell of the potential's own phonons holds this multiple 
 TOLERANCE_THZ = 0.02  # a truncation error above this is warned about: about the 1σ of TDS-fitted frequencies
 
 
-def potential_frequencies(potential, model, q, displacement: float = 0.01) -> np.ndarray:
-    """The potential's own phonons ν (B, 3n) THz at Cartesian q (B, 3) Å⁻¹: phonopy's force constants of its forces
-    on a diagonal supercell of `model.unitcell` holding REACH × `model.cutoff` (no range imposed)."""
+def potential_phonopy(potential, model, displacement: float = 0.01):
+    """phonopy.Phonopy of the potential's own force constants (full layout, eV/Å²) at its current weights: phonopy's
+    finite displacements of its forces on a diagonal supercell of `model.unitcell` holding REACH × `model.cutoff`."""
     from phonopy import Phonopy
 
     cell = np.array(model.unitcell.cell[:])
@@ -31,9 +32,27 @@ def potential_frequencies(potential, model, q, displacement: float = 0.01) -> np
     _, forces = potential.energy_forces(cells)
     ph.forces = np.array([f.detach().cpu().numpy() for f in forces])
     ph.produce_force_constants()
-    q_frac = np.asarray(q, dtype=float) @ np.array(ph.primitive.cell).T / (2 * np.pi)
-    ph.run_qpoints(q_frac)
+    return ph
+
+
+def potential_frequencies(potential, model, q, displacement: float = 0.01) -> np.ndarray:
+    """The potential's own phonons ν (B, 3n) THz at Cartesian q (B, 3) Å⁻¹ (`potential_phonopy`; no range imposed)."""
+    ph = potential_phonopy(potential, model, displacement)
+    ph.run_qpoints(np.asarray(q, dtype=float) @ np.array(ph.primitive.cell).T / (2 * np.pi))
     return np.array(ph.qpoints.frequencies)
+
+
+def far_force_constants(potential, model, displacement: float = 0.01):
+    """The potential's force constants less the model's at its current θ (`potential_phonopy`'s supercell), as a
+    fixed source (PhonopyForceConstants) for `ForceConstantModel.set_far`: with them the model's D(q) is the
+    potential's own at this θ, and stays so to first order while θ moves the pairs within the cutoff."""
+    from ..phonopy_source import PhonopyForceConstants
+
+    ph = potential_phonopy(potential, model, displacement)
+    layout = "full" if ph.force_constants.shape[0] == ph.force_constants.shape[1] else "compact"
+    with torch.no_grad():
+        ph.force_constants = ph.force_constants - model.force_constants(ph, layout).cpu().numpy()
+    return PhonopyForceConstants(ph)
 
 
 def truncation(potential, model, q, displacement: float = 0.01) -> dict:

@@ -33,7 +33,7 @@ from .anchor import Anchor
 from .drift import equation_of_state
 from .potentials import Potential, check_potential, load_potential
 from .projection import DisplacementProjection
-from .reach import TOLERANCE_THZ, truncation
+from .reach import TOLERANCE_THZ, far_force_constants, potential_phonopy, truncation
 
 # L-BFGS over float32 forces stops where its line search meets their round-off, often far from the minimum: it starts
 # again from the best weights, with a fresh memory, until a round lowers the loss by less than ROUND_GAIN (relative)
@@ -66,8 +66,9 @@ class RefineResult:
         equation_of_state: {"start": ..., "refined": ...} (`drift.equation_of_state`): lattice scale, B.
         weights: {"layers", "n_weights", "relative_change"}: what was refined and by how much (‖w − w⁰‖/‖w⁰‖).
         settings: potential, shells, supercell, displacement, anchor sigmas, iterations.
-        reach: {"start": ..., "refined": ...} (`reach.truncation`): how far the potential's own phonons at the
-            special points differ from the model's, whose force constants end at its cutoff.
+        reach: (`reach.truncation`, at the special points) "past_cutoff": the potential's own phonons at the start
+            against θ's alone (the share of the force constants past the cutoff, held fixed in the fit);
+            "refined": its own phonons at the end against the fitted model's (how far those moved).
         status: {"converged", "reason"} of the optimiser.
         seconds: wall time of the refinement.
         history: the loss after each iteration.
@@ -123,9 +124,10 @@ class RefineResult:
                   f"bulk modulus {eos['start']['bulk_modulus_GPa']:.1f} → {eos['refined']['bulk_modulus_GPa']:.1f} GPa",
                   f"anchor drift: energies {drift['energy_rms_meV_per_atom']:.2f} meV/atom rms, forces "
                   f"{drift['force_rms_meV_per_A']:.1f} meV/Å rms (largest {drift['force_max_meV_per_A']:.1f})",
-                  f"the potential's own phonons (a {self.reach['refined']['supercell_atoms']}-atom supercell) differ "
-                  f"from the refined model's by up to {self.reach['refined']['largest_THz']:.3f} THz (start "
-                  f"{self.reach['start']['largest_THz']:.3f})",
+                  f"force constants past the cutoff, held at the start's: {self.reach['past_cutoff']['largest_THz']:.3f}"
+                  f" THz of the start's phonons; the refined potential's own phonons (a "
+                  f"{self.reach['refined']['supercell_atoms']}-atom supercell) differ from the fitted ones by up to "
+                  f"{self.reach['refined']['largest_THz']:.3f} THz",
                   f"{'converged' if self.status['converged'] else 'NOT converged'}: {self.status['reason']}"]
         if not self.fit.trusted:
             lines.append("NOT TRUSTED: the refined potential does not describe the data "
@@ -136,10 +138,11 @@ class RefineResult:
         return "\n".join(lines)
 
     def save(self, folder, potential: Potential, model: ForceConstantModel, data: TDSData) -> Path:
-        """Write the refined potential (its own format) and the fit folder: phonopy files of θ, fit.json, data.h5,
-        dispersion.png (start and refined), tds_fit.png; all or nothing. Returns the potential's file."""
+        """Write the refined potential (its own format) and the fit folder: phonopy files of its own force constants
+        (`reach.potential_phonopy`), fit.json, data.h5, dispersion.png (start and refined), tds_fit.png; all or
+        nothing. Returns the potential's file."""
         from ..atomic import write_files
-        from ..io.phonopy import phonopy_writers
+        from ..io.phonopy import phonopy_file_writers
         from ..plot import plot_dispersion
         from ..report import draw_tds_fit
 
@@ -147,7 +150,7 @@ class RefineResult:
         out.mkdir(parents=True, exist_ok=True)
         curves = {"refined": model} if self.start_model is None else {"refined": model, "start": self.start_model}
         name = SAVED_NAMES.get(potential.name, "refined_potential.pt")
-        writers = dict(phonopy_writers(model), **{
+        writers = dict(phonopy_file_writers(potential_phonopy(potential, model, self.settings["displacement"])), **{
             name: potential.save,
             "fit.json": self.write_json,
             "data.h5": data.write,
@@ -217,15 +220,17 @@ def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutof
     projection = DisplacementProjection(model, supercell_matrix, displacement, progress=progress)
     theta_start = projection.theta_of(potential).detach().numpy()
     set_theta(model, theta_start)
-    start_model = copy.deepcopy(model)
+    short_start = copy.deepcopy(model)  # θ's range alone: the anchor's thermal snapshots are drawn from it
     points = special_points(model)
     q_points = np.array(list(points.values())) @ (2 * np.pi * np.linalg.inv(model.primitive.cell[:]).T)
-    reach = {"start": truncation(potential, start_model, q_points, displacement)}
+    reach = {"past_cutoff": truncation(potential, short_start, q_points, displacement)}
+    model.set_far(far_force_constants(potential, model, displacement))  # held at the start's (docs/refine.md)
+    start_model = copy.deepcopy(model)
     model.to(device)
     force_sigma = anchor_defaults.FORCE_SIGMA if force_sigma is None else force_sigma
     lattice_sigma = anchor_defaults.LATTICE_SIGMA if lattice_sigma is None else lattice_sigma
     eos_start = equation_of_state(potential, model.unitcell)
-    anchor = Anchor.build(potential, start_model, temperature, parameters, n_snapshots=n_snapshots,
+    anchor = Anchor.build(potential, short_start, temperature, parameters, n_snapshots=n_snapshots,
                           lattice_scale=eos_start["lattice_scale"],
                           energy_sigma=energy_sigma or anchor_defaults.ENERGY_SIGMA,
                           force_sigma=force_sigma if force_sigma > 0 else None,
@@ -259,10 +264,10 @@ def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutof
     reach["refined"] = truncation(potential, model, q_points, displacement)
     if reach["refined"]["largest_THz"] > TOLERANCE_THZ:
         text = (
-            f"the potential's force constants reach past the refined range (cutoff {model.cutoff:.3f} Å): its own "
-            f"phonons differ from those the data fitted by up to {reach['refined']['largest_THz']:.3f} THz, an error "
-            "the χ² and the 1σ cannot see; refine with more shells (shells= / --shells), which the displaced "
-            "supercell grows with")
+            f"the potential's force constants past the refined range (cutoff {model.cutoff:.3f} Å), held at the "
+            f"start's while the data were fitted, moved with the weights: its own phonons differ from those the "
+            f"data fitted by up to {reach['refined']['largest_THz']:.3f} THz, an error the χ² and the 1σ cannot "
+            "see; refine with more shells (shells= / --shells), which the displaced supercell grows with")
         fit.warnings.append(text)
         warnings.warn(text, stacklevel=2)
     phonons = {name: {"q_frac": points[name].tolist(), "start": start_nu[i].tolist(), "refined": refined_nu[i].tolist()}
