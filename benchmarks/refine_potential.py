@@ -182,7 +182,8 @@ def main() -> None:
         "refined_error_THz": float(np.abs(refined_nu - truth).max()),
         "lattice_constant_change_percent": 100 * (eos["refined"]["lattice_scale"] / eos["start"]["lattice_scale"] - 1),
         "bulk_modulus_GPa": {"start": eos["start"]["bulk_modulus_GPa"], "refined": eos["refined"]["bulk_modulus_GPa"]},
-        "anchor_drift": result.anchor_drift, "weights": result.weights, "md": md, "settings": result.settings}
+        "anchor_drift": result.anchor_drift, "weights": result.weights, "md": md, "settings": result.settings,
+        "reach": result.reach}
     record["pass"] = bool(record["refined_error_THz"] <= 0.1 and abs(record["lattice_constant_change_percent"]) <= 0.5
                           and md["stable"])
     print(f"{args.potential} on {crystal.name}: X/L/W/K error {record['start_error_THz']:.3f} → "
