@@ -96,7 +96,8 @@ class RefineResult:
             "theta_start": dict(zip(self.fit.labels, map(float, self.theta_start))),
             "chi2_start": self.chi2_start, "chi2": self.fit.chi2, "phonons_THz": self.phonons,
             "anchor_drift": self.anchor_drift, "equation_of_state": self.equation_of_state, "weights": self.weights,
-            "settings": self.settings, "reach": self.reach, "status": self.status, "seconds": self.seconds, "history": self.history}
+            "settings": self.settings, "reach": self.reach, "status": self.status, "seconds": self.seconds,
+            "history": self.history}
         return record
 
     def write_json(self, path) -> None:
