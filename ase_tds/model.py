@@ -176,9 +176,10 @@ class ForceConstantModel(BornParameters, SourceTensors, torch.nn.Module):
             far (PhonopyForceConstants | None): without Born charges, of this crystal's primitive cell.
         """
         if far is not None:
-            shift = far.primitive.get_scaled_positions() - self.primitive.get_scaled_positions()
-            same = (len(far.primitive) == self.n_atoms and np.allclose(far.primitive.cell[:], self.primitive.cell[:])
-                    and np.allclose(shift - np.round(shift), 0.0, atol=1e-6))
+            same = len(far.primitive) == self.n_atoms and np.allclose(far.primitive.cell[:], self.primitive.cell[:])
+            if same:
+                shift = far.primitive.get_scaled_positions() - self.primitive.get_scaled_positions()
+                same = np.allclose(shift - np.round(shift), 0.0, atol=1e-6)
             if far.born is not None or not same:
                 raise ValueError("far force constants are short ranged (no Born charges) and of this model's "
                                  "primitive cell, its atoms in its order")
