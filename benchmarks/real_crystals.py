@@ -130,6 +130,23 @@ def frequencies(ph, reduced) -> np.ndarray:
     return ph.qpoints.frequencies
 
 
+def frequency_pulls(out: Path, truth_ph, reduced) -> dict:
+    """How the fit's own 1σ of the frequencies (θ's covariance, `uncertainty.frequency_sigma`; Born charges held)
+    cover its error at q `reduced` (primitive reduced coordinates): the largest |Δν|/σ_ν, and the share above 3."""
+    from ase_tds.properties import read_fit_folder
+    from ase_tds.uncertainty import frequency_sigma
+
+    folder = read_fit_folder(out)
+    model = folder.model
+    n = len(model.theta)
+    q = reduced @ (2 * np.pi * np.linalg.inv(model.primitive.cell[:]).T)
+    error = model.frequencies(q) - frequencies(truth_ph, reduced)
+    sigma = frequency_sigma(model, q, folder.covariance[:n, :n])
+    pull = np.abs(error) / np.maximum(sigma, 1e-12)
+    return {"largest_pull": float(pull.max()), "share_above_3": float((pull > 3).mean()),
+            "median_sigma_THz": float(np.median(sigma))}
+
+
 def judge(out: Path, truth_ph, seconds: float, code: int, text: str, expect: str) -> dict:
     import phonopy
     from ase import Atoms
@@ -159,6 +176,7 @@ def judge(out: Path, truth_ph, seconds: float, code: int, text: str, expect: str
         out_freqs[label] = (float(np.sqrt(np.mean(d**2))), float(np.abs(d).max()))
     result.update(mesh_rms=out_freqs["mesh"][0], mesh_worst=out_freqs["mesh"][1], path_rms=out_freqs["path"][0],
                   path_worst=out_freqs["path"][1])
+    result["path_pulls"] = frequency_pulls(out, truth_ph, band)
     ok = all(v[0] <= 0.1 and v[1] <= 0.3 for v in out_freqs.values()) and code == 0
     born = [p for p in record.get("parameters", []) if p["label"].startswith(("Z*", "ε∞"))]
     if born:
