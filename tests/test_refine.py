@@ -153,6 +153,23 @@ def test_force_constants_past_the_refined_range_are_held_and_their_drift_reporte
     assert any("moved with the weights" in w for w in result.fit.warnings) and "held at the start's" in result.table()
 
 
+def test_the_far_term_renewed_each_round_makes_the_potentials_own_phonons_fit(setting):
+    """Refined at one shell (the second shell in the far term, renewed at each round of L-BFGS), with a negligible
+    anchor: the refined potential's own phonons (its whole force constants, phonopy) come to the truth's, and its
+    far term has not moved since the last renewal."""
+    from ase_tds.refine.reach import TOLERANCE_THZ, potential_frequencies
+
+    _, _, truth, data = setting
+    potential = load_potential(MorsePotential())
+    result, model = refine(potential, nickel(), data, shells=1, method="one-phonon", energy_sigma=1e3, force_sigma=0,
+                           lattice_sigma=0, max_iter=60, progress=False)
+    q = truth.q_from_hkl([[1, 0, 0], [0.5, 0.5, 0.5], [1, 0.5, 0], [0.75, 0.75, 0]])
+    own = potential_frequencies(potential, model, q)
+    start_error = np.abs(result.start_model.frequencies(q) - truth.frequencies(q)).max()
+    assert np.abs(own - truth.frequencies(q)).max() < 0.05 * start_error
+    assert result.reach["refined"]["largest_THz"] < TOLERANCE_THZ
+
+
 @pytest.mark.filterwarnings("ignore:χ²_red")  # the anchored fit misses the data on purpose (docstring)
 def test_anchor_keeps_reference_energies(setting, loose):
     """A tight energy anchor (σ_E = 0.1 meV/atom) keeps the energies far closer to the pretrained ones than a

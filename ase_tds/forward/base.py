@@ -84,6 +84,11 @@ class ForwardModel(torch.nn.Module):
             self._cache[name] = (key, value)
         return value
 
+    def forget(self) -> None:
+        """Drop what was kept per θ (`_at_fixed_theta`): for force constants changed other than through θ (the far
+        term `refine` refreshes)."""
+        self._cache.clear()
+
     @contextlib.contextmanager
     def covariance_once(self):
         """Inside, the covariances that depend on θ alone (a crystal's real-space covariance, a Debye–Waller factor)

@@ -251,7 +251,7 @@ def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutof
         bar.update(1)
         bar.set_postfix(loss=f"{loss.last:.6g}", chi2=f"{loss.last_chi2:.6g}")
 
-    status = _minimise(loss, x0, max_iter, history, tick)
+    status = _minimise(loss, x0, max_iter, history, tick, refresh=lambda x: loss.refresh_far(x, displacement))
     bar.close()
     loss.write(loss.best_x)
 
@@ -292,13 +292,15 @@ def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutof
     return result, model
 
 
-def _minimise(loss, x0: np.ndarray, max_iter: int, history: list, tick) -> dict:
+def _minimise(loss, x0: np.ndarray, max_iter: int, history: list, tick, refresh=None) -> dict:
     """L-BFGS-B over the weights in rounds (ROUND_GAIN; a round ends where it stalls, STALL_ATOL), at most `max_iter`
-    iterations in all (`history` counts them); `loss` keeps the best weights. Returns the status {"converged",
-    "reason"}."""
+    iterations in all (`history` counts them); `loss` keeps the best weights; `refresh(x)`, where given, renews the
+    loss at the weights x each round begins from (the far term). Returns the status {"converged", "reason"}."""
     start, rounds = x0, 0
     while True:
         rounds += 1
+        if rounds > 1 and refresh is not None:
+            refresh(start)
         before, first = loss.best, len(history)
 
         def iterated(x):
@@ -344,6 +346,19 @@ class _WeightLoss:
         for p in self.parameters:
             p.copy_(torch.as_tensor(x[offset:offset + p.numel()]).reshape(p.shape).to(p.device, p.dtype))
             offset += p.numel()
+
+    def refresh_far(self, x, displacement: float) -> None:
+        """Recompute the model's far term (`reach.far_force_constants`) at the weights x: the loss changes with it,
+        so the best so far is the loss at x."""
+        self.write(x)
+        model = self.objective.tds.force_constants
+        theta = self.projection.theta_of(self.potential).detach().cpu().numpy()
+        model.set_far(None)
+        set_theta(model, theta)
+        model.set_far(far_force_constants(self.potential, model, displacement))
+        self.objective.tds.forget()
+        self.best = np.inf
+        self(x)
 
     def __call__(self, x):
         self.evaluations += 1
