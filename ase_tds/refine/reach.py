@@ -3,8 +3,9 @@
 The data see the force-constant model θ(w): the potential's force constants within the model's cutoff. Used on its
 own, the potential has all of them. Where they reach further, its own phonons differ from the model's by an error
 that the fit's χ² and 1σ cannot see (SevenNet-0 on Si: 0.41 THz at 4 shells, 0.05 at 10; CHGNet on Ni: 0.054 at 5
-shells). This measures it: phonopy's finite displacements of the potential's forces on a diagonal supercell that
-holds REACH × the model's cutoff, against the model's frequencies at the same q.
+shells). Here: the potential's own force constants (phonopy's finite displacements of its forces on a diagonal
+supercell that holds REACH × the model's cutoff), their difference from θ's as the fixed far term `refine` adds to
+the model (`far_force_constants`), and the check of the potential's own phonons against the model's (`truncation`).
 """
 
 from __future__ import annotations
