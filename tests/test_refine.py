@@ -222,6 +222,10 @@ def test_saved_potential_reloads_and_folder_is_complete(setting, loose, tmp_path
     assert all(p["sigma"] > 0 for p in record["parameters"])
     for name in ("phonopy_params.yaml", "FORCE_CONSTANTS", "dispersion.png", "tds_fit.png", "data.h5"):
         assert (tmp_path / "out" / name).is_file()
+    from ase_tds.properties import read_fit_folder
+
+    folder = read_fit_folder(tmp_path / "out")  # a fit folder: its phonopy files and fit.json are one fit's
+    assert np.allclose(folder.model.theta.detach().numpy(), model.theta.detach().numpy(), rtol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

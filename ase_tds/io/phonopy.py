@@ -64,11 +64,7 @@ def phonopy_writers(model, supercell_matrix=None) -> dict:
     """
     if supercell_matrix is None:
         supercell_matrix = diagonal_supercell_for(np.array(model.unitcell.cell[:]), model.cutoff)
-    return phonopy_file_writers(model.to_phonopy(supercell_matrix))
-
-
-def phonopy_file_writers(ph) -> dict:
-    """`phonopy_writers` of a phonopy.Phonopy with force constants (eV/Å²) as they are."""
+    ph = model.to_phonopy(supercell_matrix)
     fc, p2s_map = ph.force_constants, ph.primitive.p2s_map
     return {
         PARAMS_FILE: lambda path: ph.save(str(path), settings={"force_constants": True}),

@@ -33,7 +33,7 @@ from .anchor import Anchor
 from .drift import equation_of_state
 from .potentials import Potential, check_potential, load_potential
 from .projection import DisplacementProjection
-from .reach import TOLERANCE_THZ, far_force_constants, potential_phonopy, truncation
+from .reach import TOLERANCE_THZ, far_force_constants, truncation
 
 # L-BFGS over float32 forces stops where its line search meets their round-off, often far from the minimum: it starts
 # again from the best weights, with a fresh memory, until a round lowers the loss by less than ROUND_GAIN (relative)
@@ -142,11 +142,11 @@ class RefineResult:
         return "\n".join(lines)
 
     def save(self, folder, potential: Potential, model: ForceConstantModel, data: TDSData) -> Path:
-        """Write the refined potential (its own format) and the fit folder: phonopy files of its own force constants
-        (`reach.potential_phonopy`), fit.json, data.h5, dispersion.png (start and refined), tds_fit.png; all or
-        nothing. Returns the potential's file."""
+        """Write the refined potential (its own format) and the fit folder: phonopy files of θ (the pairs within the
+        cutoff, as fit.json's parameters; the far term is the potential's own), fit.json, data.h5, dispersion.png
+        (start and refined), tds_fit.png; all or nothing. Returns the potential's file."""
         from ..atomic import write_files
-        from ..io.phonopy import phonopy_file_writers
+        from ..io.phonopy import phonopy_writers
         from ..plot import plot_dispersion
         from ..report import draw_tds_fit
 
@@ -154,7 +154,7 @@ class RefineResult:
         out.mkdir(parents=True, exist_ok=True)
         curves = {"refined": model} if self.start_model is None else {"refined": model, "start": self.start_model}
         name = SAVED_NAMES.get(potential.name, "refined_potential.pt")
-        writers = dict(phonopy_file_writers(potential_phonopy(potential, model, self.settings["displacement"])), **{
+        writers = dict(phonopy_writers(copy.deepcopy(model).set_far(None)), **{
             name: potential.save,
             "fit.json": self.write_json,
             "data.h5": data.write,
