@@ -122,7 +122,7 @@ def test_far_force_constants_make_the_model_the_potentials_own():
     the potential's own phonons (phonopy's finite displacements): on diamond, two atoms whose phases are not ±1, where
     the far term's atom order and phases must match the model's; without it, the second shell's share is missing."""
     from ase_tds.refine.projection import DisplacementProjection as Projection
-    from ase_tds.refine.reach import far_force_constants, potential_frequencies
+    from ase_tds.refine.reach import far_force_constants, potential_frequencies, potential_phonopy
 
     si = bulk("Si", "diamond", a=5.43, cubic=True)
     potential = load_potential(MorsePotential())
@@ -131,7 +131,7 @@ def test_far_force_constants_make_the_model_the_potentials_own():
     q = model.q_from_hkl([[1, 0, 0], [0.5, 0.5, 0.5], [1, 0.5, 0], [0.3, 0.1, 0.05]])
     own = potential_frequencies(potential, model, q)
     short = model.frequencies(q)
-    model.set_far(far_force_constants(potential, model))
+    model.set_far(far_force_constants(potential_phonopy(potential, model), model))
     assert np.abs(model.frequencies(q) - own).max() < 1e-6 * np.abs(own).max()
     assert np.abs(short - own).max() > 0.1
     with pytest.raises(ValueError, match="set_far"):

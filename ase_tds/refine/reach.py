@@ -10,6 +10,8 @@ the model (`far_force_constants`), and the check of the potential's own phonons 
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from ase import Atoms
@@ -38,29 +40,29 @@ def potential_phonopy(potential, model, displacement: float = 0.01):
 
 def potential_frequencies(potential, model, q, displacement: float = 0.01) -> np.ndarray:
     """The potential's own phonons ν (B, 3n) THz at Cartesian q (B, 3) Å⁻¹ (`potential_phonopy`; no range imposed)."""
-    ph = potential_phonopy(potential, model, displacement)
+    return _frequencies(potential_phonopy(potential, model, displacement), q)
+
+
+def _frequencies(ph, q) -> np.ndarray:
     ph.run_qpoints(np.asarray(q, dtype=float) @ np.array(ph.primitive.cell).T / (2 * np.pi))
     return np.array(ph.qpoints.frequencies)
 
 
-def far_force_constants(potential, model, displacement: float = 0.01):
-    """The potential's force constants less the model's at its current θ (`potential_phonopy`'s supercell), as a
-    fixed source (PhonopyForceConstants) for `ForceConstantModel.set_far`: with them the model's D(q) is the
-    potential's own at this θ, and stays so to first order while θ moves the pairs within the cutoff."""
+def far_force_constants(ph, model):
+    """The force constants of `ph` (`potential_phonopy`) less the model's at its current θ, as a fixed source
+    (PhonopyForceConstants) for `ForceConstantModel.set_far`: with them the model's D(q) is the potential's own at
+    this θ, and stays so to first order while θ moves the pairs within the cutoff."""
     from ..phonopy_source import PhonopyForceConstants
 
-    ph = potential_phonopy(potential, model, displacement)
+    ph = copy.deepcopy(ph)
     layout = "full" if ph.force_constants.shape[0] == ph.force_constants.shape[1] else "compact"
     with torch.no_grad():
         ph.force_constants = ph.force_constants - model.force_constants(ph, layout).cpu().numpy()
     return PhonopyForceConstants(ph)
 
 
-def truncation(potential, model, q, displacement: float = 0.01) -> dict:
-    """{"largest_THz", "supercell_atoms", "reach_A"}: the largest |ν_potential − ν_model| at q (B, 3) Å⁻¹, with the
-    potential's phonons of `potential_frequencies` and the model at its current θ."""
-    own = potential_frequencies(potential, model, q, displacement)
-    cell = np.array(model.unitcell.cell[:])
-    atoms = len(model.unitcell) * abs(round(np.linalg.det(diagonal_supercell_for(cell, REACH * model.cutoff))))
-    return {"largest_THz": float(np.abs(own - model.frequencies(q)).max()), "supercell_atoms": int(atoms),
-            "reach_A": REACH * model.cutoff}
+def truncation(ph, model, q) -> dict:
+    """{"largest_THz", "supercell_atoms", "reach_A"}: the largest |ν_potential − ν_model| at q (B, 3) Å⁻¹, the
+    potential's phonons those of `ph` (`potential_phonopy`), the model's at its current θ."""
+    return {"largest_THz": float(np.abs(_frequencies(ph, q) - model.frequencies(q)).max()),
+            "supercell_atoms": len(ph.supercell), "reach_A": REACH * model.cutoff}

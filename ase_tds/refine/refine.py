@@ -33,7 +33,7 @@ from .anchor import Anchor
 from .drift import equation_of_state
 from .potentials import Potential, check_potential, load_potential
 from .projection import DisplacementProjection
-from .reach import TOLERANCE_THZ, far_force_constants, truncation
+from .reach import TOLERANCE_THZ, far_force_constants, potential_phonopy, truncation
 
 # L-BFGS over float32 forces stops where its line search meets their round-off, often far from the minimum: it starts
 # again from the best weights, with a fresh memory, until a round lowers the loss by less than ROUND_GAIN (relative)
@@ -227,8 +227,9 @@ def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutof
     short_start = copy.deepcopy(model)  # θ's range alone: the anchor's thermal snapshots are drawn from it
     points = special_points(model)
     q_points = np.array(list(points.values())) @ (2 * np.pi * np.linalg.inv(model.primitive.cell[:]).T)
-    reach = {"past_cutoff": truncation(potential, short_start, q_points, displacement)}
-    model.set_far(far_force_constants(potential, model, displacement))  # held at the start's (docs/refine.md)
+    own = potential_phonopy(potential, model, displacement)  # the potential's own force constants, once
+    reach = {"past_cutoff": truncation(own, short_start, q_points)}
+    model.set_far(far_force_constants(own, model))  # renewed each round (docs/refine.md)
     start_model = copy.deepcopy(model)
     model.to(device)
     force_sigma = anchor_defaults.FORCE_SIGMA if force_sigma is None else force_sigma
@@ -265,7 +266,7 @@ def refine(potential, structure, data: TDSData, *, shells: int | None = 5, cutof
     model.cpu()
     refined_nu = model.frequencies(q_points)
     start_nu = start_model.frequencies(q_points)
-    reach["refined"] = truncation(potential, model, q_points, displacement)
+    reach["refined"] = truncation(potential_phonopy(potential, model, displacement), model, q_points)
     if reach["refined"]["largest_THz"] > TOLERANCE_THZ:
         text = (
             f"the potential's force constants past the refined range (cutoff {model.cutoff:.3f} Å), held at the "
@@ -360,7 +361,7 @@ class _WeightLoss:
         theta = self.projection.theta_of(self.potential).detach().cpu().numpy()
         model.set_far(None)
         set_theta(model, theta)
-        model.set_far(far_force_constants(self.potential, model, displacement))
+        model.set_far(far_force_constants(potential_phonopy(self.potential, model, displacement), model))
         self.objective.tds.forget()
         self.best = np.inf
         self(x)
